@@ -1,0 +1,38 @@
+# The README's commands.  `make test` works on a fresh Debian machine as root:
+# it installs what it needs (Debian packages when missing, a virtualenv) first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: test unit lint system-deps venv demo bench clean
+
+test: system-deps venv
+	$(PY) -m pytest
+
+unit: venv
+	$(PY) -m pytest -m "not realdevice and not integration"
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff format --check wgnat twisted tests bench
+	$(VENV)/bin/ruff check wgnat twisted tests bench
+	$(VENV)/bin/mypy wgnat
+
+demo:
+	@echo "make demo comes with the Docker Compose testbed (issue 5)."
+	@echo "Until then, 'make test' runs the same NAT topologies in network namespaces."
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

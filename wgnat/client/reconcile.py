@@ -1,0 +1,450 @@
+"""What the client should do next: pure decisions, no I/O.
+
+`Mesh.plan(view, device, now)` compares the registry's view with the device and
+returns the device operations to apply, each with the reason an operator reads in
+the log.  A peer's path is a small state machine:
+
+    (new) --probe--> PROBING --handshake--> SWITCHING --at switch time--> DIRECT
+                        |                                                   |
+                        +--no handshake in time--> RELAYED <--path died-----+
+                                                     |
+                                 retry (backoff) ----+--> PROBING
+
+PROBING: the peer is on the device with its endpoint and a keepalive but **no
+allowed IPs**, so traffic keeps flowing through the registry while the two NATs
+are punched.  Allowed IPs are both the route out and the filter in, so the two
+ends must give each other their addresses at the same moment: both switch at
+"handshake time + switch_delay", a moment both ends derive from the same
+handshake, which keeps the window in which one end routes directly and the other
+still expects the relay to about a round trip.  RELAYED: the peer is not on the
+device at all, so the registry's broader allowed IPs carry its traffic.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from wgnat._types import DeviceState, Endpoint, IPAddress, IPNetwork, PeerState, PublicKey
+from wgnat.client.view import RegistryView, RemotePeer
+
+
+class Path(enum.Enum):
+    PROBING = "probing"
+    SWITCHING = "switching"
+    DIRECT = "direct"
+    RELAYED = "relayed"
+
+
+@dataclass(frozen=True)
+class Settings:
+    keepalive: int = 25
+    # One lost initiation costs WireGuard's 5 s rekey timeout; 6 s allows one retry.
+    probe_timeout: float = 6.0
+    switch_delay: float = 0.25
+    probe_poll: float = 0.05
+    health_interval: float = 15.0
+    retry_backoff: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+    # Session keys die 180 s after the last handshake (REJECT_AFTER_TIME).
+    handshake_dead_after: float = 180.0
+    # Both ends send a keepalive every `keepalive` s: silence this long means dead.
+    rx_stall_after: float = 65.0
+    removal_grace: float = 30.0
+
+
+@dataclass
+class PeerPath:
+    path: Path
+    since: float
+    endpoint: Endpoint | None = None
+    attempts: int = 0
+    deadline: float = 0.0  # PROBING: give up then; SWITCHING: switch then
+    retry_at: float = 0.0  # RELAYED
+    reason: str = ""
+    learned_at: float = 0.0  # when this peer was first seen, for time-to-direct
+    last_rx: int = -1
+    rx_changed_at: float = 0.0
+    gone_since: float | None = None
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class Action:
+    """One device operation and why."""
+
+    kind: str  # "probe" | "promote" | "endpoint" | "kick" | "remove"
+    public_key: PublicKey
+    reason: str
+    endpoint: Endpoint | None = None
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    keepalive: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something metrics count: "probe", "direct", "fallback", "rebinding", "removed"."""
+
+    kind: str
+    public_key: PublicKey
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Policy:
+    """Which allowed IPs from the registry may be put on the device."""
+
+    tunnel_networks: tuple[IPNetwork, ...]
+    registry_address: IPAddress
+    own_addresses: tuple[IPAddress, ...] = ()
+    accept_routes: tuple[IPNetwork, ...] = ()
+
+    def filter(
+        self, networks: Iterable[IPNetwork], taken: set[IPNetwork]
+    ) -> tuple[tuple[IPNetwork, ...], list[str]]:
+        accepted: list[IPNetwork] = []
+        rejected: list[str] = []
+        for network in networks:
+            inside = any(
+                network.version == outer.version and network.subnet_of(outer)  # type: ignore[arg-type]
+                for outer in self.tunnel_networks + self.accept_routes
+            )
+            if not inside:
+                rejected.append(f"{network} (outside the tunnel networks; see --accept-routes)")
+            elif self.registry_address in network:
+                rejected.append(f"{network} (holds the registry's address)")
+            elif any(address in network for address in self.own_addresses):
+                rejected.append(f"{network} (holds this host's own address)")
+            elif network in taken:
+                rejected.append(f"{network} (already routed to another peer)")
+            else:
+                accepted.append(network)
+        return tuple(accepted), rejected
+
+
+@dataclass
+class Mesh:
+    """Per-peer path state and the decisions that move it."""
+
+    my_key: PublicKey | None
+    registry_key: PublicKey
+    policy: Policy
+    settings: Settings = field(default_factory=Settings)
+    lan_networks: tuple[IPNetwork, ...] = ()
+    paths: dict[PublicKey, PeerPath] = field(default_factory=dict)
+    # Keys this client created on the device (persisted by the agent): the only
+    # peers it may ever change or remove.
+    managed: set[PublicKey] = field(default_factory=set)
+    events: list[Event] = field(default_factory=list)
+    rejected_logged: dict[PublicKey, tuple[str, ...]] = field(default_factory=dict)
+
+    # -- helpers ----------------------------------------------------------
+    def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
+        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint."""
+        if (
+            remote.endpoint is not None
+            and my_endpoint is not None
+            and remote.endpoint.host == my_endpoint.host
+            and remote.lan_endpoints
+        ):
+            for endpoint in remote.lan_endpoints:
+                if any(endpoint.host in network for network in self.lan_networks):
+                    return endpoint
+            return remote.lan_endpoints[0]
+        return remote.endpoint
+
+    def backoff(self, attempts: int) -> float:
+        steps = self.settings.retry_backoff
+        return steps[min(max(attempts, 1), len(steps)) - 1]
+
+    def counts(self) -> dict[str, int]:
+        result = {"direct": 0, "relayed": 0, "probing": 0}
+        for peer_path in self.paths.values():
+            name = "probing" if peer_path.path is Path.SWITCHING else peer_path.path.value
+            result[name] += 1
+        return result
+
+    def adopt(self, device: DeviceState, now: float) -> None:
+        """After a restart: take back the managed peers the device still has."""
+        for peer in device.peers:
+            if peer.public_key not in self.managed:
+                continue
+            alive = (
+                peer.latest_handshake is not None
+                and now - peer.latest_handshake < self.settings.handshake_dead_after
+            )
+            if peer.allowed_ips and alive:
+                self.paths[peer.public_key] = PeerPath(
+                    Path.DIRECT,
+                    now,
+                    peer.endpoint,
+                    allowed_ips=peer.allowed_ips,
+                    learned_at=now,
+                    last_rx=peer.rx_bytes,
+                    rx_changed_at=now,
+                    reason="kept from before the restart",
+                )
+            else:
+                self.paths[peer.public_key] = PeerPath(
+                    Path.PROBING,
+                    now,
+                    peer.endpoint,
+                    attempts=1,
+                    deadline=now + self.settings.probe_timeout,
+                    learned_at=now,
+                    reason="kept from before the restart, probing again",
+                )
+
+    def next_wakeup(self, now: float) -> float:
+        """When plan() next has something to decide without new input."""
+        times = [now + self.settings.health_interval]
+        for peer_path in self.paths.values():
+            if peer_path.path is Path.PROBING:
+                times.append(min(peer_path.deadline, now + self.settings.probe_poll))
+            elif peer_path.path is Path.SWITCHING:
+                times.append(peer_path.deadline)
+            elif peer_path.path is Path.RELAYED:
+                times.append(peer_path.retry_at)
+            if peer_path.gone_since is not None:
+                times.append(peer_path.gone_since + self.settings.removal_grace)
+        return max(now, min(times))
+
+    def needs_device(self, now: float) -> bool:
+        """Whether the next plan needs a fresh device read (probing is watched)."""
+        return any(p.path in (Path.PROBING, Path.SWITCHING) for p in self.paths.values())
+
+    # -- the decisions ----------------------------------------------------
+    def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
+        actions: list[Action] = []
+        on_device = device.by_key()
+        unmanaged = {key: peer for key, peer in on_device.items() if key not in self.managed}
+        taken: set[IPNetwork] = {net for peer in unmanaged.values() for net in peer.allowed_ips}
+
+        for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
+            if key in (self.my_key, self.registry_key) or key in unmanaged:
+                continue
+            allowed, rejected = self.policy.filter(remote.allowed_ips, taken)
+            taken.update(allowed)
+            if rejected and self.rejected_logged.get(key) != tuple(rejected):
+                self.rejected_logged[key] = tuple(rejected)
+                self.events.append(Event("rejected", key, "; ".join(rejected)))
+            target = self.target_endpoint(remote, view.my_endpoint)
+            peer_path = self.paths.get(key)
+            if peer_path is not None:
+                peer_path.gone_since = None
+                peer_path.allowed_ips = allowed
+            if target is None or not allowed:
+                continue
+            if peer_path is None:
+                self.paths[key] = peer_path = PeerPath(
+                    Path.RELAYED, now, None, learned_at=now, allowed_ips=allowed
+                )
+                actions.append(self._probe(key, peer_path, target, now, "new peer"))
+            elif peer_path.path is Path.RELAYED:
+                if now >= peer_path.retry_at:
+                    actions.append(
+                        self._probe(key, peer_path, target, now, f"retry #{peer_path.attempts}")
+                    )
+            elif peer_path.endpoint != target:
+                actions.extend(self._follow(key, peer_path, target, now))
+
+        for key, peer_path in list(self.paths.items()):
+            if key in unmanaged:
+                # Someone else configured this peer by hand: it is theirs now.
+                del self.paths[key]
+                continue
+            if key not in view.peers:
+                actions.extend(self._maybe_remove(key, peer_path, on_device, now))
+                continue
+            device_peer = on_device.get(key)
+            if peer_path.path is Path.PROBING:
+                actions.extend(self._watch_probe(key, peer_path, device_peer, now))
+            elif peer_path.path is Path.SWITCHING:
+                if device_peer is None:
+                    actions.append(
+                        self._probe(
+                            key,
+                            peer_path,
+                            peer_path.endpoint,
+                            now,
+                            "its entry vanished from the device",
+                        )
+                    )
+                elif now >= peer_path.deadline:
+                    peer_path.path, peer_path.since = Path.DIRECT, now
+                    peer_path.last_rx, peer_path.rx_changed_at = device_peer.rx_bytes, now
+                    self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
+                    actions.append(
+                        Action(
+                            "promote",
+                            key,
+                            f"direct at {peer_path.endpoint}: handshake completed",
+                            allowed_ips=peer_path.allowed_ips,
+                        )
+                    )
+            elif peer_path.path is Path.DIRECT:
+                actions.extend(self._watch_direct(key, peer_path, device_peer, now))
+        return actions
+
+    def _probe(
+        self, key: PublicKey, peer_path: PeerPath, target: Endpoint | None, now: float, why: str
+    ) -> Action:
+        peer_path.path = Path.PROBING
+        peer_path.since = now
+        peer_path.endpoint = target
+        peer_path.attempts += 1
+        peer_path.deadline = now + self.settings.probe_timeout
+        peer_path.reason = why
+        self.events.append(Event("probe", key))
+        return Action(
+            "probe",
+            key,
+            f"probing {target} ({why}); traffic stays relayed until a handshake",
+            endpoint=target,
+            keepalive=self.settings.keepalive,
+        )
+
+    def _follow(
+        self, key: PublicKey, peer_path: PeerPath, target: Endpoint, now: float
+    ) -> list[Action]:
+        old = peer_path.endpoint
+        peer_path.endpoint = target
+        if peer_path.path is Path.PROBING:
+            peer_path.deadline = now + self.settings.probe_timeout
+        self.events.append(Event("rebinding", key, f"{old} -> {target}"))
+        return [
+            Action("endpoint", key, f"endpoint moved from {old} to {target}", endpoint=target),
+            self._kick(key, "to open the new NAT mapping at once"),
+        ]
+
+    def _kick(self, key: PublicKey, why: str) -> Action:
+        # keepalive 0 -> N makes WireGuard send a packet at once; an endpoint
+        # change alone sends nothing until the next keepalive.
+        return Action("kick", key, why, keepalive=self.settings.keepalive)
+
+    def kick_all(self, why: str) -> list[Action]:
+        return [
+            self._kick(key, why)
+            for key, peer_path in sorted(self.paths.items(), key=lambda item: item[0].raw)
+            if peer_path.path in (Path.PROBING, Path.SWITCHING, Path.DIRECT)
+        ]
+
+    def _fall_back(
+        self, key: PublicKey, peer_path: PeerPath, now: float, why: str, kind: str
+    ) -> Action:
+        delay = self.backoff(peer_path.attempts)
+        peer_path.path = Path.RELAYED
+        peer_path.since = now
+        peer_path.retry_at = now + delay
+        peer_path.reason = why
+        self.events.append(Event("fallback", key, kind))
+        return Action("remove", key, f"relayed: {why}, retry in {delay:g} s")
+
+    def _watch_probe(
+        self, key: PublicKey, peer_path: PeerPath, device_peer: PeerState | None, now: float
+    ) -> list[Action]:
+        if device_peer is None:
+            return [
+                self._probe(
+                    key, peer_path, peer_path.endpoint, now, "its entry vanished from the device"
+                )
+            ]
+        handshake = device_peer.latest_handshake
+        if handshake is not None and now - handshake < self.settings.handshake_dead_after:
+            peer_path.path = Path.SWITCHING
+            # Both ends see (almost) the same handshake time and switch together.
+            peer_path.deadline = max(now, handshake + self.settings.switch_delay)
+            return []
+        if now >= peer_path.deadline:
+            return [
+                self._fall_back(
+                    key,
+                    peer_path,
+                    now,
+                    f"no direct handshake with {peer_path.endpoint} within "
+                    f"{self.settings.probe_timeout:g} s (symmetric NAT or firewall?)",
+                    "no_handshake",
+                )
+            ]
+        return []
+
+    def _watch_direct(
+        self, key: PublicKey, peer_path: PeerPath, device_peer: PeerState | None, now: float
+    ) -> list[Action]:
+        if device_peer is None:
+            return [
+                self._probe(
+                    key, peer_path, peer_path.endpoint, now, "its entry vanished from the device"
+                )
+            ]
+        if device_peer.rx_bytes != peer_path.last_rx:
+            peer_path.last_rx, peer_path.rx_changed_at = device_peer.rx_bytes, now
+        handshake = device_peer.latest_handshake
+        if handshake is None or now - handshake > self.settings.handshake_dead_after:
+            return [
+                self._fall_back(
+                    key,
+                    peer_path,
+                    now,
+                    f"direct path died: no handshake for {self.settings.handshake_dead_after:g} s",
+                    "path_died",
+                )
+            ]
+        if now - peer_path.rx_changed_at > self.settings.rx_stall_after:
+            return [
+                self._fall_back(
+                    key,
+                    peer_path,
+                    now,
+                    f"direct path died: nothing received for {now - peer_path.rx_changed_at:.0f} s",
+                    "path_died",
+                )
+            ]
+        if set(device_peer.allowed_ips) != set(peer_path.allowed_ips):
+            return [
+                Action(
+                    "promote",
+                    key,
+                    "allowed IPs changed at the registry",
+                    allowed_ips=peer_path.allowed_ips,
+                )
+            ]
+        return []
+
+    def _maybe_remove(
+        self, key: PublicKey, peer_path: PeerPath, on_device: dict[PublicKey, PeerState], now: float
+    ) -> list[Action]:
+        if peer_path.gone_since is None:
+            peer_path.gone_since = now
+        if now - peer_path.gone_since < self.settings.removal_grace:
+            return []
+        del self.paths[key]
+        self.events.append(Event("removed", key))
+        if key in on_device:
+            return [
+                Action(
+                    "remove", key, f"gone from the registry for {self.settings.removal_grace:g} s"
+                )
+            ]
+        return []
+
+
+def first_host(network: IPNetwork) -> IPAddress:
+    if network.num_addresses == 1:
+        return network.network_address
+    return next(network.hosts()) if network.prefixlen < network.max_prefixlen - 1 else network[0]
+
+
+def registry_address_of(peer: PeerState) -> IPAddress:
+    """The registry's tunnel address: its allowed IP when that is a single host,
+    else the first host of its first allowed network (wg-nat's convention)."""
+    if not peer.allowed_ips:
+        raise ValueError(
+            "the registry peer has no allowed IPs, so its tunnel address is "
+            "unknown; pass --registry-address"
+        )
+    for network in peer.allowed_ips:
+        if network.num_addresses == 1:
+            return network.network_address
+    return first_host(peer.allowed_ips[0])

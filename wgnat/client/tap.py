@@ -1,0 +1,171 @@
+"""`wgnat-client` / `twistd wgnat-client`: options and the service they build."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web import server
+
+from wgnat._types import InvalidValue, PublicKey, parse_network
+from wgnat.client.agent import AgentConfig, MeshAgent
+from wgnat.client.lan import lan_addresses
+from wgnat.client.reconcile import Settings
+from wgnat.client.state_file import StateStore, default_state_path
+from wgnat.device import open_device_or_exit
+from wgnat.duration import parse_go_duration
+from wgnat.metrics import (
+    DEFAULT_CLIENT_METRICS,
+    ClientMetrics,
+    MetricsResource,
+    metrics_endpoint_description,
+)
+from wgnat.options import CommonOptions, port_number
+
+log = Logger(namespace="wgnat.client")
+
+
+class Options(CommonOptions):
+    synopsis = "-r REGISTRY_PUBLIC_KEY [-i IFACE] [-t DURATION] [options]"
+    longdesc = (
+        "Learn the other peers from the registry and add them as direct WireGuard peers "
+        "through this host's one listen port (UDP hole punching); peers that cannot be "
+        "reached directly stay relayed through the registry."
+    )
+    optParameters = [
+        ["interface", "i", "wg0", "WireGuard interface to manage"],
+        ["registry", "r", None, "The registry's public key (required)"],
+        [
+            "interval",
+            "t",
+            "1m0s",
+            "Full resynchronisation period, Go duration (pushes carry "
+            "changes at once; this is a safety net)",
+        ],
+        [
+            "registry-address",
+            None,
+            None,
+            "The registry's tunnel address (default: from its allowed IPs)",
+        ],
+        ["registry-port", None, None, "The registry API's TCP port (default: its endpoint's port)"],
+        ["metrics-listen", None, DEFAULT_CLIENT_METRICS, "Prometheus metrics HOST:PORT"],
+        [
+            "state-dir",
+            None,
+            "/var/lib/wgnat",
+            "Where the list of peers this client created is kept",
+        ],
+        ["keepalive", None, "25", "Persistent keepalive of direct peers, seconds"],
+        ["log-format", None, "text", "text or json"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["accept-routes"] = []
+
+    def opt_accept_routes(self, value: str) -> None:
+        """Also accept allowed IPs inside CIDR from peers (repeatable, or comma-separated)"""
+        for item in value.split(","):
+            try:
+                self["accept-routes"].append(parse_network(item.strip()))
+            except InvalidValue as exc:
+                raise usage.UsageError(f"--accept-routes: {exc}") from None
+
+    def postOptions(self) -> None:
+        self.check_common()
+        if not self["registry"]:
+            raise usage.UsageError(
+                "-r REGISTRY_PUBLIC_KEY is required (the registry's "
+                "public key, as 'wg show' prints it)"
+            )
+        try:
+            self["registry"] = PublicKey.from_base64(self["registry"])
+        except InvalidValue as exc:
+            raise usage.UsageError(f"-r: {exc}") from None
+        try:
+            self["interval"] = parse_go_duration(self["interval"], minimum=1.0)
+        except InvalidValue as exc:
+            raise usage.UsageError(f"-t: {exc}") from None
+        if self["registry-address"] is not None:
+            try:
+                self["registry-address"] = ipaddress.ip_address(self["registry-address"])
+            except ValueError:
+                raise usage.UsageError(
+                    f"--registry-address: {self['registry-address']!r} is not an IP address"
+                ) from None
+        for name in ("registry-port", "keepalive"):
+            if self[name] is not None:
+                try:
+                    self[name] = port_number(str(self[name]))
+                except ValueError as exc:
+                    raise usage.UsageError(f"--{name}: {exc}") from None
+
+
+class ClientDaemon(service.MultiService):
+    """The agent plus its metrics listener."""
+
+    def __init__(self, agent: MeshAgent, reactor: Any, metrics_listen: str) -> None:
+        super().__init__()
+        self.agent = agent
+        self.reactor = reactor
+        self.metrics_listen = metrics_listen
+        self.port: Any = None
+        agent.setServiceParent(self)
+
+    @property
+    def failed(self) -> bool:
+        return self.agent.failed
+
+    def startService(self) -> None:
+        endpoint = serverFromString(self.reactor, metrics_endpoint_description(self.metrics_listen))
+        site = server.Site(MetricsResource(self.agent.metrics.registry))
+
+        def listening(port: Any) -> None:
+            self.port = port
+
+        def failed(failure: Any) -> None:
+            self.agent._fatal(failure)
+
+        endpoint.listen(site).addCallbacks(listening, failed)
+        super().startService()
+
+    def stopService(self) -> Any:
+        if self.port is not None:
+            self.port.stopListening()
+        return super().stopService()
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    ifname = options["interface"]
+    device = open_device_or_exit("wgnat-client", ifname, reactor)
+    config = AgentConfig(
+        registry_key=options["registry"],
+        registry_address=options["registry-address"],
+        registry_port=options["registry-port"],
+        accept_routes=tuple(options["accept-routes"]),
+        resync_interval=options["interval"],
+        settings=Settings(keepalive=options["keepalive"]),
+    )
+
+    def find_lan(name: str) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), lan_addresses, name)
+
+    agent = MeshAgent(
+        device,
+        reactor,
+        config,
+        metrics=ClientMetrics(),
+        lan_addresses=find_lan,
+        state_store=StateStore(default_state_path(options["state-dir"], ifname)),
+    )
+    return ClientDaemon(agent, reactor, options["metrics-listen"])

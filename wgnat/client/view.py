@@ -1,0 +1,131 @@
+"""The client's copy of the registry's view, and validation of every answer.
+
+An answer is checked whole before any of it is used: one malformed field and the
+answer is refused (the mesh stays as it is) with a message saying what was wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wgnat._types import Endpoint, InvalidValue, IPNetwork, PublicKey, parse_network
+
+MAX_PEERS = 100_000
+MAX_ALLOWED_IPS = 256
+MAX_LAN_ENDPOINTS = 8
+
+
+@dataclass(frozen=True)
+class RemotePeer:
+    public_key: PublicKey
+    endpoint: Endpoint | None
+    allowed_ips: tuple[IPNetwork, ...]
+    lan_endpoints: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True)
+class Answer:
+    epoch: str
+    version: int
+    full: bool
+    my_endpoint: Endpoint | None
+    peers: tuple[RemotePeer, ...]
+    removed: tuple[PublicKey, ...]
+
+
+def _list(document: dict[str, Any], name: str, limit: int, where: str) -> list[Any]:
+    value = document.get(name, [])
+    if not isinstance(value, list):
+        raise InvalidValue(f"{where}: {name!r} is not a list")
+    if len(value) > limit:
+        raise InvalidValue(f"{where}: {name!r} has {len(value)} entries, more than {limit}")
+    return value
+
+
+def _optional_endpoint(value: Any, where: str) -> Endpoint | None:
+    if value is None:
+        return None
+    try:
+        return Endpoint.parse(value)
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+
+
+def _peer(document: Any, index: int) -> RemotePeer:
+    where = f"peers[{index}]"
+    if not isinstance(document, dict):
+        raise InvalidValue(f"{where} is not an object")
+    try:
+        key = PublicKey.from_base64(document.get("public_key"))
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+    allowed = []
+    for item in _list(document, "allowed_ips", MAX_ALLOWED_IPS, where):
+        try:
+            allowed.append(parse_network(item))
+        except InvalidValue as exc:
+            raise InvalidValue(f"{where}: {exc}") from None
+    lan = tuple(
+        endpoint
+        for item in _list(document, "lan_endpoints", MAX_LAN_ENDPOINTS, where)
+        if (endpoint := _optional_endpoint(item, where)) is not None
+    )
+    return RemotePeer(key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan)
+
+
+def parse_answer(document: Any) -> Answer:
+    if not isinstance(document, dict):
+        raise InvalidValue("the registry's answer is not a JSON object")
+    version = document.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidValue("the registry's answer has no valid 'version'")
+    epoch = document.get("epoch")
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= 32:
+        raise InvalidValue("the registry's answer has no valid 'epoch'")
+    full = document.get("full")
+    if not isinstance(full, bool):
+        raise InvalidValue("the registry's answer has no valid 'full'")
+    you = document.get("you") or {}
+    if not isinstance(you, dict):
+        raise InvalidValue("the registry's answer: 'you' is not an object")
+    my_endpoint = _optional_endpoint(you.get("endpoint"), "you")
+    peers = tuple(
+        _peer(item, index)
+        for index, item in enumerate(_list(document, "peers", MAX_PEERS, "answer"))
+    )
+    removed = []
+    for item in _list(document, "removed", MAX_PEERS, "answer"):
+        try:
+            removed.append(PublicKey.from_base64(item))
+        except InvalidValue as exc:
+            raise InvalidValue(f"removed: {exc}") from None
+    keys = [peer.public_key for peer in peers]
+    if len(set(keys)) != len(keys):
+        raise InvalidValue("the registry's answer lists a peer twice")
+    return Answer(epoch, version, full, my_endpoint, peers, tuple(removed))
+
+
+@dataclass
+class RegistryView:
+    """The mesh as the registry last described it, built from full answers and deltas."""
+
+    epoch: str | None = None
+    version: int | None = None
+    my_endpoint: Endpoint | None = None
+    peers: dict[PublicKey, RemotePeer] = field(default_factory=dict)
+
+    def apply(self, answer: Answer) -> bool:
+        """Merge an answer; return whether anything the mesh depends on changed."""
+        before = (self.my_endpoint, dict(self.peers))
+        if answer.full:
+            self.peers = {peer.public_key: peer for peer in answer.peers}
+        else:
+            for key in answer.removed:
+                self.peers.pop(key, None)
+            for peer in answer.peers:
+                self.peers[peer.public_key] = peer
+        self.epoch = answer.epoch
+        self.version = answer.version
+        self.my_endpoint = answer.my_endpoint
+        return before != (self.my_endpoint, self.peers)

@@ -1,0 +1,280 @@
+"""The registry's JSON-over-HTTP API (twisted.web); no decisions here.
+
+    GET  /v1/peers[?since=V&wait=S]   the caller's view: full, or the changes
+                                      after version V, waiting up to S seconds
+                                      for one (the push: a long poll)
+    POST /v1/announce                 {"lan_endpoints": ["192.168.1.7:51820"]}
+    GET  /healthz                     "ok" when the device was read lately
+
+The caller is the peer whose allowed IPs hold the request's source address:
+WireGuard's cryptokey routing guarantees only that peer can send from it, so no
+identity the caller claims is trusted.  Bodies, waits and waiters are bounded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections import Counter
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from wgnat._types import Endpoint, InvalidValue, PublicKey
+from wgnat.registry.hub import Registry
+
+log = Logger(namespace="wgnat.registry.api")
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_WAIT_SECONDS = 60.0
+MAX_WAITERS_PER_CALLER = 4
+IDLE_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 15
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BoundedRequest(server.Request):
+    """A request that stops buffering a body past MAX_BODY_BYTES and answers 413."""
+
+    too_large = False
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > MAX_BODY_BYTES:
+            self.too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+def _send_json(request: server.Request, status: int, body: dict[str, Any]) -> None:
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(payload)
+    request.finish()
+
+
+def _caller_address(request: server.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    host = request.getClientAddress().host  # type: ignore[attr-defined]
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+class RegistryResource(Resource):
+    """Base: identify the caller, turn ApiError and surprises into JSON answers."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Registry, metrics: Any = None) -> None:
+        super().__init__()
+        self.registry = registry
+        self.metrics = metrics
+        self.waiters: Counter[PublicKey] = Counter()
+
+    def count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.api_requests.labels(outcome=outcome).inc()
+
+    def identify(self, request: server.Request) -> Deferred[PublicKey]:
+        """The calling peer; the device is read first when the address is new to us
+        (a peer added to the registry's interface since the last read)."""
+        address = _caller_address(request)
+
+        def lookup(_: object = None) -> PublicKey:
+            caller = self.registry.model.caller(address)
+            if caller is None:
+                raise ApiError(http.FORBIDDEN, f"{address} is not the tunnel address of any peer")
+            return caller
+
+        if self.registry.model.caller(address) is not None:
+            return succeed(lookup())
+        return self.registry.refresh().addCallback(lookup)
+
+    def fail(self, request: server.Request, failure: Failure) -> None:
+        if failure.check(ApiError):
+            error: ApiError = failure.value  # type: ignore[assignment]
+            self.count("forbidden" if error.status == http.FORBIDDEN else "bad_request")
+            _send_json(request, error.status, {"error": error.message})
+            return
+        log.failure("internal error answering {path}", failure, path=request.path)
+        self.count("error")
+        _send_json(request, http.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    def render(self, request: server.Request) -> Any:
+        if getattr(request, "too_large", False):
+            self.count("bad_request")
+            _send_json(
+                request,
+                http.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"request body over {MAX_BODY_BYTES} bytes"},
+            )
+            return server.NOT_DONE_YET
+        try:
+            return super().render(request)
+        except ApiError as error:
+            self.fail(request, Failure(error))
+            return server.NOT_DONE_YET
+
+
+def _query_number(request: server.Request, name: str, kind: type) -> Any:
+    values = request.args.get(name.encode())  # type: ignore[union-attr]
+    if not values:
+        return None
+    try:
+        number = kind(values[0].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(http.BAD_REQUEST, f"query parameter {name!r} must be a number") from None
+    if number < 0 or number != number:
+        raise ApiError(http.BAD_REQUEST, f"query parameter {name!r} must not be negative")
+    return number
+
+
+def _query_epoch(request: server.Request) -> str | None:
+    values = request.args.get(b"epoch")  # type: ignore[union-attr]
+    if not values:
+        return None
+    text = values[0].decode("ascii", "replace")
+    if len(text) > 32 or not all(ch in "0123456789abcdef" for ch in text):
+        raise ApiError(http.BAD_REQUEST, "query parameter 'epoch' must be up to 32 hex digits")
+    return text
+
+
+class PeersResource(RegistryResource):
+    def render_GET(self, request: server.Request) -> Any:
+        since = _query_number(request, "since", int)
+        epoch = _query_epoch(request)
+        wait = min(_query_number(request, "wait", float) or 0.0, MAX_WAIT_SECONDS)
+        pending: list[Deferred[None]] = []
+        request.notifyFinish().addErrback(lambda _: [waiter.cancel() for waiter in pending])
+
+        def fresh(caller: PublicKey) -> Deferred[PublicKey]:
+            # A full answer must reflect the device as it is now: the caller may
+            # have just completed its first handshake, which the others must hear of.
+            if since is None:
+                return self.registry.refresh().addCallback(lambda _: caller)
+            return succeed(caller)
+
+        def wait_for_change(caller: PublicKey) -> Any:
+            if not wait or self.registry.model.changed_since(since, epoch):
+                return caller
+            if self.waiters[caller] >= MAX_WAITERS_PER_CALLER:
+                raise ApiError(
+                    http.TOO_MANY_REQUESTS,
+                    f"at most {MAX_WAITERS_PER_CALLER} waiting requests per peer",
+                )
+            waiter = self.registry.wait_for_change(since, wait)  # type: ignore[arg-type]
+            pending.append(waiter)
+            self.waiters[caller] += 1
+
+            def done(_: Any) -> PublicKey:
+                self.waiters[caller] -= 1
+                if self.waiters[caller] <= 0:
+                    del self.waiters[caller]
+                return caller
+
+            return waiter.addBoth(done)
+
+        def answer(caller: PublicKey) -> None:
+            now = self.registry.clock.seconds()
+            self.count("ok")
+            _send_json(request, http.OK, self.registry.model.answer(caller, since, now, epoch))
+
+        result = self.identify(request)
+        result.addCallback(fresh).addCallback(wait_for_change).addCallback(answer)
+        result.addErrback(lambda failure: self.fail(request, failure))
+        return server.NOT_DONE_YET
+
+
+def parse_announcement(body: bytes) -> tuple[Endpoint, ...]:
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(http.BAD_REQUEST, "the body is not JSON") from None
+    if not isinstance(document, dict) or set(document) - {"lan_endpoints"}:
+        raise ApiError(http.BAD_REQUEST, 'expected {"lan_endpoints": ["IP:PORT", ...]}')
+    items = document.get("lan_endpoints", [])
+    if not isinstance(items, list) or len(items) > 8:
+        raise ApiError(http.BAD_REQUEST, "lan_endpoints must be a list of at most 8 'IP:PORT'")
+    endpoints = []
+    for item in items:
+        try:
+            endpoint = Endpoint.parse(item)
+        except InvalidValue as exc:
+            raise ApiError(http.BAD_REQUEST, f"lan_endpoints: {exc}") from None
+        if endpoint.host.is_loopback or endpoint.host.is_link_local:
+            raise ApiError(
+                http.BAD_REQUEST, f"lan_endpoints: {endpoint} is not reachable from another host"
+            )
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    return tuple(endpoints)
+
+
+class AnnounceResource(RegistryResource):
+    def render_POST(self, request: server.Request) -> Any:
+        body = request.content.read() if request.content is not None else b""
+        endpoints = parse_announcement(body)
+
+        def store(caller: PublicKey) -> Deferred[None]:
+            # Read first, so an announcement from a peer that just came up is kept.
+            return self.registry.refresh().addCallback(lambda _: keep(caller))
+
+        def keep(caller: PublicKey) -> None:
+            if self.registry.model.announce(caller, endpoints):
+                log.info(
+                    "{peer} announced LAN endpoints {endpoints}",
+                    peer=caller.short,
+                    endpoints=", ".join(map(str, endpoints)) or "(none)",
+                )
+                self.registry.announce_changed()
+            self.count("ok")
+            _send_json(request, http.OK, {"version": self.registry.model.version})
+
+        result = self.identify(request)
+        result.addCallback(store)
+        result.addErrback(lambda failure: self.fail(request, failure))
+        return server.NOT_DONE_YET
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if self.registry.last_read_error is not None:
+            request.setResponseCode(http.SERVICE_UNAVAILABLE)
+            return b"cannot read the WireGuard device\n"
+        return b"ok\n"
+
+
+def build_site(registry: Registry, metrics: Any = None) -> server.Site:
+    root = Resource()
+    v1 = Resource()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"peers", PeersResource(registry, metrics))
+    v1.putChild(b"announce", AnnounceResource(registry, metrics))
+    root.putChild(b"healthz", HealthResource(registry))
+    site = server.Site(root, timeout=IDLE_TIMEOUT_SECONDS)
+    site.requestFactory = BoundedRequest
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,121 @@
+"""The registry's moving parts around the pure model: reading the device (on a
+short interval and whenever a client needs a fresh view) and waking the clients
+that wait for a change (the push).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from wgnat.device import Device
+from wgnat.registry.model import RegistryModel
+
+log = Logger(namespace="wgnat.registry")
+
+
+class Registry:
+    def __init__(
+        self, device: Device, clock: Any, model: RegistryModel | None = None, metrics: Any = None
+    ) -> None:
+        self.device = device
+        self.clock = clock
+        self.model = model or RegistryModel()
+        self.metrics = metrics
+        self._reading: Deferred[None] | None = None
+        # Callers that need a read started after they asked (it must see, say, the
+        # handshake the caller just made); served by the next read, shared by all.
+        self._next_readers: list[Deferred[None]] = []
+        self._waiters: set[Deferred[None]] = set()
+        self.last_read_error: str | None = None
+
+    # -- reading the device -------------------------------------------------
+    def refresh(self) -> Deferred[None]:
+        """Fire after a device read that started after this call (coalesced)."""
+        waiter: Deferred[None] = Deferred()
+        self._next_readers.append(waiter)
+        if self._reading is None:
+            self._start_read()
+        return waiter
+
+    def _start_read(self) -> None:
+        readers, self._next_readers = self._next_readers, []
+        started = self.clock.seconds()
+        reading = self.device.read()
+        self._reading = reading
+
+        def done(result: Any) -> None:
+            self._reading = None
+            if self.metrics is not None:
+                self.metrics.device_read_seconds.observe(self.clock.seconds() - started)
+            if isinstance(result, Failure):
+                message = result.getErrorMessage()
+                if message != self.last_read_error:
+                    log.error(
+                        "cannot read the WireGuard device: {error}; keeping the last known view",
+                        error=message,
+                    )
+                self.last_read_error = message
+                if self.metrics is not None:
+                    self.metrics.device_errors.inc()
+            else:
+                if self.last_read_error is not None:
+                    log.info("reading the WireGuard device works again")
+                self.last_read_error = None
+                if self.model.observe(result, self.clock.seconds()):
+                    self.notify()
+            for reader in readers:
+                reader.callback(None)
+            if self._next_readers:
+                self._start_read()
+
+        reading.addBoth(done)
+
+    def announce_changed(self) -> None:
+        self.notify()
+
+    # -- the push -----------------------------------------------------------
+    def wait_for_change(self, since: int, timeout: float) -> Deferred[None]:
+        """Fire when the version moves past `since`, or after `timeout` seconds."""
+        if self.model.version != since:
+            return succeed(None)
+
+        def cancel(waiter: Deferred[None]) -> None:
+            self._waiters.discard(waiter)
+            if timer.active():
+                timer.cancel()
+
+        waiter: Deferred[None] = Deferred(cancel)
+
+        def expire() -> None:
+            self._waiters.discard(waiter)
+            waiter.callback(None)
+
+        timer = self.clock.callLater(timeout, expire)
+        waiter.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        waiter.addErrback(lambda failure: failure.trap(CancelledError) and None)
+        self._waiters.add(waiter)
+        return waiter
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        if waiters:
+            log.debug(
+                "version {version}: pushing to {count} waiting clients",
+                version=self.model.version,
+                count=len(waiters),
+            )
+        if self.metrics is not None:
+            self.metrics.pushes.inc(len(waiters))
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def poll(self) -> Deferred[None]:
+        """One periodic tick; never raises (a TimerService whose call fails stops)."""
+        return self.refresh()

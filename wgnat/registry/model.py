@@ -1,0 +1,212 @@
+"""The registry's view of the mesh: device snapshots and announcements in, a
+versioned per-caller answer out.  Pure: no I/O, `now` is always an argument.
+
+Every change a client would act on (a peer becoming live or going away, its
+observed endpoint, its allowed IPs, its announced LAN endpoints) bumps one global
+version and stamps the changed peer with it.  A client that says "I have version
+V" is answered with just the peers stamped after V plus the keys removed after V,
+so one endpoint change costs each client O(1) bytes however large the mesh is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from wgnat._types import DeviceState, Endpoint, IPAddress, IPNetwork, PeerState, PublicKey
+
+# WireGuard drops a session 180 s after its last handshake (REJECT_AFTER_TIME);
+# a peer with keepalives re-handshakes every ~2 minutes, so past this it is gone.
+LIVE_WINDOW = 180.0
+# Removals are remembered so that a delta can say "gone"; a client older than the
+# oldest remembered removal gets a full answer instead.
+MAX_TOMBSTONES = 4096
+MAX_LAN_ENDPOINTS = 8
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    public_key: PublicKey
+    endpoint: Endpoint | None
+    allowed_ips: tuple[IPNetwork, ...]
+    lan_endpoints: tuple[Endpoint, ...]
+    latest_handshake: float | None
+    version: int  # when anything a client acts on last changed
+
+    def same_for_clients(self, other: PeerRecord) -> bool:
+        return (
+            self.endpoint == other.endpoint
+            and self.allowed_ips == other.allowed_ips
+            and self.lan_endpoints == other.lan_endpoints
+        )
+
+
+def is_live(peer: PeerState, now: float, live_window: float = LIVE_WINDOW) -> bool:
+    return (
+        peer.endpoint is not None
+        and peer.latest_handshake is not None
+        and now - peer.latest_handshake <= live_window
+    )
+
+
+@dataclass
+class RegistryModel:
+    """What the registry knows; `observe` and `announce` return whether it changed."""
+
+    # Versions count from this registry's start: a client holding a version of
+    # another epoch (the registry restarted) gets a full answer.
+    epoch: str = field(default_factory=lambda: os.urandom(8).hex())
+    live_window: float = LIVE_WINDOW
+    max_tombstones: int = MAX_TOMBSTONES
+    version: int = 0
+    # Deltas are possible for clients at or above this version.
+    horizon: int = 0
+    records: dict[PublicKey, PeerRecord] = field(default_factory=dict)
+    tombstones: dict[PublicKey, int] = field(default_factory=dict)
+    announcements: dict[PublicKey, tuple[Endpoint, ...]] = field(default_factory=dict)
+    # Every peer on the device (live or not): callers are identified among them.
+    known: dict[PublicKey, PeerState] = field(default_factory=dict)
+    endpoint_changes: int = 0
+
+    # -- inputs -----------------------------------------------------------
+    def observe(self, state: DeviceState, now: float) -> bool:
+        self.known = state.by_key()
+        live = {
+            key: peer for key, peer in self.known.items() if is_live(peer, now, self.live_window)
+        }
+        changed = False
+        for key in [key for key in self.records if key not in live]:
+            self._remove(key)
+            changed = True
+        for peer in live.values():
+            changed |= self._upsert(peer)
+        # Announcements of peers no longer on the device are forgotten.
+        for key in [key for key in self.announcements if key not in self.known]:
+            del self.announcements[key]
+        return changed
+
+    def announce(self, key: PublicKey, lan_endpoints: tuple[Endpoint, ...]) -> bool:
+        lan_endpoints = tuple(lan_endpoints[:MAX_LAN_ENDPOINTS])
+        if self.announcements.get(key) == lan_endpoints:
+            return False
+        self.announcements[key] = lan_endpoints
+        record = self.records.get(key)
+        if record is None:
+            return False
+        self._bump()
+        self.records[key] = PeerRecord(
+            key,
+            record.endpoint,
+            record.allowed_ips,
+            lan_endpoints,
+            record.latest_handshake,
+            self.version,
+        )
+        return True
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
+    def _upsert(self, peer: PeerState) -> bool:
+        key = peer.public_key
+        old = self.records.get(key)
+        candidate = PeerRecord(
+            key,
+            peer.endpoint,
+            tuple(sorted(peer.allowed_ips, key=str)),
+            self.announcements.get(key, ()),
+            peer.latest_handshake,
+            old.version if old else 0,
+        )
+        if old is not None and old.same_for_clients(candidate):
+            if old.latest_handshake != candidate.latest_handshake:
+                self.records[key] = candidate  # fresher "last seen", no new version
+            return False
+        if old is not None and old.endpoint != candidate.endpoint:
+            self.endpoint_changes += 1
+        self._bump()
+        self.tombstones.pop(key, None)
+        self.records[key] = PeerRecord(
+            key,
+            candidate.endpoint,
+            candidate.allowed_ips,
+            candidate.lan_endpoints,
+            candidate.latest_handshake,
+            self.version,
+        )
+        return True
+
+    def _remove(self, key: PublicKey) -> None:
+        del self.records[key]
+        self.tombstones[key] = self._bump()
+        while len(self.tombstones) > self.max_tombstones:
+            oldest = min(self.tombstones, key=self.tombstones.__getitem__)
+            self.horizon = max(self.horizon, self.tombstones.pop(oldest))
+
+    # -- queries ----------------------------------------------------------
+    def caller(self, address: IPAddress) -> PublicKey | None:
+        """The peer whose allowed IPs hold `address` (WireGuard's cryptokey routing
+        guarantees only that peer can send from it); the most specific wins."""
+        best: tuple[int, PublicKey] | None = None
+        for key, peer in self.known.items():
+            for network in peer.allowed_ips:
+                if address in network and (best is None or network.prefixlen > best[0]):
+                    best = (network.prefixlen, key)
+        return best[1] if best else None
+
+    def changed_since(self, since: int | None, epoch: str | None = None) -> bool:
+        return since is None or since != self.version or epoch != self.epoch
+
+    def answer(
+        self, caller: PublicKey, since: int | None, now: float, epoch: str | None = None
+    ) -> dict[str, Any]:
+        """The JSON answer for `caller`: full when `since` is None, too old or of
+        another epoch."""
+        full = since is None or epoch != self.epoch or since < self.horizon or since > self.version
+        peers = [
+            _peer_json(record, now)
+            for key, record in self.records.items()
+            if key != caller and (full or record.version > since)  # type: ignore[operator]
+        ]
+        removed = (
+            []
+            if full
+            else [
+                key.base64
+                for key, version in self.tombstones.items()
+                if version > since and key != caller
+            ]  # type: ignore[operator]
+        )
+        me = self.known.get(caller)
+        return {
+            "epoch": self.epoch,
+            "version": self.version,
+            "full": full,
+            "you": {
+                "public_key": caller.base64,
+                "endpoint": str(me.endpoint) if me and me.endpoint else None,
+                "allowed_ips": [str(net) for net in me.allowed_ips] if me else [],
+            },
+            "peers": peers,
+            "removed": removed,
+        }
+
+    def live_count(self) -> int:
+        return len(self.records)
+
+
+def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
+    return {
+        "public_key": record.public_key.base64,
+        "endpoint": str(record.endpoint) if record.endpoint else None,
+        "allowed_ips": [str(net) for net in record.allowed_ips],
+        "lan_endpoints": [str(ep) for ep in record.lan_endpoints],
+        "last_handshake_age": (
+            round(max(0.0, now - record.latest_handshake), 3)
+            if record.latest_handshake is not None
+            else None
+        ),
+    }
