@@ -1,0 +1,30 @@
+"""Shared fixtures.  Tests that need root, namespaces and wireguard-go carry the
+`realdevice` or `integration` marker and are skipped, with the reason printed,
+only where those cannot run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def real_network_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("wireguard-go", "wg", "ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (make test installs it)"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = real_network_unavailable()
+    if reason is None:
+        return
+    for item in items:
+        if "realdevice" in item.keywords or "integration" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
