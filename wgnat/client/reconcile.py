@@ -249,7 +249,10 @@ class Mesh:
             elif peer_path.endpoint != target:
                 actions.extend(self._follow(key, peer_path, target, now))
 
+        acted = {action.public_key for action in actions}
         for key, peer_path in list(self.paths.items()):
+            if key in acted:
+                continue  # the device snapshot predates this plan's own operation
             if key in unmanaged:
                 # Someone else configured this peer by hand: it is theirs now.
                 del self.paths[key]

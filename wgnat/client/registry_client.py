@@ -83,13 +83,20 @@ def base_url(address: IPAddress, port: int) -> str:
 
 
 class RegistryClient:
-    def __init__(self, reactor: Any, address: IPAddress, port: int) -> None:
+    def __init__(
+        self, reactor: Any, address: IPAddress, port: int, bind_address: str | None = None
+    ) -> None:
         self.reactor = reactor
         self.url = base_url(address, port)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 2
         self.pool.retryAutomatically = False
-        self.http = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self.pool)
+        self.http = Agent(
+            reactor,
+            connectTimeout=CONNECT_TIMEOUT,
+            pool=self.pool,
+            bindAddress=(bind_address, 0) if bind_address else None,
+        )
 
     @inlineCallbacks
     def _request(self, method: bytes, path: str, timeout: float, body: Any = None) -> Any:

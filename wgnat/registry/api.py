@@ -174,7 +174,7 @@ class PeersResource(RegistryResource):
                 return caller
             if self.waiters[caller] >= MAX_WAITERS_PER_CALLER:
                 raise ApiError(
-                    http.TOO_MANY_REQUESTS,
+                    429,
                     f"at most {MAX_WAITERS_PER_CALLER} waiting requests per peer",
                 )
             waiter = self.registry.wait_for_change(since, wait)  # type: ignore[arg-type]

@@ -1,0 +1,229 @@
+"""The client's pure decisions: make-before-break, coordinated switch, relay
+fallback with backoff, rebinding, removal after grace, ownership, route policy."""
+
+from __future__ import annotations
+
+from tests.helpers import device, ep, ip, nets, new_key, peer
+from wgnat.client.reconcile import Mesh, Path, Policy, Settings, registry_address_of
+from wgnat.client.view import RegistryView, RemotePeer
+from wgnat.device.memory import MemoryDevice
+
+T0 = 1_000_000.0
+ME, REGISTRY = new_key(), new_key()
+
+
+def make_mesh(**settings) -> Mesh:
+    policy = Policy(
+        tunnel_networks=nets("198.51.100.0/24"),
+        registry_address=ip("198.51.100.1"),
+        own_addresses=(ip("198.51.100.2"),),
+    )
+    return Mesh(ME, REGISTRY, policy, Settings(**settings), lan_networks=nets("192.168.1.0/24"))
+
+
+def view_of(*remotes: RemotePeer, me="203.0.113.21:51820") -> RegistryView:
+    return RegistryView(
+        epoch="e", version=1, my_endpoint=ep(me), peers={r.public_key: r for r in remotes}
+    )
+
+
+def remote(key, endpoint="203.0.113.22:51820", allowed=("198.51.100.3/32",), lan=()):
+    return RemotePeer(
+        key, ep(endpoint) if endpoint else None, nets(*allowed), tuple(ep(x) for x in lan)
+    )
+
+
+class World:
+    """A MemoryDevice plus the loop an agent runs: plan, then apply."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.device = MemoryDevice(public_key=ME)
+        self.device.add_peer(
+            peer(REGISTRY, "203.0.113.10:51820", ("198.51.100.0/24",), T0, 0, 0, 25)
+        )
+
+    def step(self, view, now):
+        actions = self.mesh.plan(view, self.device.snapshot(), now)
+        for action in actions:
+            from wgnat._types import PeerUpdate
+
+            if action.kind == "probe":
+                self.mesh.managed.add(action.public_key)
+                self.device.apply(
+                    PeerUpdate(
+                        action.public_key,
+                        endpoint=action.endpoint,
+                        allowed_ips=(),
+                        replace_allowed_ips=True,
+                        persistent_keepalive=action.keepalive,
+                    )
+                )
+            elif action.kind == "promote":
+                self.device.apply(
+                    PeerUpdate(
+                        action.public_key,
+                        allowed_ips=action.allowed_ips,
+                        replace_allowed_ips=True,
+                        update_only=True,
+                    )
+                )
+            elif action.kind == "endpoint":
+                self.device.apply(
+                    PeerUpdate(action.public_key, endpoint=action.endpoint, update_only=True)
+                )
+            elif action.kind == "remove":
+                self.device.peers.pop(action.public_key, None)
+                self.mesh.managed.discard(action.public_key)
+        return actions
+
+
+def test_new_peer_is_probed_without_allowed_ips_then_switched_at_handshake_plus_delay():
+    b = new_key()
+    world = World(make_mesh(switch_delay=0.25))
+    view = view_of(remote(b))
+    actions = world.step(view, T0)
+    assert [a.kind for a in actions] == ["probe"]
+    probing = world.device.peers[b]
+    assert probing.allowed_ips == () and probing.persistent_keepalive == 25
+    assert str(probing.endpoint) == "203.0.113.22:51820"
+    # Registry's route still carries b's address: make-before-break.
+    assert world.device.peers[REGISTRY].allowed_ips == nets("198.51.100.0/24")
+
+    world.device.handshake(b, T0 + 0.03)
+    assert world.step(view, T0 + 0.05) == []
+    assert world.mesh.paths[b].path is Path.SWITCHING
+    assert world.mesh.paths[b].deadline == T0 + 0.03 + 0.25
+    assert world.step(view, T0 + 0.2) == []
+    actions = world.step(view, T0 + 0.28)
+    assert [a.kind for a in actions] == ["promote"]
+    assert world.device.peers[b].allowed_ips == nets("198.51.100.3/32")
+    assert world.mesh.paths[b].path is Path.DIRECT
+    assert [e.kind for e in world.mesh.events] == ["probe", "direct"]
+
+
+def test_no_handshake_falls_back_to_relay_and_retries_with_backoff():
+    b = new_key()
+    world = World(make_mesh(probe_timeout=5.0, retry_backoff=(10.0, 20.0)))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    assert world.step(view, T0 + 4.9) == []
+    actions = world.step(view, T0 + 5.0)
+    assert [a.kind for a in actions] == ["remove"]
+    assert actions[0].reason.startswith(
+        "relayed: no direct handshake with 203.0.113.22:51820 within 5 s"
+    )
+    assert "retry in 10 s" in actions[0].reason
+    assert b not in world.device.peers and world.mesh.paths[b].path is Path.RELAYED
+    assert world.step(view, T0 + 14.9) == []
+    assert [a.kind for a in world.step(view, T0 + 15.0)] == ["probe"]
+    actions = world.step(view, T0 + 20.0)
+    assert "retry in 20 s" in actions[0].reason
+
+
+def test_peer_behind_the_same_nat_is_reached_on_its_lan_endpoint():
+    b = new_key()
+    world = World(make_mesh())
+    world.step(
+        view_of(remote(b, "203.0.113.21:1024", lan=("10.9.9.9:51820", "192.168.1.11:51820"))), T0
+    )
+    assert str(world.device.peers[b].endpoint) == "192.168.1.11:51820"
+
+
+def test_rebinding_is_followed_at_once_with_a_kick():
+    b = new_key()
+    world = World(make_mesh())
+    world.step(view_of(remote(b)), T0)
+    world.device.handshake(b, T0)
+    world.step(view_of(remote(b)), T0 + 1)
+    world.step(view_of(remote(b)), T0 + 1.5)
+    assert world.mesh.paths[b].path is Path.DIRECT
+    actions = world.step(view_of(remote(b, "203.0.113.22:40000")), T0 + 2)
+    assert [a.kind for a in actions] == ["endpoint", "kick"]
+    assert str(world.device.peers[b].endpoint) == "203.0.113.22:40000"
+    assert any(e.kind == "rebinding" for e in world.mesh.events)
+
+
+def test_direct_path_that_dies_falls_back():
+    b = new_key()
+    world = World(make_mesh(rx_stall_after=65.0))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0)
+    world.step(view, T0 + 0.1)
+    world.step(view, T0 + 1)
+    assert world.mesh.paths[b].path is Path.DIRECT
+    world.device.traffic(b, rx=100)
+    assert world.step(view, T0 + 30) == []
+    actions = world.step(view, T0 + 96)
+    assert [a.kind for a in actions] == ["remove"]
+    assert "direct path died: nothing received for 66 s" in actions[0].reason
+
+
+def test_peer_gone_from_registry_is_removed_after_grace():
+    b = new_key()
+    world = World(make_mesh(removal_grace=30.0))
+    world.step(view_of(remote(b)), T0)
+    assert world.step(view_of(), T0 + 1) == []
+    assert b in world.device.peers
+    actions = world.step(view_of(), T0 + 31)
+    assert [a.kind for a in actions] == ["remove"]
+    assert b not in world.device.peers and b not in world.mesh.paths
+
+
+def test_peers_not_created_by_us_are_never_touched():
+    manual = new_key()
+    world = World(make_mesh())
+    world.device.add_peer(peer(manual, "203.0.113.50:51820", ("198.51.100.50/32",), T0))
+    for now in (T0, T0 + 100, T0 + 1000):
+        assert world.step(view_of(remote(manual, "203.0.113.51:1")), now) == []
+        assert world.step(view_of(), now + 50) == []
+    assert str(world.device.peers[manual].endpoint) == "203.0.113.50:51820"
+    # The registry peer itself is never managed either.
+    assert world.step(view_of(remote(REGISTRY, "203.0.113.99:1")), T0) == []
+
+
+def test_allowed_ips_outside_the_tunnel_or_hijacking_routes_are_refused():
+    b, c = new_key(), new_key()
+    world = World(make_mesh())
+    view = view_of(
+        remote(b, allowed=("198.51.100.3/32", "0.0.0.0/0", "198.51.100.0/24", "198.51.100.2/32")),
+        remote(c, "203.0.113.23:51820", allowed=("198.51.100.1/32",)),
+    )
+    world.step(view, T0)
+    assert world.mesh.paths[b].allowed_ips == nets("198.51.100.3/32")
+    rejected = [e for e in world.mesh.events if e.kind == "rejected"]
+    assert {e.public_key for e in rejected} == {b, c}
+    assert c not in world.device.peers  # nothing acceptable: never added
+    # Routes beyond the tunnel are accepted only when asked for.
+    policy = Policy(nets("198.51.100.0/24"), ip("198.51.100.1"), accept_routes=nets("10.0.0.0/8"))
+    accepted, refused = policy.filter(nets("10.1.0.0/16", "0.0.0.0/0"), set())
+    assert accepted == nets("10.1.0.0/16") and len(refused) == 1
+
+
+def test_restart_adopts_managed_peers_and_keeps_direct_ones_direct():
+    b, c = new_key(), new_key()
+    mesh = make_mesh()
+    mesh.managed = {b, c}
+    state = device(
+        peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), T0 - 10, 5, 5, 25),
+        peer(c, "203.0.113.23:51820", (), None, 0, 0, 25),
+        key=ME,
+    )
+    mesh.adopt(state, T0)
+    assert mesh.paths[b].path is Path.DIRECT
+    assert mesh.paths[c].path is Path.PROBING
+
+
+def test_registry_address_convention():
+    k = new_key()
+    assert str(registry_address_of(peer(k, allowed=("198.51.100.1/32",)))) == "198.51.100.1"
+    assert str(registry_address_of(peer(k, allowed=("198.51.100.0/24",)))) == "198.51.100.1"
+
+
+def test_next_wakeup_polls_fast_only_while_probing():
+    b = new_key()
+    world = World(make_mesh(health_interval=15.0, probe_poll=0.05))
+    assert world.mesh.next_wakeup(T0) == T0 + 15.0
+    world.step(view_of(remote(b)), T0)
+    assert world.mesh.next_wakeup(T0) == T0 + 0.05

@@ -1,0 +1,161 @@
+"""The registry's pure model: liveness, versions, deltas, caller identity."""
+
+from __future__ import annotations
+
+from tests.helpers import device, ep, ip, new_key, peer
+from wgnat.registry.model import RegistryModel
+
+NOW = 1_000_000.0
+
+
+def test_only_live_peers_are_served_and_the_caller_is_left_out():
+    a, b, stale, never = new_key(), new_key(), new_key(), new_key()
+    model = RegistryModel()
+    changed = model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW - 5),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW - 100),
+            peer(stale, "203.0.113.23:51820", ("198.51.100.4/32",), NOW - 500),
+            peer(never, None, ("198.51.100.5/32",)),
+        ),
+        NOW,
+    )
+    assert changed
+    answer = model.answer(a, None, NOW)
+    assert answer["full"] is True
+    assert answer["you"]["endpoint"] == "203.0.113.21:51820"
+    assert [p["public_key"] for p in answer["peers"]] == [b.base64]
+    only = answer["peers"][0]
+    assert only["endpoint"] == "203.0.113.22:51820"
+    assert only["allowed_ips"] == ["198.51.100.3/32"]
+    assert only["last_handshake_age"] == 100.0
+
+
+def test_version_moves_only_for_what_clients_act_on():
+    a = new_key()
+    model = RegistryModel()
+    model.observe(device(peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW)), NOW)
+    version = model.version
+    # A fresher handshake or more bytes: nothing for clients to do.
+    assert not model.observe(
+        device(peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW + 9, rx=500)), NOW + 10
+    )
+    assert model.version == version
+    # The NAT rebound: a new endpoint.
+    assert model.observe(
+        device(peer(a, "203.0.113.21:40001", ("198.51.100.2/32",), NOW + 20)), NOW + 20
+    )
+    assert model.version == version + 1
+    assert model.endpoint_changes == 1
+
+
+def test_delta_carries_only_changes_and_removals():
+    a, b, c = new_key(), new_key(), new_key()
+    model = RegistryModel()
+    model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW),
+            peer(c, "203.0.113.23:51820", ("198.51.100.4/32",), NOW),
+        ),
+        NOW,
+    )
+    since = model.version
+    # b moves, c goes silent for longer than WireGuard keeps a session.
+    model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW + 200),
+            peer(b, "203.0.113.22:40000", ("198.51.100.3/32",), NOW + 200),
+            peer(c, "203.0.113.23:51820", ("198.51.100.4/32",), NOW),
+        ),
+        NOW + 200,
+    )
+    answer = model.answer(a, since, NOW + 200, model.epoch)
+    assert answer["full"] is False
+    assert [p["public_key"] for p in answer["peers"]] == [b.base64]
+    assert answer["removed"] == [c.base64]
+    # Nothing changed since the current version: an empty delta.
+    empty = model.answer(a, model.version, NOW + 200, model.epoch)
+    assert empty["peers"] == [] and empty["removed"] == []
+
+
+def test_full_answer_for_other_epoch_or_forgotten_history():
+    a, b = new_key(), new_key()
+    model = RegistryModel(max_tombstones=1)
+    model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW),
+        ),
+        NOW,
+    )
+    assert model.answer(a, model.version, NOW, "0123")["full"] is True
+    assert model.answer(a, model.version + 5, NOW, model.epoch)["full"] is True
+    old = model.version
+    for _ in range(3):  # churn past the tombstone memory
+        model.observe(device(peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW)), NOW)
+        model.observe(
+            device(
+                peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+                peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW),
+            ),
+            NOW,
+        )
+        model.observe(
+            device(
+                peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+                peer(new_key(), "203.0.113.9:1", ("198.51.100.9/32",), NOW),
+            ),
+            NOW,
+        )
+    assert model.answer(a, old, NOW, model.epoch)["full"] is True
+
+
+def test_announcements_are_versioned_and_attached():
+    a, b = new_key(), new_key()
+    model = RegistryModel()
+    model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+            peer(b, "203.0.113.21:1024", ("198.51.100.3/32",), NOW),
+        ),
+        NOW,
+    )
+    version = model.version
+    assert model.announce(b, (ep("192.168.1.11:51820"),))
+    assert not model.announce(b, (ep("192.168.1.11:51820"),))
+    delta = model.answer(a, version, NOW, model.epoch)
+    assert delta["peers"][0]["lan_endpoints"] == ["192.168.1.11:51820"]
+
+
+def test_caller_is_found_by_most_specific_allowed_ip():
+    a, routed = new_key(), new_key()
+    model = RegistryModel()
+    model.observe(
+        device(peer(a, None, ("198.51.100.2/32",)), peer(routed, None, ("198.51.100.0/24",))), NOW
+    )
+    assert model.caller(ip("198.51.100.2")) == a
+    assert model.caller(ip("198.51.100.77")) == routed
+    assert model.caller(ip("192.0.2.1")) is None
+
+
+def test_answers_never_carry_secrets():
+    # The types cannot hold one; this checks the JSON has only the documented keys.
+    a, b = new_key(), new_key()
+    model = RegistryModel()
+    model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW),
+        ),
+        NOW,
+    )
+    answer = model.answer(a, None, NOW)
+    assert set(answer) == {"epoch", "version", "full", "you", "peers", "removed"}
+    assert set(answer["peers"][0]) == {
+        "public_key",
+        "endpoint",
+        "allowed_ips",
+        "lan_endpoints",
+        "last_handshake_age",
+    }
