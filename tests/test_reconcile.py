@@ -227,3 +227,20 @@ def test_next_wakeup_polls_fast_only_while_probing():
     assert world.mesh.next_wakeup(T0) == T0 + 15.0
     world.step(view_of(remote(b)), T0)
     assert world.mesh.next_wakeup(T0) == T0 + 0.05
+
+
+def test_next_wakeup_is_always_in_the_future():
+    # A relayed peer whose retry is due but that the registry no longer lists
+    # (or lists without a usable endpoint) must not make the agent spin.
+    b = new_key()
+    world = World(make_mesh(probe_timeout=5.0, retry_backoff=(10.0,), removal_grace=30.0))
+    world.step(view_of(remote(b)), T0)
+    world.step(view_of(remote(b)), T0 + 5)  # relayed, retry at T0 + 15
+    world.step(view_of(remote(b, endpoint=None)), T0 + 20)
+    assert world.mesh.paths[b].path is Path.RELAYED
+    assert world.mesh.next_wakeup(T0 + 20) > T0 + 20
+    world.step(view_of(), T0 + 21)
+    assert (
+        world.mesh.next_wakeup(T0 + 21) == T0 + 21 + 15.0
+        or world.mesh.next_wakeup(T0 + 21) == T0 + 51
+    )

@@ -50,6 +50,14 @@ class PublicKey:
             raise InvalidValue(
                 f"malformed WireGuard key {_short(text)}: not valid base64"
             ) from None
+        if len(raw) != 32:
+            raise InvalidValue(f"malformed WireGuard key {_short(text)}: not 32 bytes")
+        if base64.b64encode(raw).decode("ascii") != text:
+            # Non-zero padding bits: a second spelling of some key, which `wg` refuses.
+            raise InvalidValue(
+                f"malformed WireGuard key {_short(text)}: not canonical base64 "
+                "(its last character before '=' is wrong)"
+            )
         return cls(raw)
 
     @classmethod
@@ -103,7 +111,7 @@ class Endpoint:
         if not isinstance(text, str) or len(text) > 64:
             raise InvalidValue(f"malformed endpoint {_short(text)}: expected 'IP:PORT'")
         host_text, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
+        if not sep or not (port_text.isascii() and port_text.isdigit()):
             raise InvalidValue(f"malformed endpoint {_short(text)}: expected 'IP:PORT'")
         if host_text.startswith("[") and host_text.endswith("]"):
             host_text = host_text[1:-1]

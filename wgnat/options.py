@@ -32,6 +32,6 @@ class CommonOptions(usage.Options):
 
 
 def port_number(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"{text!r} is not a port number (1-65535)")
     return int(text)

@@ -200,15 +200,17 @@ class Mesh:
         """When plan() next has something to decide without new input."""
         times = [now + self.settings.health_interval]
         for peer_path in self.paths.values():
-            if peer_path.path is Path.PROBING:
+            if peer_path.gone_since is not None:
+                times.append(peer_path.gone_since + self.settings.removal_grace)
+            elif peer_path.path is Path.PROBING:
                 times.append(min(peer_path.deadline, now + self.settings.probe_poll))
             elif peer_path.path is Path.SWITCHING:
                 times.append(peer_path.deadline)
             elif peer_path.path is Path.RELAYED:
                 times.append(peer_path.retry_at)
-            if peer_path.gone_since is not None:
-                times.append(peer_path.gone_since + self.settings.removal_grace)
-        return max(now, min(times))
+        # A moment already past was handled by the plan just made, or cannot be
+        # (a relayed peer the registry gives no usable endpoint): never spin on it.
+        return min(t for t in times if t > now)
 
     def needs_device(self, now: float) -> bool:
         """Whether the next plan needs a fresh device read (probing is watched)."""
@@ -263,7 +265,9 @@ class Mesh:
             device_peer = on_device.get(key)
             if peer_path.path is Path.PROBING:
                 actions.extend(self._watch_probe(key, peer_path, device_peer, now))
-            elif peer_path.path is Path.SWITCHING:
+                if actions and actions[-1].public_key == key:
+                    continue
+            if peer_path.path is Path.SWITCHING:
                 if device_peer is None:
                     actions.append(
                         self._probe(

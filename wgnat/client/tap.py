@@ -99,12 +99,17 @@ class Options(CommonOptions):
                 raise usage.UsageError(
                     f"--registry-address: {self['registry-address']!r} is not an IP address"
                 ) from None
-        for name in ("registry-port", "keepalive"):
-            if self[name] is not None:
-                try:
-                    self[name] = port_number(str(self[name]))
-                except ValueError as exc:
-                    raise usage.UsageError(f"--{name}: {exc}") from None
+        if self["registry-port"] is not None:
+            try:
+                self["registry-port"] = port_number(str(self["registry-port"]))
+            except ValueError as exc:
+                raise usage.UsageError(f"--registry-port: {exc}") from None
+        keepalive = str(self["keepalive"])
+        if not (keepalive.isascii() and keepalive.isdigit()) or not 0 < int(keepalive) < 65536:
+            raise usage.UsageError(
+                f"--keepalive: {keepalive!r} is not a number of seconds (1-65535)"
+            )
+        self["keepalive"] = int(keepalive)
 
 
 class ClientDaemon(service.MultiService):

@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from wgnat._types import (
     DeviceState,
     Endpoint,
+    InvalidValue,
     IPInterface,
     PeerState,
     PeerUpdate,
@@ -144,7 +145,13 @@ def _translate(ifname: str, exc: BaseException) -> DeviceError:
         )
     if code in (errno_module.ENODEV, errno_module.ENOENT):
         return DeviceNotFound(f"interface {ifname} not found: no kernel WireGuard link")
-    name = errno_module.errorcode.get(code, "unknown error") if isinstance(code, int) else ""
+    if isinstance(exc, InvalidValue):
+        # Our own message about a value in the kernel's answer: it quotes no secret.
+        return DeviceError(f"{ifname}: unreadable answer from the kernel: {exc}")
+    if not isinstance(code, int):
+        # Not an errno: name the exception's type only, never its text.
+        return DeviceError(f"{ifname}: the WireGuard operation failed ({type(exc).__name__})")
+    name = errno_module.errorcode.get(code, "unknown error")
     return DeviceError(f"{ifname}: the kernel refused the WireGuard operation: {code} {name}")
 
 

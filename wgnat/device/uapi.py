@@ -170,8 +170,11 @@ class UAPIExchange(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.answer.called:
             return
+        # Search only the new bytes (and the last old one: a blank line may straddle
+        # two chunks); rescanning the whole buffer made a large answer quadratic.
+        start = max(len(self._buffer) - 1, 0)
         self._buffer += data
-        end = self._buffer.find(b"\n\n")
+        end = self._buffer.find(b"\n\n", start)
         if end < 0 and self._buffer == b"\n":
             end = 0
         if end >= 0:
@@ -259,7 +262,10 @@ class UAPIDevice:
     @inlineCallbacks
     def _set(self, request: bytes, operation: str) -> Any:
         text = yield self._exchange(request, operation)
-        _, code = parse_get_answer(text)
+        try:
+            _, code = parse_get_answer(text)
+        except (InvalidValue, ValueError) as exc:
+            raise DeviceError(f"{self.ifname}: unreadable answer from the device: {exc}") from None
         if code:
             raise UAPIError(self.ifname, operation, code)
         return None

@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -91,19 +91,14 @@ class RegistryResource(Resource):
             self.metrics.api_requests.labels(outcome=outcome).inc()
 
     def identify(self, request: server.Request) -> Deferred[PublicKey]:
-        """The calling peer; the device is read first when the address is new to us
-        (a peer added to the registry's interface since the last read)."""
         address = _caller_address(request)
 
-        def lookup(_: object = None) -> PublicKey:
-            caller = self.registry.model.caller(address)
+        def known(caller: PublicKey | None) -> PublicKey:
             if caller is None:
                 raise ApiError(http.FORBIDDEN, f"{address} is not the tunnel address of any peer")
             return caller
 
-        if self.registry.model.caller(address) is not None:
-            return succeed(lookup())
-        return self.registry.refresh().addCallback(lookup)
+        return self.registry.identify(address).addCallback(known)
 
     def fail(self, request: server.Request, failure: Failure) -> None:
         if failure.check(ApiError):
@@ -162,40 +157,26 @@ class PeersResource(RegistryResource):
         pending: list[Deferred[None]] = []
         request.notifyFinish().addErrback(lambda _: [waiter.cancel() for waiter in pending])
 
-        def fresh(caller: PublicKey) -> Deferred[PublicKey]:
-            # A full answer must reflect the device as it is now: the caller may
-            # have just completed its first handshake, which the others must hear of.
-            if since is None:
-                return self.registry.refresh().addCallback(lambda _: caller)
-            return succeed(caller)
-
-        def wait_for_change(caller: PublicKey) -> Any:
-            if not wait or self.registry.model.changed_since(since, epoch):
-                return caller
-            if self.waiters[caller] >= MAX_WAITERS_PER_CALLER:
-                raise ApiError(
-                    429,
-                    f"at most {MAX_WAITERS_PER_CALLER} waiting requests per peer",
-                )
-            waiter = self.registry.wait_for_change(since, wait)  # type: ignore[arg-type]
-            pending.append(waiter)
+        def answer(caller: PublicKey) -> Deferred[None]:
+            if wait and self.waiters[caller] >= MAX_WAITERS_PER_CALLER:
+                raise ApiError(429, f"at most {MAX_WAITERS_PER_CALLER} waiting requests per peer")
             self.waiters[caller] += 1
 
-            def done(_: Any) -> PublicKey:
+            def done(result: Any) -> Any:
                 self.waiters[caller] -= 1
                 if self.waiters[caller] <= 0:
                     del self.waiters[caller]
-                return caller
+                return result
 
-            return waiter.addBoth(done)
+            answering = self.registry.answer(caller, since, epoch, wait, pending.append)
+            return answering.addBoth(done).addCallback(send)
 
-        def answer(caller: PublicKey) -> None:
-            now = self.registry.clock.seconds()
+        def send(document: dict[str, Any]) -> None:
             self.count("ok")
-            _send_json(request, http.OK, self.registry.model.answer(caller, since, now, epoch))
+            _send_json(request, http.OK, document)
 
         result = self.identify(request)
-        result.addCallback(fresh).addCallback(wait_for_change).addCallback(answer)
+        result.addCallback(answer)
         result.addErrback(lambda failure: self.fail(request, failure))
         return server.NOT_DONE_YET
 
@@ -231,17 +212,9 @@ class AnnounceResource(RegistryResource):
         endpoints = parse_announcement(body)
 
         def store(caller: PublicKey) -> Deferred[None]:
-            # Read first, so an announcement from a peer that just came up is kept.
-            return self.registry.refresh().addCallback(lambda _: keep(caller))
+            return self.registry.announce(caller, endpoints).addCallback(reply)
 
-        def keep(caller: PublicKey) -> None:
-            if self.registry.model.announce(caller, endpoints):
-                log.info(
-                    "{peer} announced LAN endpoints {endpoints}",
-                    peer=caller.short,
-                    endpoints=", ".join(map(str, endpoints)) or "(none)",
-                )
-                self.registry.announce_changed()
+        def reply(_: bool) -> None:
             self.count("ok")
             _send_json(request, http.OK, {"version": self.registry.model.version})
 

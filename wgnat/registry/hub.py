@@ -5,12 +5,14 @@ that wait for a change (the push).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wgnat._types import Endpoint, IPAddress, PublicKey
 from wgnat.device import Device
 from wgnat.registry.model import RegistryModel
 
@@ -74,9 +76,6 @@ class Registry:
 
         reading.addBoth(done)
 
-    def announce_changed(self) -> None:
-        self.notify()
-
     # -- the push -----------------------------------------------------------
     def wait_for_change(self, since: int, timeout: float) -> Deferred[None]:
         """Fire when the version moves past `since`, or after `timeout` seconds."""
@@ -115,6 +114,60 @@ class Registry:
             self.metrics.pushes.inc(len(waiters))
         for waiter in waiters:
             waiter.callback(None)
+
+    # -- what a caller asks (the API and the in-memory registry share these) --
+    def identify(self, address: IPAddress) -> Deferred[PublicKey | None]:
+        """The peer sending from `address`; the device is read first when the
+        address is new (a peer added to the interface since the last read)."""
+        caller = self.model.caller(address)
+        if caller is not None:
+            return succeed(caller)
+        return self.refresh().addCallback(lambda _: self.model.caller(address))
+
+    def answer(
+        self,
+        caller: PublicKey,
+        since: int | None,
+        epoch: str | None,
+        wait: float,
+        on_wait: Callable[[Deferred[None]], object] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """The caller's view, once there is something new for it (or `wait` ends).
+
+        A full answer (`since` None) reads the device first: the caller may have
+        just completed its first handshake, which the others must hear of.
+        `on_wait` sees the waiter, so a disconnecting caller can cancel it.
+        """
+        ready: Deferred[None] = self.refresh() if since is None else succeed(None)
+
+        def wait_for_change(_: None) -> Deferred[None] | None:
+            if not wait or self.model.changed_since(since, epoch):
+                return None
+            waiter = self.wait_for_change(since, wait)  # type: ignore[arg-type]
+            if on_wait is not None:
+                on_wait(waiter)
+            return waiter
+
+        ready.addCallback(wait_for_change)
+        ready.addCallback(lambda _: self.model.answer(caller, since, self.clock.seconds(), epoch))
+        return ready  # type: ignore[return-value]
+
+    def announce(self, caller: PublicKey, lan_endpoints: tuple[Endpoint, ...]) -> Deferred[bool]:
+        """Keep a caller's LAN endpoints (read first, so a peer that just came up
+        is live) and push them to the others."""
+
+        def keep(_: None) -> bool:
+            changed = self.model.announce(caller, lan_endpoints)
+            if changed:
+                log.info(
+                    "{peer} announced LAN endpoints {endpoints}",
+                    peer=caller.short,
+                    endpoints=", ".join(map(str, lan_endpoints)) or "(none)",
+                )
+                self.notify()
+            return changed
+
+        return self.refresh().addCallback(keep)
 
     def poll(self) -> Deferred[None]:
         """One periodic tick; never raises (a TimerService whose call fails stops)."""

@@ -10,7 +10,6 @@ so one endpoint change costs each client O(1) bytes however large the mesh is.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any

@@ -1,0 +1,246 @@
+"""The client agent end to end in memory: a real Registry (hub + model) over a
+MemoryDevice, MeshAgents over their own MemoryDevices, all on one Clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from tests.helpers import ep, ip, nets, new_key, peer
+from wgnat.client.agent import AgentConfig, MeshAgent
+from wgnat.client.reconcile import Path, Settings
+from wgnat.client.registry_client import RegistryError
+from wgnat.device.memory import MemoryDevice
+from wgnat.registry.hub import Registry
+from wgnat.testing import MemoryRegistryClient
+
+START = 1_700_000_000.0
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.managed: set = set()
+        self.saves = 0
+
+    def load(self):
+        return set(self.managed)
+
+    def save(self, managed):
+        self.saves += 1
+        self.managed = set(managed)
+
+
+class Net:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.registry_key = new_key()
+        self.registry_device = MemoryDevice(public_key=self.registry_key)
+        self.hub = Registry(self.registry_device, self.clock)
+        self.hosts: dict[str, dict] = {}
+
+    def add_host(self, name: str, tunnel: str, public: str, lan: str = "192.168.1.10"):
+        key = new_key()
+        dev = MemoryDevice(
+            public_key=key, addresses=[__import__("ipaddress").ip_interface(f"{tunnel}/24")]
+        )
+        dev.add_peer(
+            peer(
+                self.registry_key,
+                "203.0.113.10:51820",
+                ("198.51.100.0/24",),
+                self.clock.seconds(),
+                keepalive=25,
+            )
+        )
+        self.registry_device.add_peer(peer(key, public, (f"{tunnel}/32",), self.clock.seconds()))
+        host = {"key": key, "device": dev, "tunnel": tunnel, "store": MemoryStore(), "lan": lan}
+        self.hosts[name] = host
+        return host
+
+    def agent(self, name: str, **settings) -> MeshAgent:
+        host = self.hosts[name]
+        client = MemoryRegistryClient(self.hub, ip(host["tunnel"]))
+        host["client"] = client
+        agent = MeshAgent(
+            host["device"],
+            self.clock,
+            AgentConfig(registry_key=self.registry_key, settings=Settings(**settings)),
+            lan_addresses=lambda ifname: [
+                __import__("ipaddress").ip_interface(f"{host['lan']}/24")
+            ],
+            client_factory=lambda reactor, address, port: client,
+            state_store=host["store"],
+        )
+        agent.startService()
+        host["agent"] = agent
+        return agent
+
+    def handshake(self, a: str, b: str) -> None:
+        """a and b completed a direct handshake (both devices record it)."""
+        ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
+        now = self.clock.seconds()
+        self.hosts[a]["device"].handshake(kb, now)
+        self.hosts[b]["device"].handshake(ka, now)
+
+    def alive(self, a: str, b: str) -> None:
+        """Time passes normally: handshakes renew, keepalives arrive, everywhere."""
+        ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
+        now = self.clock.seconds()
+        self.handshake(a, b)
+        self.hosts[a]["device"].traffic(kb, rx=100)
+        self.hosts[b]["device"].traffic(ka, rx=100)
+        self.registry_device.handshake(ka, now)
+        self.registry_device.handshake(kb, now)
+
+
+@pytest.fixture
+def net():
+    n = Net()
+    yield n
+    for host in n.hosts.values():
+        if "agent" in host and host["agent"].running:
+            host["agent"].stopService()
+
+
+def test_mesh_forms_by_push_and_switches_together(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a, b = net.agent("a"), net.agent("b")
+    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
+    # Each learned of the other at once, with no time passing: probing.
+    assert a.paths() == {kb: Path.PROBING} and b.paths() == {ka: Path.PROBING}
+    da, db = net.hosts["a"]["device"], net.hosts["b"]["device"]
+    assert da.peers[kb].allowed_ips == () and str(da.peers[kb].endpoint) == "203.0.113.22:51820"
+    net.handshake("a", "b")
+    net.clock.advance(0.05)
+    net.clock.advance(0.25)
+    assert a.paths() == {kb: Path.DIRECT} and b.paths() == {ka: Path.DIRECT}
+    assert da.peers[kb].allowed_ips == nets("198.51.100.3/32")
+    assert db.peers[ka].allowed_ips == nets("198.51.100.2/32")
+    # The registry peer was never touched.
+    assert ("set", net.registry_key) not in [
+        (k, u.public_key) for k, u in da.operations if k == "set"
+    ]
+    assert net.hosts["a"]["store"].managed == {kb}
+
+
+def test_a_new_peer_is_pushed_to_waiting_clients_without_any_time_passing(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    a = net.agent("a")
+    assert a.paths() == {}
+    c = net.add_host("c", "198.51.100.4", "203.0.113.23:51820")
+    net.hub.refresh()  # the registry's periodic read (or c's own first call) sees c
+    assert a.paths() == {c["key"]: Path.PROBING}
+
+
+def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a, _ = net.agent("a"), net.agent("b")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    kb = net.hosts["b"]["key"]
+    assert a.paths() == {kb: Path.DIRECT}
+    client = net.hosts["a"]["client"]
+    client.down = "cannot reach the registry at http://198.51.100.1:51820: connection refused"
+    for _ in range(30):  # past the -t resync, which cancels the long poll and fails
+        net.clock.advance(10)
+        net.alive("a", "b")
+    assert a.registry_up is False
+    assert a.paths() == {kb: Path.DIRECT}  # kept, well past the removal grace
+    assert kb in net.hosts["a"]["device"].peers
+    fetches = client.fetches
+    client.down = None
+    net.clock.advance(30)
+    assert a.registry_up is True and client.fetches > fetches
+    assert len(client.announced) >= 2  # re-announced after the outage
+
+
+def test_restart_keeps_peers_without_duplicates_or_orphans(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a, _ = net.agent("a"), net.agent("b")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    a.stopService()
+    device = net.hosts["a"]["device"]
+    before = dict(device.peers)
+    operations = len(device.operations)
+    again = net.agent("a")
+    kb = net.hosts["b"]["key"]
+    assert again.paths() == {kb: Path.DIRECT}
+    net.clock.advance(1)
+    assert device.peers == before
+    assert len(device.operations) == operations  # nothing re-added
+
+
+def test_peer_that_leaves_the_registry_is_removed_after_grace(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a = net.agent("a")
+    kb = net.hosts["b"]["key"]
+    assert kb in net.hosts["a"]["device"].peers
+    del net.registry_device.peers[kb]
+    net.hub.refresh()
+    net.clock.advance(29)
+    assert kb in net.hosts["a"]["device"].peers
+    net.clock.advance(16)  # the next health tick after the 30 s grace
+    assert kb not in net.hosts["a"]["device"].peers
+    assert a.paths() == {} and net.hosts["a"]["store"].managed == set()
+
+
+def test_own_endpoint_change_kicks_direct_peers(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    net.agent("a"), net.agent("b")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
+    dev_a = net.hosts["a"]["device"]
+    before = len(dev_a.operations)
+    # a's NAT rebinds: the registry sees a's new mapping.
+    net.registry_device.handshake(ka, net.clock.seconds(), endpoint=ep("203.0.113.21:40001"))
+    net.hub.refresh()
+    kicks = [u for kind, u in dev_a.operations[before:] if kind == "set"]
+    assert [u.persistent_keepalive for u in kicks] == [0, 25]
+    assert all(u.public_key == kb for u in kicks)
+    # And b follows a's new endpoint.
+    assert str(net.hosts["b"]["device"].peers[ka].endpoint) == "203.0.113.21:40001"
+
+
+def test_missing_registry_peer_is_a_clear_startup_error(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.hosts["a"]["device"].peers.clear()
+    agent = net.agent("a")
+    assert agent.failed
+    failures = []
+    agent.ready.addErrback(failures.append)
+    assert not failures  # handled by _fatal, which logged the reason
+
+
+def test_refused_registry_answer_changes_nothing(net):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a, _ = net.agent("a"), net.agent("b")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    kb = net.hosts["b"]["key"]
+    assert a.paths() == {kb: Path.DIRECT}
+    device = net.hosts["a"]["device"]
+    before = dict(device.peers)
+    original = net.hosts["a"]["client"].fetch
+
+    def bad_fetch(*args):
+        from twisted.internet.defer import fail
+
+        return fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
+
+    net.hosts["a"]["client"].fetch = bad_fetch
+    for _ in range(20):  # past the -t resync: every fetch is refused
+        net.clock.advance(5)
+        net.alive("a", "b")
+    assert a.registry_up is False
+    assert set(device.peers) == set(before)
+    assert device.peers[kb].allowed_ips == before[kb].allowed_ips
+    net.hosts["a"]["client"].fetch = original
