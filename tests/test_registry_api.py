@@ -51,8 +51,9 @@ class Setup:
 
     @inlineCallbacks
     def raw(self, method: bytes, path: str, body: bytes | None = None, source="127.0.0.2"):
-        from twisted.web.client import FileBodyProducer
         from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
 
         agent = Agent(reactor, bindAddress=(source, 0))
         producer = FileBodyProducer(BytesIO(body)) if body is not None else None
@@ -88,7 +89,7 @@ def test_full_answer_names_the_caller_by_its_source_address(setup):
 
 @pytest_twisted.inlineCallbacks
 def test_unknown_source_is_forbidden(setup):
-    with pytest.raises(RegistryError, match="403.*127.0.0.9 is not the tunnel address"):
+    with pytest.raises(RegistryError, match=r"403.*127\.0\.0\.9 is not the tunnel address"):
         yield setup.client("127.0.0.9").fetch(None, None, 0)
 
 
@@ -156,7 +157,7 @@ def test_waiting_requests_per_peer_are_bounded(setup):
     path = f"/v1/peers?since={first.version}&epoch={first.epoch}&wait=2"
     pending = [setup.raw(b"GET", path) for _ in range(4)]
     yield deferLater(reactor, 0.1, lambda: None)
-    code, text = yield setup.raw(b"GET", path)
+    code, _text = yield setup.raw(b"GET", path)
     assert code == 429
     for waiting in pending:
         code, _ = yield waiting
