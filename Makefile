@@ -5,13 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test unit lint system-deps venv demo bench clean
+.PHONY: test unit install lint system-deps venv demo bench clean
 
-test: system-deps venv
+# The package is installed for real (not editable) before every run, so the
+# namespace tests run the console scripts and twistd plugins a user would get.
+test: system-deps venv install
 	$(PY) -m pytest
 
-unit: venv
+unit: venv install
 	$(PY) -m pytest -m "not realdevice and not integration"
+
+install: venv
+	$(PY) -m pip install -q --no-deps --force-reinstall .
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -21,7 +26,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

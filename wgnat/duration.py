@@ -19,7 +19,9 @@ _GO_DURATION = re.compile(
 
 
 def parse_go_duration(text: str, minimum: float = 0.0) -> float:
-    """Return the duration in seconds, or raise InvalidValue saying what is accepted."""
+    """Return the duration in seconds, or raise InvalidValue saying what is accepted.
+
+    The result must be positive and at least `minimum`."""
     try:
         if not isinstance(text, str) or not _GO_DURATION.fullmatch(text.strip()):
             raise ValueError(text)
@@ -28,8 +30,10 @@ def parse_go_duration(text: str, minimum: float = 0.0) -> float:
         raise InvalidValue(
             f"invalid duration {_short(text)}: use Go's syntax, such as 30s, 1m0s or 1h2m3s"
         ) from None
-    if seconds <= minimum:
-        raise InvalidValue(f"invalid duration {_short(text)}: must be more than {minimum:g}s")
+    if seconds <= 0 or seconds < minimum:
+        raise InvalidValue(
+            f"invalid duration {_short(text)}: must be positive and at least {minimum:g}s"
+        )
     return seconds
 
 

@@ -204,7 +204,7 @@ class MetricsResource(Resource):
 def parse_listen(text: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:9587`) for --metrics-listen."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(
             f"invalid listen address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9587"
         )

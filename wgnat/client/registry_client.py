@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -24,6 +24,12 @@ from wgnat.client.view import Answer, parse_answer
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 EXTRA_TIMEOUT = 10.0  # on top of the long poll's own wait
+
+
+class _QuietHTTPFactory(_HTTP11ClientFactory):
+    """Twisted logs "Starting factory" for every connection otherwise."""
+
+    noisy = False
 
 
 class RegistryError(Exception):
@@ -91,6 +97,7 @@ class RegistryClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 2
         self.pool.retryAutomatically = False
+        self.pool._factory = _QuietHTTPFactory
         self.http = Agent(
             reactor,
             connectTimeout=CONNECT_TIMEOUT,

@@ -80,7 +80,10 @@ def _peer_from_nla(nla: Any) -> PeerState:
     raw_endpoint = nla.get_attr("WGPEER_A_ENDPOINT")
     if raw_endpoint is not None and raw_endpoint.get("port"):
         host = ipaddress.ip_address(raw_endpoint["addr"])
-        endpoint = Endpoint(host, int(raw_endpoint["port"]))
+        try:
+            endpoint = Endpoint(host, int(raw_endpoint["port"]))
+        except InvalidValue:  # unusable (0.0.0.0, multicast): no endpoint
+            endpoint = None
     allowed = tuple(
         parse_network(str(ipaddress.ip_network(item["addr"], strict=False)))
         for item in (nla.get_attr("WGPEER_A_ALLOWEDIPS") or ())

@@ -19,8 +19,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -103,7 +103,12 @@ def parse_get_answer(text: str) -> tuple[DeviceState, int]:
         elif current is None:
             continue  # device-level fields we do not use (fwmark)
         elif key == "endpoint":
-            current["endpoint"] = Endpoint.parse(value)
+            # An endpoint we could not use (0.0.0.0, multicast) is no endpoint;
+            # one odd peer must not make the whole device unreadable.
+            try:
+                current["endpoint"] = Endpoint.parse(value)
+            except InvalidValue:
+                current["endpoint"] = None
         elif key == "allowed_ip":
             current["allowed_ips"].append(parse_network(value))
         elif key in (
@@ -195,6 +200,19 @@ class UAPIExchange(Protocol):
             )
 
 
+class _QuietFactory(Factory):
+    """One connection per operation: Twisted's "Starting factory" log line for
+    each would drown the operator's log."""
+
+    noisy = False
+
+    def __init__(self, exchange: UAPIExchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: object) -> UAPIExchange:
+        return self.exchange
+
+
 class UAPIDevice:
     backend = "uapi"
 
@@ -212,7 +230,7 @@ class UAPIDevice:
         endpoint = UNIXClientEndpoint(self.reactor, self.socket_path, timeout=self.timeout)
         exchange = UAPIExchange(request)
         try:
-            yield connectProtocol(endpoint, exchange)
+            yield endpoint.connect(_QuietFactory(exchange))
         except Exception as exc:
             raise self._connect_error(exc) from None
         timer = self.reactor.callLater(self.timeout, exchange.transport.abortConnection)
