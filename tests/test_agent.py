@@ -130,7 +130,9 @@ def test_a_new_peer_is_pushed_to_waiting_clients_without_any_time_passing(net):
     a = net.agent("a")
     assert a.paths() == {}
     c = net.add_host("c", "198.51.100.4", "203.0.113.23:51820")
-    net.hub.refresh()  # the registry's periodic read (or c's own first call) sees c
+    net.hub.refresh()  # the registry's periodic read sees c, live...
+    assert a.paths() == {}  # ...but no wgnat client runs there to punch back
+    net.agent("c")  # c's client announces itself: pushed to a at once
     assert a.paths() == {c["key"]: Path.PROBING}
 
 
@@ -178,9 +180,10 @@ def test_restart_keeps_peers_without_duplicates_or_orphans(net):
 def test_peer_that_leaves_the_registry_is_removed_after_grace(net):
     net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
-    a = net.agent("a")
+    a, _ = net.agent("a"), net.agent("b")
     kb = net.hosts["b"]["key"]
     assert kb in net.hosts["a"]["device"].peers
+    net.hosts["b"]["agent"].stopService()
     del net.registry_device.peers[kb]
     net.hub.refresh()
     net.clock.advance(29)

@@ -27,9 +27,15 @@ def view_of(*remotes: RemotePeer, me="203.0.113.21:51820") -> RegistryView:
     )
 
 
-def remote(key, endpoint="203.0.113.22:51820", allowed=("198.51.100.3/32",), lan=()):
+def remote(
+    key, endpoint="203.0.113.22:51820", allowed=("198.51.100.3/32",), lan=(), session="5e55"
+):
     return RemotePeer(
-        key, ep(endpoint) if endpoint else None, nets(*allowed), tuple(ep(x) for x in lan)
+        key,
+        ep(endpoint) if endpoint else None,
+        nets(*allowed),
+        tuple(ep(x) for x in lan),
+        session,
     )
 
 
@@ -244,3 +250,25 @@ def test_next_wakeup_is_always_in_the_future():
         world.mesh.next_wakeup(T0 + 21) == T0 + 21 + 15.0
         or world.mesh.next_wakeup(T0 + 21) == T0 + 51
     )
+
+
+def test_a_peer_without_a_wgnat_client_is_not_probed():
+    # Live at the registry but never announced: nothing there would punch back.
+    b = new_key()
+    world = World(make_mesh())
+    assert world.step(view_of(remote(b, session=None)), T0) == []
+    assert b not in world.device.peers
+    # Its client starts: probed at once.
+    assert [a.kind for a in world.step(view_of(remote(b)), T0 + 1)] == ["probe"]
+
+
+def test_a_relayed_peer_whose_client_restarts_is_probed_at_once():
+    b = new_key()
+    world = World(make_mesh(probe_timeout=5.0, retry_backoff=(300.0,)))
+    world.step(view_of(remote(b)), T0)
+    world.step(view_of(remote(b)), T0 + 5)
+    assert world.mesh.paths[b].path is Path.RELAYED
+    assert world.step(view_of(remote(b)), T0 + 10) == []
+    actions = world.step(view_of(remote(b, session="a11ce")), T0 + 11)
+    assert [a.kind for a in actions] == ["probe"]
+    assert "its client started" in actions[0].reason

@@ -15,6 +15,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from tests.helpers import ep, new_key, peer
+from wgnat._types import Announcement
 from wgnat.client.registry_client import RegistryClient, RegistryError
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.api import MAX_BODY_BYTES, build_site
@@ -122,7 +123,7 @@ def test_long_poll_times_out_with_an_empty_delta(setup):
 
 @pytest_twisted.inlineCallbacks
 def test_announce_is_validated_and_served(setup):
-    yield setup.client("127.0.0.3").announce([ep("192.168.1.11:51820")])
+    yield setup.client("127.0.0.3").announce(Announcement("0b", (ep("192.168.1.11:51820"),)))
     answer = yield setup.client("127.0.0.2").fetch(None, None, 0)
     assert [str(e) for e in answer.peers[0].lan_endpoints] == ["192.168.1.11:51820"]
 
@@ -136,6 +137,10 @@ def test_announce_is_validated_and_served(setup):
         b"POST", "/v1/announce", json.dumps({"lan_endpoints": ["x"] * 9}).encode()
     )
     assert code == 400
+    code, text = yield setup.raw(
+        b"POST", "/v1/announce", json.dumps({"lan_endpoints": [], "session": "NOT HEX"}).encode()
+    )
+    assert code == 400 and b"session" in text
     code, text = yield setup.raw(b"POST", "/v1/announce", b"[" + b" " * MAX_BODY_BYTES + b"]")
     assert code == 413
 

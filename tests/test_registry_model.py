@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.helpers import device, ep, ip, new_key, peer
+from wgnat._types import Announcement
 from wgnat.registry.model import RegistryModel
 
 NOW = 1_000_000.0
@@ -122,10 +123,15 @@ def test_announcements_are_versioned_and_attached():
         NOW,
     )
     version = model.version
-    assert model.announce(b, (ep("192.168.1.11:51820"),))
-    assert not model.announce(b, (ep("192.168.1.11:51820"),))
+    assert model.announce(b, Announcement("b0b", (ep("192.168.1.11:51820"),)))
+    assert not model.announce(b, Announcement("b0b", (ep("192.168.1.11:51820"),)))
     delta = model.answer(a, version, NOW, model.epoch)
     assert delta["peers"][0]["lan_endpoints"] == ["192.168.1.11:51820"]
+    assert delta["peers"][0]["session"] == "b0b"
+    # A restarted client (new session) is news for the others, same LAN or not.
+    version = model.version
+    assert model.announce(b, Announcement("b1b", (ep("192.168.1.11:51820"),)))
+    assert model.answer(a, version, NOW, model.epoch)["peers"][0]["session"] == "b1b"
 
 
 def test_caller_is_found_by_most_specific_allowed_ip():
@@ -157,5 +163,6 @@ def test_answers_never_carry_secrets():
         "endpoint",
         "allowed_ips",
         "lan_endpoints",
+        "session",
         "last_handshake_age",
     }

@@ -144,6 +144,24 @@ def parse_network(text: object) -> IPNetwork:
 
 
 @dataclass(frozen=True)
+class Announcement:
+    """What a client tells the registry about itself: its LAN endpoints (for peers
+    behind the same NAT) and a session id, new at every client start, which tells
+    the others that a wgnat client now runs there and will punch back."""
+
+    session: str
+    lan_endpoints: tuple[Endpoint, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.session, str)
+            or not 0 < len(self.session) <= 32
+            or not all(ch in "0123456789abcdef" for ch in self.session)
+        ):
+            raise InvalidValue("a session id is 1-32 lowercase hex digits")
+
+
+@dataclass(frozen=True)
 class PeerState:
     """What a device knows about one peer.  No preshared key, by construction."""
 

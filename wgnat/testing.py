@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 
-from wgnat._types import Endpoint, InvalidValue, IPAddress
+from wgnat._types import Announcement, InvalidValue, IPAddress
 from wgnat.client.registry_client import RegistryError
 from wgnat.client.view import Answer, parse_answer
 from wgnat.registry.hub import Registry
@@ -24,7 +24,7 @@ class MemoryRegistryClient:
         self.address = address
         self.down: str | None = None  # set to simulate an unreachable registry
         self.fetches = 0
-        self.announced: list[list[Endpoint]] = []
+        self.announced: list[Announcement] = []
 
     def _caller(self) -> Deferred[Any]:
         if self.down is not None:
@@ -58,11 +58,9 @@ class MemoryRegistryClient:
 
         return self._caller().addCallback(ask).addCallback(decode)
 
-    def announce(self, lan_endpoints: list[Endpoint]) -> Deferred[Any]:
-        self.announced.append(list(lan_endpoints))
-        return self._caller().addCallback(
-            lambda caller: self.hub.announce(caller, tuple(lan_endpoints))
-        )
+    def announce(self, announcement: Announcement) -> Deferred[Any]:
+        self.announced.append(announcement)
+        return self._caller().addCallback(lambda caller: self.hub.announce(caller, announcement))
 
     def close(self) -> Deferred[None]:
         from twisted.internet.defer import succeed

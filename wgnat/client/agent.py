@@ -5,6 +5,7 @@ timers, logs and metrics.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, ma
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from wgnat._types import IPNetwork, PeerUpdate, PublicKey
+from wgnat._types import Announcement, IPNetwork, PeerUpdate, PublicKey
 from wgnat.client.lan import lan_endpoints
 from wgnat.client.reconcile import Action, Mesh, Path, Policy, Settings, registry_address_of
 from wgnat.client.registry_client import RegistryClient, RegistryError
@@ -77,6 +78,7 @@ class MeshAgent(service.Service):
         self._resync: Any = None
         self._poll_loop: Deferred[None] | None = None
         self.reconciles = 0
+        self.session = os.urandom(8).hex()  # new at every start: peers re-probe us at once
 
     # -- start and stop ---------------------------------------------------
     def startService(self) -> None:
@@ -233,7 +235,9 @@ class MeshAgent(service.Service):
     def _announce(self) -> Any:
         if self._lan_addresses is not None:
             self.lan = list((yield maybeDeferred(self._lan_addresses, self.device.ifname)))
-        yield self.client.announce(lan_endpoints(self.lan, self.listen_port))
+        yield self.client.announce(
+            Announcement(self.session, tuple(lan_endpoints(self.lan, self.listen_port)))
+        )
 
     def _registry_down(self, error: str, failures: int) -> None:
         self.metrics.registry_errors.inc()

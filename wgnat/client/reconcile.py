@@ -67,6 +67,7 @@ class PeerPath:
     rx_changed_at: float = 0.0
     gone_since: float | None = None
     allowed_ips: tuple[IPNetwork, ...] = ()
+    session: str | None = None  # the remote client's, when we last probed
 
 
 @dataclass(frozen=True)
@@ -236,20 +237,25 @@ class Mesh:
             if peer_path is not None:
                 peer_path.gone_since = None
                 peer_path.allowed_ips = allowed
-            if target is None or not allowed:
-                continue
+            if target is None or not allowed or remote.session is None:
+                continue  # nothing to punch with (yet): traffic stays relayed
             if peer_path is None:
                 self.paths[key] = peer_path = PeerPath(
                     Path.RELAYED, now, None, learned_at=now, allowed_ips=allowed
                 )
                 actions.append(self._probe(key, peer_path, target, now, "new peer"))
             elif peer_path.path is Path.RELAYED:
-                if now >= peer_path.retry_at:
+                if remote.session != peer_path.session:
+                    # Its client (re)started and probes us now: answer at once.
+                    peer_path.attempts = 0
+                    actions.append(self._probe(key, peer_path, target, now, "its client started"))
+                elif now >= peer_path.retry_at:
                     actions.append(
                         self._probe(key, peer_path, target, now, f"retry #{peer_path.attempts}")
                     )
             elif peer_path.endpoint != target:
                 actions.extend(self._follow(key, peer_path, target, now))
+            peer_path.session = remote.session
 
         acted = {action.public_key for action in actions}
         for key, peer_path in list(self.paths.items()):

@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from wgnat._types import Endpoint, InvalidValue, IPAddress
+from wgnat._types import Announcement, InvalidValue, IPAddress
 from wgnat.client.view import Answer, parse_answer
 
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
@@ -158,12 +158,15 @@ class RegistryClient:
             raise RegistryError(f"refused the registry's answer: {exc}") from None
         return answer
 
-    def announce(self, lan_endpoints: list[Endpoint]) -> Deferred[Any]:
+    def announce(self, announcement: Announcement) -> Deferred[Any]:
         return self._request(
             b"POST",
             "/v1/announce",
             EXTRA_TIMEOUT,
-            {"lan_endpoints": [str(endpoint) for endpoint in lan_endpoints]},
+            {
+                "session": announcement.session,
+                "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
+            },
         )
 
     def close(self) -> Deferred[None]:

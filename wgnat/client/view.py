@@ -22,6 +22,9 @@ class RemotePeer:
     endpoint: Endpoint | None
     allowed_ips: tuple[IPNetwork, ...]
     lan_endpoints: tuple[Endpoint, ...] = ()
+    # None until a wgnat client runs there (it announces itself): such a peer
+    # would not punch back, so probing it is pointless.
+    session: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,12 @@ def _peer(document: Any, index: int) -> RemotePeer:
         for item in _list(document, "lan_endpoints", MAX_LAN_ENDPOINTS, where)
         if (endpoint := _optional_endpoint(item, where)) is not None
     )
-    return RemotePeer(key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan)
+    session = document.get("session")
+    if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 32):
+        raise InvalidValue(f"{where}: 'session' is not a short string")
+    return RemotePeer(
+        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+    )
 
 
 def parse_answer(document: Any) -> Answer:

@@ -3,7 +3,8 @@
     GET  /v1/peers[?since=V&wait=S]   the caller's view: full, or the changes
                                       after version V, waiting up to S seconds
                                       for one (the push: a long poll)
-    POST /v1/announce                 {"lan_endpoints": ["192.168.1.7:51820"]}
+    POST /v1/announce                 {"session": "5f0c…", "lan_endpoints":
+                                       ["192.168.1.7:51820"]}
     GET  /healthz                     "ok" when the device was read lately
 
 The caller is the peer whose allowed IPs hold the request's source address:
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from wgnat._types import Endpoint, InvalidValue, PublicKey
+from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey
 from wgnat.registry.hub import Registry
 
 log = Logger(namespace="wgnat.registry.api")
@@ -181,13 +182,15 @@ class PeersResource(RegistryResource):
         return server.NOT_DONE_YET
 
 
-def parse_announcement(body: bytes) -> tuple[Endpoint, ...]:
+def parse_announcement(body: bytes) -> Announcement:
     try:
         document = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ApiError(http.BAD_REQUEST, "the body is not JSON") from None
-    if not isinstance(document, dict) or set(document) - {"lan_endpoints"}:
-        raise ApiError(http.BAD_REQUEST, 'expected {"lan_endpoints": ["IP:PORT", ...]}')
+    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
+        raise ApiError(
+            http.BAD_REQUEST, 'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}'
+        )
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > 8:
         raise ApiError(http.BAD_REQUEST, "lan_endpoints must be a list of at most 8 'IP:PORT'")
@@ -203,16 +206,19 @@ def parse_announcement(body: bytes) -> tuple[Endpoint, ...]:
             )
         if endpoint not in endpoints:
             endpoints.append(endpoint)
-    return tuple(endpoints)
+    try:
+        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+    except InvalidValue as exc:
+        raise ApiError(http.BAD_REQUEST, f"session: {exc}") from None
 
 
 class AnnounceResource(RegistryResource):
     def render_POST(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
-        endpoints = parse_announcement(body)
+        announcement = parse_announcement(body)
 
         def store(caller: PublicKey) -> Deferred[None]:
-            return self.registry.announce(caller, endpoints).addCallback(reply)
+            return self.registry.announce(caller, announcement).addCallback(reply)
 
         def reply(_: bool) -> None:
             self.count("ok")

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wgnat._types import Endpoint, IPAddress, PublicKey
+from wgnat._types import Announcement, IPAddress, PublicKey
 from wgnat.device import Device
 from wgnat.registry.model import RegistryModel
 
@@ -152,17 +152,17 @@ class Registry:
         ready.addCallback(lambda _: self.model.answer(caller, since, self.clock.seconds(), epoch))
         return ready  # type: ignore[return-value]
 
-    def announce(self, caller: PublicKey, lan_endpoints: tuple[Endpoint, ...]) -> Deferred[bool]:
+    def announce(self, caller: PublicKey, announcement: Announcement) -> Deferred[bool]:
         """Keep a caller's LAN endpoints (read first, so a peer that just came up
         is live) and push them to the others."""
 
         def keep(_: None) -> bool:
-            changed = self.model.announce(caller, lan_endpoints)
+            changed = self.model.announce(caller, announcement)
             if changed:
                 log.info(
                     "{peer} announced LAN endpoints {endpoints}",
                     peer=caller.short,
-                    endpoints=", ".join(map(str, lan_endpoints)) or "(none)",
+                    endpoints=", ".join(map(str, announcement.lan_endpoints)) or "(none)",
                 )
                 self.notify()
             return changed

@@ -14,7 +14,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from wgnat._types import DeviceState, Endpoint, IPAddress, IPNetwork, PeerState, PublicKey
+from wgnat._types import (
+    Announcement,
+    DeviceState,
+    Endpoint,
+    IPAddress,
+    IPNetwork,
+    PeerState,
+    PublicKey,
+)
 
 # WireGuard drops a session 180 s after its last handshake (REJECT_AFTER_TIME);
 # a peer with keepalives re-handshakes every ~2 minutes, so past this it is gone.
@@ -30,7 +38,7 @@ class PeerRecord:
     public_key: PublicKey
     endpoint: Endpoint | None
     allowed_ips: tuple[IPNetwork, ...]
-    lan_endpoints: tuple[Endpoint, ...]
+    announcement: Announcement | None
     latest_handshake: float | None
     version: int  # when anything a client acts on last changed
 
@@ -38,7 +46,7 @@ class PeerRecord:
         return (
             self.endpoint == other.endpoint
             and self.allowed_ips == other.allowed_ips
-            and self.lan_endpoints == other.lan_endpoints
+            and self.announcement == other.announcement
         )
 
 
@@ -64,7 +72,7 @@ class RegistryModel:
     horizon: int = 0
     records: dict[PublicKey, PeerRecord] = field(default_factory=dict)
     tombstones: dict[PublicKey, int] = field(default_factory=dict)
-    announcements: dict[PublicKey, tuple[Endpoint, ...]] = field(default_factory=dict)
+    announcements: dict[PublicKey, Announcement] = field(default_factory=dict)
     # Every peer on the device (live or not): callers are identified among them.
     known: dict[PublicKey, PeerState] = field(default_factory=dict)
     endpoint_changes: int = 0
@@ -86,11 +94,13 @@ class RegistryModel:
             del self.announcements[key]
         return changed
 
-    def announce(self, key: PublicKey, lan_endpoints: tuple[Endpoint, ...]) -> bool:
-        lan_endpoints = tuple(lan_endpoints[:MAX_LAN_ENDPOINTS])
-        if self.announcements.get(key) == lan_endpoints:
+    def announce(self, key: PublicKey, announcement: Announcement) -> bool:
+        announcement = Announcement(
+            announcement.session, tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS])
+        )
+        if self.announcements.get(key) == announcement:
             return False
-        self.announcements[key] = lan_endpoints
+        self.announcements[key] = announcement
         record = self.records.get(key)
         if record is None:
             return False
@@ -99,7 +109,7 @@ class RegistryModel:
             key,
             record.endpoint,
             record.allowed_ips,
-            lan_endpoints,
+            announcement,
             record.latest_handshake,
             self.version,
         )
@@ -116,7 +126,7 @@ class RegistryModel:
             key,
             peer.endpoint,
             tuple(sorted(peer.allowed_ips, key=str)),
-            self.announcements.get(key, ()),
+            self.announcements.get(key),
             peer.latest_handshake,
             old.version if old else 0,
         )
@@ -132,7 +142,7 @@ class RegistryModel:
             key,
             candidate.endpoint,
             candidate.allowed_ips,
-            candidate.lan_endpoints,
+            candidate.announcement,
             candidate.latest_handshake,
             self.version,
         )
@@ -202,7 +212,10 @@ def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
         "public_key": record.public_key.base64,
         "endpoint": str(record.endpoint) if record.endpoint else None,
         "allowed_ips": [str(net) for net in record.allowed_ips],
-        "lan_endpoints": [str(ep) for ep in record.lan_endpoints],
+        "lan_endpoints": (
+            [str(ep) for ep in record.announcement.lan_endpoints] if record.announcement else []
+        ),
+        "session": record.announcement.session if record.announcement else None,
         "last_handshake_age": (
             round(max(0.0, now - record.latest_handshake), 3)
             if record.latest_handshake is not None

@@ -1,0 +1,929 @@
+"""A namespace lab: simulated internet, NAT routers, LAN hosts and wireguard-go devices.
+
+Everything lives in network namespaces this module creates; nothing is added to the
+root namespace (its firewall may belong to Docker) and no packet can leave, since no
+namespace has a link to the outside.  Addresses follow the project's network rule:
+203.0.113.0/24 is the internet, 198.51.100.0/24 the tunnel addresses, private
+192.168.x.0/24 only for LANs behind the simulated NAT routers.
+
+    with Lab() as lab:
+        r1 = lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", mode="home")
+        alice = lab.lan_host(r1, "alice", "192.168.1.10/24")
+        server = lab.public_host("srv", "203.0.113.10/24")
+        wg = lab.wireguard(alice, "198.51.100.2/24")
+
+The internet is a bridge ("br0") inside a namespace of its own, `<prefix>-inet`; each
+public host or router has a veth pair to it (`eth0` in a host, `wan` in a router, the
+host's name on the bridge side).  A router's LAN is a bridge named `lan` holding the
+LAN's `.1`; each LAN host has `eth0` on it and a default route via `.1`.
+
+Names: every namespace is `<prefix>-<name>`; the prefix is unique per Lab instance
+(`wnl` + the pid in base 36 + a counter), so parallel runs and leftovers never
+collide.  WireGuard interfaces are `<prefix>g<n>`: their UAPI sockets share
+/var/run/wireguard across namespaces, so their names must be unique machine-wide.
+
+Private keys are generated at run time, passed to `wg` on stdin and never put on a
+command line, in a log line or in a repr.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+UAPI_SOCKET_DIR = "/var/run/wireguard"
+FAMILY = "wnl"  # every default prefix starts with this
+INTERNET_BRIDGE = "br0"
+MODES = ("home", "symmetric", "accept_all")
+# Port ranges a router's MASQUERADE moves to on successive rebind() calls; none
+# holds 51820 or the ports tests bind by hand, so every mapping really moves.
+REBIND_RANGES = ((40000, 49999), (30000, 39999), (20000, 29999))
+WIREGUARD_ENV = {
+    "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1",
+    "LOG_LEVEL": "verbose",
+}
+
+_counter = itertools.count(1)
+_live_labs: weakref.WeakSet[Lab] = weakref.WeakSet()
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, rest = divmod(number, 36)
+        text = digits[rest] + text
+        if not number:
+            return text
+
+
+def _pid_width() -> int:
+    """Width of a pid in base 36 on this machine: fixed, so prefixes never overlap."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+    except OSError:
+        pid_max = 4194304
+    return len(_base36(pid_max))
+
+
+_PID_WIDTH = _pid_width()
+
+
+def default_prefix() -> str:
+    return f"{FAMILY}{_base36(os.getpid()).rjust(_PID_WIDTH, '0')}{_base36(next(_counter))}"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class CommandFailed(LabError):
+    """A command in a namespace failed; the message carries its stdout and stderr."""
+
+    def __init__(
+        self,
+        where: str,
+        argv: Sequence[str],
+        result: subprocess.CompletedProcess,
+        hide_stdout: bool,
+    ) -> None:
+        stdout = "(hidden: may hold a key)" if hide_stdout else (result.stdout or "").strip()
+        super().__init__(
+            f"[{where}] {' '.join(map(str, argv))!s} exited {result.returncode}\n"
+            f"stdout: {stdout}\nstderr: {(result.stderr or '').strip()}"
+        )
+        self.returncode = result.returncode
+        self.result = result
+
+
+def _run_root(
+    argv: Sequence[str],
+    check: bool = True,
+    timeout: float = 30,
+    input: str | None = None,
+    hide_stdout: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run a command in the root namespace (only `ip netns ...`, `wg genkey/pubkey`)."""
+    result = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, input=input
+    )
+    if check and result.returncode != 0:
+        raise CommandFailed("root", argv, result, hide_stdout)
+    return result
+
+
+def netns_list() -> list[str]:
+    out = _run_root(["ip", "netns", "list"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+class Host:
+    """One network namespace."""
+
+    def __init__(self, lab: Lab, name: str, short: str) -> None:
+        self.lab = lab
+        self.name = name  # the namespace name
+        self.short = short  # the name given to the lab
+        self.address: ipaddress.IPv4Interface | None = None
+        self.router: Router | None = None  # the NAT router in front of a LAN host
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.address or ''}>"
+
+    def run(
+        self,
+        *argv: Any,
+        check: bool = True,
+        timeout: float = 30,
+        input: str | None = None,
+        hide_stdout: bool = False,
+    ) -> subprocess.CompletedProcess:
+        """`ip netns exec NAME argv...`: text mode, output captured."""
+        argv = tuple(str(a) for a in argv)
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+        if check and result.returncode != 0:
+            raise CommandFailed(self.name, argv, result, hide_stdout)
+        return result
+
+    def popen(self, argv: Sequence[Any], **kwargs: Any) -> subprocess.Popen:
+        """A long-running process in the namespace; the lab kills it at cleanup."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *map(str, argv)], **kwargs)
+        self.lab._processes.append(proc)
+        return proc
+
+    def python(
+        self,
+        script: str,
+        *args: Any,
+        timeout: float = 30,
+        check: bool = True,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run a Python snippet (the test's interpreter) inside the namespace."""
+        return self.run(
+            sys.executable, "-c", script, *args, timeout=timeout, check=check, input=input
+        )
+
+    def ping(self, address: Any, count: int = 1, timeout: float = 2) -> bool:
+        """True when at least one of `count` echo requests got a reply within `timeout` s each."""
+        result = self.run(
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            count,
+            "-i",
+            "0.2",
+            "-W",
+            timeout,
+            address,
+            check=False,
+            timeout=count * (timeout + 0.5) + 5,
+        )
+        return result.returncode == 0
+
+    # -- UDP helpers (tiny Python programs run inside the namespace) -----------
+    def udp_echo(self, port: int, bind: str = "0.0.0.0") -> subprocess.Popen:
+        """Start a UDP echo server answering each datagram with the sender's `ip:port`."""
+        proc = self.popen(
+            [sys.executable, "-c", _UDP_ECHO, bind, port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_ready(proc, f"udp echo on {self.name}:{port}")
+        return proc
+
+    def udp_exchange(
+        self,
+        targets: Iterable[tuple[Any, int]],
+        source_port: int = 0,
+        timeout: float = 2.0,
+        payload: str = "probe",
+    ) -> dict[str, str | None]:
+        """From one socket (bound to `source_port`), send to each target until it answers.
+
+        Returns `{"ip:port": answer or None}` plus `"local": "ip:port"` of the socket.
+        Against `udp_echo` the answer is the source address the target saw.
+        """
+        spec = json.dumps(
+            {
+                "source_port": source_port,
+                "targets": [[str(ip), int(port)] for ip, port in targets],
+                "timeout": timeout,
+                "payload": payload,
+            }
+        )
+        result = self.python(_UDP_EXCHANGE, spec, timeout=timeout + 10)
+        return json.loads(result.stdout)
+
+    def udp_send(
+        self, address: Any, port: int, payload: str = "hello", source_port: int = 0, count: int = 1
+    ) -> None:
+        """Fire and forget `count` datagrams."""
+        self.python(_UDP_SEND, str(address), port, payload, source_port, count)
+
+    def udp_listen(self, port: int, duration: float, bind: str = "0.0.0.0") -> UDPListener:
+        """Collect datagrams on `port` for `duration` seconds (in the background)."""
+        proc = self.popen(
+            [sys.executable, "-c", _UDP_LISTEN, bind, port, duration],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_ready(proc, f"udp listener on {self.name}:{port}")
+        return UDPListener(proc, duration)
+
+
+class UDPListener:
+    def __init__(self, proc: subprocess.Popen, duration: float) -> None:
+        self.proc = proc
+        self.duration = duration
+
+    def wait(self) -> list[tuple[str, str]]:
+        """The (source `ip:port`, payload) pairs received, once the listener finished."""
+        out, err = self.proc.communicate(timeout=self.duration + 10)
+        if self.proc.returncode != 0:
+            raise LabError(f"udp listener failed: {err.strip()}")
+        return [tuple(item) for item in json.loads(out)]  # type: ignore[misc]
+
+
+class Router(Host):
+    """A NAT router: `wan` on the internet, bridge `lan` (holding `.1`) behind it."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        name: str,
+        short: str,
+        public: ipaddress.IPv4Interface,
+        lan: ipaddress.IPv4Network,
+        mode: str,
+    ) -> None:
+        super().__init__(lab, name, short)
+        self.address = public
+        self.public_address: ipaddress.IPv4Address = public.ip
+        self.lan: ipaddress.IPv4Network = lan
+        self.lan_address = ipaddress.IPv4Interface(f"{lan.network_address + 1}/{lan.prefixlen}")
+        self.mode = mode
+        self.rebinds = 0
+        self._lan_ports = itertools.count(0)
+
+    def _masquerade_rules(self, ports: tuple[int, int] | None) -> list[list[str]]:
+        random = ["--random-fully"] if self.mode == "symmetric" else []
+        if ports is None:
+            return [["-o", "wan", "-j", "MASQUERADE", *random]]
+        to_ports = ["--to-ports", f"{ports[0]}-{ports[1]}"]
+        return [
+            ["-o", "wan", "-p", "udp", "-j", "MASQUERADE", *to_ports, *random],
+            ["-o", "wan", "-p", "tcp", "-j", "MASQUERADE", *to_ports, *random],
+            ["-o", "wan", "-j", "MASQUERADE", *random],
+        ]
+
+    def _setup_firewall(self) -> None:
+        rules = [["-t", "nat", "-A", "POSTROUTING", *r] for r in self._masquerade_rules(None)]
+        rules += [
+            ["-P", "FORWARD", "DROP"],
+            [
+                "-A",
+                "FORWARD",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
+            # LAN to LAN stays on the bridge; with br_netfilter it also passes FORWARD.
+            ["-A", "FORWARD", "-i", "lan", "-o", "lan", "-j", "ACCEPT"],
+        ]
+        if self.mode != "accept_all":
+            rules += [
+                ["-P", "INPUT", "DROP"],
+                ["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
+                [
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ],
+                ["-A", "INPUT", "-i", "lan", "-j", "ACCEPT"],
+            ]
+        for rule in rules:
+            self.run("iptables", "-w", *rule)
+
+    def rebind(self) -> None:
+        """Move every NAT mapping: MASQUERADE to a new port range, conntrack flushed."""
+        ports = REBIND_RANGES[self.rebinds % len(REBIND_RANGES)]
+        self.rebinds += 1
+        self.run("iptables", "-w", "-t", "nat", "-F", "POSTROUTING")
+        for rule in self._masquerade_rules(ports):
+            self.run("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", *rule)
+        self.flush_conntrack()
+
+    def flush_conntrack(self) -> None:
+        result = self.run("conntrack", "-F", check=False)
+        if result.returncode != 0 and "0 flow entries" not in result.stderr:
+            raise CommandFailed(self.name, ["conntrack", "-F"], result, False)
+
+    def conntrack(self) -> str:
+        """The router's conntrack table (for assertions and failure messages)."""
+        result = self.run("conntrack", "-L", check=False)
+        return result.stdout
+
+
+class WireGuard:
+    """A wireguard-go device (`wireguard-go -f`) inside a Host."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        host: Host,
+        ifname: str,
+        private_key: str,
+        public_key: str,
+        listen_port: int,
+        address: ipaddress.IPv4Interface,
+        process: subprocess.Popen,
+        log_path: str,
+    ) -> None:
+        self.lab = lab
+        self.host = host
+        self.ifname = ifname
+        self.private_key = private_key  # stays in the test; never printed
+        self.public_key = public_key
+        self.listen_port = listen_port
+        self.address = address
+        self.process = process
+        self.log_path = log_path
+
+    def __repr__(self) -> str:
+        return f"<WireGuard {self.ifname} in {self.host.name} {self.address} :{self.listen_port}>"
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(UAPI_SOCKET_DIR, f"{self.ifname}.sock")
+
+    def wg(
+        self, *args: Any, input: str | None = None, hide_stdout: bool = False, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return self.host.run("wg", *args, input=input, hide_stdout=hide_stdout, check=check)
+
+    def set_peer(
+        self,
+        public_key: str,
+        endpoint: str | None = None,
+        allowed_ips: Iterable[Any] | None = None,
+        keepalive: int | None = None,
+        preshared_key: str | None = None,
+    ) -> None:
+        """`wg set IF peer KEY ...`; fields left None are not touched.
+
+        `allowed_ips` replaces the peer's list (an empty iterable clears it).  A
+        preshared key goes through stdin, never argv.
+        """
+        args: list[Any] = ["set", self.ifname, "peer", public_key]
+        if endpoint is not None:
+            args += ["endpoint", endpoint]
+        if allowed_ips is not None:
+            args += ["allowed-ips", ",".join(str(a) for a in allowed_ips)]
+        if keepalive is not None:
+            args += ["persistent-keepalive", keepalive or "off"]
+        stdin = None
+        if preshared_key is not None:
+            args += ["preshared-key", "/dev/stdin"]
+            stdin = preshared_key + "\n"
+        self.wg(*args, input=stdin)
+
+    def remove_peer(self, public_key: str) -> None:
+        self.wg("set", self.ifname, "peer", public_key, "remove")
+
+    def dump(self, redact: bool = True) -> str:
+        """`wg show IF dump`; with `redact` the private and preshared keys are masked."""
+        text = self.wg("show", self.ifname, "dump", hide_stdout=True).stdout
+        if not redact:
+            return text
+        lines = text.splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            fields = line.split("\t")
+            if i == 0 and fields:
+                fields[0] = "(hidden)"
+            elif len(fields) > 1 and fields[1] != "(none)":
+                fields[1] = "(hidden)"
+            out.append("\t".join(fields))
+        return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """public_key -> {endpoint, allowed_ips, latest_handshake, rx, tx, keepalive}.
+
+        endpoint is None when unset; keepalive 0 when off; no preshared key.
+        """
+        result: dict[str, dict[str, Any]] = {}
+        for line in self.dump().splitlines()[1:]:
+            key, _psk, endpoint, allowed, handshake, rx, tx, keepalive = line.split("\t")
+            result[key] = {
+                "endpoint": None if endpoint == "(none)" else endpoint,
+                "allowed_ips": [] if allowed == "(none)" else allowed.split(","),
+                "latest_handshake": int(handshake),
+                "rx": int(rx),
+                "tx": int(tx),
+                "keepalive": 0 if keepalive == "off" else int(keepalive),
+            }
+        return result
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        """Terminate wireguard-go (it removes its socket and its interface)."""
+        _terminate(self.process)
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=grace)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+def _wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10) -> None:
+    """Wait for the helper's `ready` line on stdout."""
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            _terminate(proc)
+            raise LabError(f"{what}: not ready within {timeout} s")
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        _terminate(proc)
+        err = proc.stderr.read() if proc.stderr else ""
+        raise LabError(f"{what} failed to start: {line!r} {err.strip()}")
+
+
+def uapi_ready(socket_path: str, timeout: float = 1.0) -> bool:
+    """True when a UAPI socket answers `get=1` with errno=0."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(b"get=1\n\n")
+            data = b""
+            while b"\n\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return b"errno=0\n" in data
+    except OSError:
+        return False
+
+
+class Lab:
+    """A set of namespaces, links and processes, all removed by cleanup()."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or default_prefix()
+        if not re.fullmatch(r"[a-z0-9]{1,9}", self.prefix):
+            raise ValueError("a lab prefix is 1-9 lowercase letters or digits")
+        # A crashed earlier process with our pid may have left these behind.
+        cleanup_leftovers(self.prefix)
+        self.tmpdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        os.chmod(self.tmpdir, 0o700)
+        self.hosts: dict[str, Host] = {}
+        self.devices: list[WireGuard] = []
+        self._namespaces: list[str] = []
+        self._processes: list[subprocess.Popen] = []
+        self._internet: str | None = None
+        self._wg_counter = itertools.count(0)
+        self._closed = False
+        _live_labs.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Lab {self.prefix} {sorted(self.hosts)}>"
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- building -----------------------------------------------------------
+    def _ns_name(self, name: str) -> str:
+        # The name is also the host's link on the internet bridge: not "lo" or "br0".
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,14}", name) or name in ("inet", "lo", "br0"):
+            raise ValueError(
+                f"bad lab host name {name!r}: up to 15 of [a-z0-9_]; not inet, lo or br0"
+            )
+        if name in self.hosts:
+            raise ValueError(f"lab host {name!r} exists already")
+        return f"{self.prefix}-{name}"
+
+    def _add_namespace(self, nsname: str) -> None:
+        _run_root(["ip", "netns", "add", nsname])
+        self._namespaces.append(nsname)
+        cmds = [["ip", "link", "set", "lo", "up"]]
+        if os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
+            cmds.append(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"])
+        for cmd in cmds:
+            subprocess.run(["ip", "netns", "exec", nsname, *cmd], capture_output=True, check=False)
+
+    def _internet_ns(self) -> str:
+        if self._internet is None:
+            nsname = f"{self.prefix}-inet"
+            self._add_namespace(nsname)
+            self._internet = nsname
+            _run_root(["ip", "-n", nsname, "link", "add", INTERNET_BRIDGE, "type", "bridge"])
+            _run_root(["ip", "-n", nsname, "link", "set", INTERNET_BRIDGE, "up"])
+        return self._internet
+
+    def _attach_to_internet(
+        self, nsname: str, short: str, ifname: str, address: ipaddress.IPv4Interface
+    ) -> None:
+        inet = self._internet_ns()
+        _run_root(
+            [
+                "ip",
+                "-n",
+                nsname,
+                "link",
+                "add",
+                ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                short,
+                "netns",
+                inet,
+            ]
+        )
+        _run_root(["ip", "-n", inet, "link", "set", short, "master", INTERNET_BRIDGE, "up"])
+        _run_root(["ip", "-n", nsname, "addr", "add", str(address), "dev", ifname])
+        _run_root(["ip", "-n", nsname, "link", "set", ifname, "up"])
+
+    def host(self, name: str) -> Host:
+        """An isolated namespace (loopback only)."""
+        nsname = self._ns_name(name)
+        self._add_namespace(nsname)
+        host = Host(self, nsname, name)
+        self.hosts[name] = host
+        return host
+
+    def public_host(self, name: str, address: str) -> Host:
+        """A host on the internet segment, e.g. ("srv", "203.0.113.10/24")."""
+        iface = ipaddress.IPv4Interface(address)
+        host = self.host(name)
+        self._attach_to_internet(host.name, name, "eth0", iface)
+        host.address = iface
+        return host
+
+    def router(self, name: str, public_address: str, lan: str, mode: str = "home") -> Router:
+        """A NAT router, e.g. ("r1", "203.0.113.21/24", "192.168.1.0/24", mode="home")."""
+        if mode not in MODES:
+            raise ValueError(f"router mode {mode!r}: one of {', '.join(MODES)}")
+        public = ipaddress.IPv4Interface(public_address)
+        network = ipaddress.IPv4Network(lan)
+        nsname = self._ns_name(name)
+        self._add_namespace(nsname)
+        router = Router(self, nsname, name, public, network, mode)
+        self.hosts[name] = router
+        self._attach_to_internet(nsname, name, "wan", public)
+        router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run_root(["ip", "-n", nsname, "link", "add", "lan", "type", "bridge"])
+        _run_root(["ip", "-n", nsname, "addr", "add", str(router.lan_address), "dev", "lan"])
+        _run_root(["ip", "-n", nsname, "link", "set", "lan", "up"])
+        router._setup_firewall()
+        return router
+
+    def lan_host(self, router: Router, name: str, address: str) -> Host:
+        """A host on `router`'s LAN with a default route via the router's `.1`."""
+        iface = ipaddress.IPv4Interface(address)
+        if iface.ip not in router.lan:
+            raise ValueError(f"{address} is not in {router.short}'s LAN {router.lan}")
+        host = self.host(name)
+        port = f"p{next(router._lan_ports)}_{name}"[:15]
+        _run_root(
+            [
+                "ip",
+                "-n",
+                host.name,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                router.name,
+            ]
+        )
+        _run_root(["ip", "-n", router.name, "link", "set", port, "master", "lan", "up"])
+        _run_root(["ip", "-n", host.name, "addr", "add", str(iface), "dev", "eth0"])
+        _run_root(["ip", "-n", host.name, "link", "set", "eth0", "up"])
+        _run_root(
+            ["ip", "-n", host.name, "route", "add", "default", "via", str(router.lan_address.ip)]
+        )
+        host.address = iface
+        host.router = router
+        return host
+
+    def wireguard(self, host: Host, address: str, listen_port: int = 51820) -> WireGuard:
+        """Start `wireguard-go -f` in `host` with fresh keys, address it and bring it up."""
+        iface = ipaddress.IPv4Interface(address)
+        ifname = f"{self.prefix}g{next(self._wg_counter)}"
+        assert len(ifname) <= 15
+        socket_path = os.path.join(UAPI_SOCKET_DIR, f"{ifname}.sock")
+        private_key = _run_root(["wg", "genkey"], hide_stdout=True).stdout.strip()
+        public_key = _run_root(["wg", "pubkey"], input=private_key + "\n").stdout.strip()
+        log_path = os.path.join(self.tmpdir, f"{ifname}.log")
+        env = dict(os.environ, **WIREGUARD_ENV)
+        with open(log_path, "wb") as log:
+            proc = host.popen(
+                ["wireguard-go", "-f", ifname],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        deadline = time.monotonic() + 10
+        while not uapi_ready(socket_path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _terminate(proc)
+                with open(log_path, errors="replace") as f:
+                    log_text = f.read()
+                raise LabError(f"wireguard-go {ifname} in {host.name} did not start:\n{log_text}")
+            time.sleep(0.01)
+        device = WireGuard(
+            self, host, ifname, private_key, public_key, listen_port, iface, proc, log_path
+        )
+        self.devices.append(device)
+        device.wg(
+            "set",
+            ifname,
+            "private-key",
+            "/dev/stdin",
+            "listen-port",
+            listen_port,
+            input=private_key + "\n",
+        )
+        if listen_port == 0:
+            device.listen_port = int(device.wg("show", ifname, "listen-port").stdout)
+        host.run("ip", "addr", "add", str(iface), "dev", ifname)
+        host.run("ip", "link", "set", ifname, "up")
+        return device
+
+    # -- tearing down ---------------------------------------------------------
+    def cleanup(self) -> None:
+        """Remove every process, namespace (with its links) and socket this lab made."""
+        if self._closed:
+            return
+        self._closed = True
+        problems: list[str] = []
+        for proc in reversed(self._processes):
+            try:
+                _terminate(proc)
+            except Exception as exc:  # keep going: everything else must still go
+                problems.append(f"process {proc.args}: {exc}")
+        for nsname in reversed(self._namespaces):
+            try:
+                _remove_namespace(nsname)
+            except Exception as exc:
+                problems.append(f"namespace {nsname}: {exc}")
+        for device in self.devices:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(device.socket_path)
+        if os.environ.get("WGNAT_LAB_KEEP_LOGS"):
+            print(f"lab {self.prefix}: logs kept in {self.tmpdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _live_labs.discard(self)
+        if problems:
+            raise LabError("lab cleanup incomplete:\n" + "\n".join(problems))
+
+
+def _kill_pids(pids: Iterable[int]) -> None:
+    pids = list(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _pid_alive(pid)]
+            if alive:
+                time.sleep(0.02)
+        if not alive:
+            return
+        pids = alive
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        # A zombie child counts as gone: reap it if it is ours.
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _remove_namespace(nsname: str) -> None:
+    result = _run_root(["ip", "netns", "pids", nsname], check=False)
+    if result.returncode == 0:
+        _kill_pids(int(p) for p in result.stdout.split())
+    result = _run_root(["ip", "netns", "del", nsname], check=False)
+    if result.returncode != 0 and nsname in netns_list():
+        raise LabError(f"ip netns del {nsname}: {result.stderr.strip()}")
+
+
+def _wireguard_processes() -> dict[int, str]:
+    """pid -> interface name of every `wireguard-go [-f] IFNAME` process."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in argv if a]
+        if argv and os.path.basename(argv[0]) == "wireguard-go":
+            names = [a for a in argv[1:] if not a.startswith("-")]
+            if names:
+                found[int(entry)] = names[-1]
+    return found
+
+
+def _owner_dead(prefix: str) -> bool:
+    """For a default-family prefix, whether the process that made it is gone."""
+    digits = prefix[len(FAMILY) : len(FAMILY) + _PID_WIDTH]
+    try:
+        pid = int(digits, 36)
+    except ValueError:
+        return False
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def cleanup_leftovers(prefix: str | None = None) -> None:
+    """Remove namespaces, processes, UAPI sockets and log directories a crashed run left.
+
+    With a prefix: everything named with that prefix.  Without: everything of the
+    default family (`wnl...`) whose creating process no longer exists.
+    """
+    if prefix is None:
+        family = re.compile(rf"{FAMILY}[0-9a-z]{{{_PID_WIDTH}}}[0-9a-z]+(-[a-z0-9_]+|g[0-9]+)")
+
+        def ours(name: str) -> bool:
+            return family.fullmatch(name) is not None and _owner_dead(name)
+    else:
+        exact = re.compile(rf"{re.escape(prefix)}(-[a-z0-9_]+|g[0-9]+)")
+
+        def ours(name: str) -> bool:
+            return exact.fullmatch(name) is not None
+
+    for pid, ifname in _wireguard_processes().items():
+        if ours(ifname):
+            _kill_pids([pid])
+    for nsname in netns_list():
+        if ours(nsname):
+            _remove_namespace(nsname)
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):  # the labs' log directories, `<prefix>-XXXXXXXX`
+        path = os.path.join(tmp, entry)
+        if ours(entry) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(UAPI_SOCKET_DIR):
+            if entry.endswith(".sock") and ours(entry[: -len(".sock")]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(UAPI_SOCKET_DIR, entry))
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    for lab in list(_live_labs):
+        with contextlib.suppress(Exception):
+            lab.cleanup()
+
+
+# -- the helper programs run inside namespaces (the test's own interpreter) --------
+
+_UDP_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, src = s.recvfrom(65535)
+    s.sendto(("%s:%d" % src).encode(), src)
+"""
+
+_UDP_EXCHANGE = r"""
+import json, socket, sys, time
+spec = json.loads(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", spec["source_port"]))
+targets = {"%s:%d" % (ip, port): (ip, port) for ip, port in spec["targets"]}
+answers = {name: None for name in targets}
+deadline = time.monotonic() + spec["timeout"]
+next_send = 0.0
+while time.monotonic() < deadline and any(v is None for v in answers.values()):
+    now = time.monotonic()
+    if now >= next_send:
+        for name, addr in targets.items():
+            if answers[name] is None:
+                s.sendto(spec["payload"].encode(), addr)
+        next_send = now + 0.25
+    s.settimeout(max(0.01, min(next_send, deadline) - time.monotonic()))
+    try:
+        data, src = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    name = "%s:%d" % src
+    if name in answers and answers[name] is None:
+        answers[name] = data.decode(errors="replace")
+answers["local"] = "%s:%d" % s.getsockname()
+print(json.dumps(answers))
+"""
+
+_UDP_SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[4])))
+for _ in range(int(sys.argv[5])):
+    s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+"""
+
+_UDP_LISTEN = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+deadline = time.monotonic() + float(sys.argv[3])
+got = []
+while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        break
+    s.settimeout(left)
+    try:
+        data, src = s.recvfrom(65535)
+    except socket.timeout:
+        break
+    got.append(["%s:%d" % src, data.decode(errors="replace")])
+print(json.dumps(got))
+"""
