@@ -167,3 +167,20 @@ def test_waiting_requests_per_peer_are_bounded(setup):
     for waiting in pending:
         code, _ = yield waiting
         assert code == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_cancelled_long_poll_is_a_cancellation_not_a_registry_failure(setup):
+    # The client's -t resync and its shutdown cancel the waiting request; that
+    # must not be reported as "registry unreachable".
+    from twisted.internet.defer import CancelledError
+
+    client = setup.client("127.0.0.2")
+    first = yield client.fetch(None, None, 0)
+    waiting = client.fetch(first.version, first.epoch, 20)
+    yield deferLater(reactor, 0.05, lambda: None)
+    waiting.cancel()
+    with pytest.raises(CancelledError):
+        yield waiting
+    yield deferLater(reactor, 0.05, lambda: None)
+    assert setup.hub.waiting() == 0  # the registry let go of the waiter too

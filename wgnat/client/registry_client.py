@@ -10,7 +10,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
@@ -120,6 +120,9 @@ class RegistryClient:
         try:
             response = yield request
         except Exception as exc:
+            if _cancelled(exc):
+                # Our caller gave up (a resync, a shutdown): not a registry failure.
+                raise CancelledError() from None
             raise RegistryError(_describe(exc, self.url)) from None
         reader = _BoundedBody(MAX_ANSWER_BYTES)
         response.deliverBody(reader)
@@ -127,7 +130,7 @@ class RegistryClient:
         reading.addTimeout(timeout, self.reactor)
         try:
             raw = yield reading
-        except RegistryError:
+        except (RegistryError, CancelledError):
             raise
         except Exception as exc:
             raise RegistryError(_describe(exc, self.url)) from None
@@ -171,6 +174,14 @@ class RegistryClient:
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Twisted's HTTP client wraps a cancellation (ResponseNeverReceived([...]))."""
+    if isinstance(exc, CancelledError):
+        return True
+    reasons = getattr(exc, "reasons", None) or []
+    return any(getattr(reason, "check", lambda *_: False)(CancelledError) for reason in reasons)
 
 
 def _describe(exc: BaseException, url: str) -> str:
