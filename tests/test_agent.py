@@ -83,6 +83,16 @@ class Net:
         self.hosts[a]["device"].handshake(kb, now)
         self.hosts[b]["device"].handshake(ka, now)
 
+    def direct_pair(self) -> tuple[MeshAgent, MeshAgent]:
+        """a and b, two clients behind two NATs, direct with each other."""
+        self.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+        self.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+        a, b = self.agent("a"), self.agent("b")
+        self.handshake("a", "b")
+        self.clock.advance(0.3)
+        assert a.paths() == {self.hosts["b"]["key"]: Path.DIRECT}
+        return a, b
+
     def alive(self, a: str, b: str) -> None:
         """Time passes normally: handshakes renew, keepalives arrive, everywhere."""
         ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
@@ -137,11 +147,7 @@ def test_a_new_peer_is_pushed_to_waiting_clients_without_any_time_passing(net):
 
 
 def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
-    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
-    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
-    a, _ = net.agent("a"), net.agent("b")
-    net.handshake("a", "b")
-    net.clock.advance(0.3)
+    a, _ = net.direct_pair()
     kb = net.hosts["b"]["key"]
     assert a.paths() == {kb: Path.DIRECT}
     client = net.hosts["a"]["client"]
@@ -160,11 +166,7 @@ def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
 
 
 def test_restart_keeps_peers_without_duplicates_or_orphans(net):
-    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
-    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
-    a, _ = net.agent("a"), net.agent("b")
-    net.handshake("a", "b")
-    net.clock.advance(0.3)
+    a, _ = net.direct_pair()
     a.stopService()
     device = net.hosts["a"]["device"]
     before = dict(device.peers)
@@ -194,11 +196,7 @@ def test_peer_that_leaves_the_registry_is_removed_after_grace(net):
 
 
 def test_own_endpoint_change_kicks_direct_peers(net):
-    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
-    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
-    net.agent("a"), net.agent("b")
-    net.handshake("a", "b")
-    net.clock.advance(0.3)
+    net.direct_pair()
     ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
     dev_a = net.hosts["a"]["device"]
     before = len(dev_a.operations)
@@ -223,11 +221,7 @@ def test_missing_registry_peer_is_a_clear_startup_error(net):
 
 
 def test_refused_registry_answer_changes_nothing(net):
-    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
-    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
-    a, _ = net.agent("a"), net.agent("b")
-    net.handshake("a", "b")
-    net.clock.advance(0.3)
+    a, _ = net.direct_pair()
     kb = net.hosts["b"]["key"]
     assert a.paths() == {kb: Path.DIRECT}
     device = net.hosts["a"]["device"]
