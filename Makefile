@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 # The package is installed for real (not editable) before every run, so the
 # namespace tests run the console scripts and twistd plugins a user would get.
-test: system-deps venv install
+test: system-deps venv install $(VENV)/bin/promtool
 	$(PY) -m pytest
 
 unit: venv install
 	$(PY) -m pytest -m "not realdevice and not integration"
+
+$(VENV)/bin/promtool: | venv
+	scripts/fetch-promtool.sh $(VENV)/bin
 
 install: venv
 	$(PY) -m pip install -q --no-deps --force-reinstall .

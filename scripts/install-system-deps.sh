@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs, only when missing:
 # wireguard-go (the kernel here has no WireGuard module), wg, iptables, ip, conntrack.
+# promtool is fetched by scripts/fetch-promtool.sh instead (not installed here).
 set -euo pipefail
 need=()
 command -v wireguard-go >/dev/null || need+=(wireguard-go)

@@ -272,3 +272,17 @@ def test_a_relayed_peer_whose_client_restarts_is_probed_at_once():
     actions = world.step(view_of(remote(b, session="a11ce")), T0 + 11)
     assert [a.kind for a in actions] == ["probe"]
     assert "its client started" in actions[0].reason
+
+
+def test_promote_due_switches_at_the_moment_without_a_device_read():
+    b = new_key()
+    world = World(make_mesh(switch_delay=0.25))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0 + 0.01)
+    world.step(view, T0 + 0.05)
+    assert world.mesh.promote_due(T0 + 0.2) == []
+    actions = world.mesh.promote_due(T0 + 0.26)
+    assert [a.kind for a in actions] == ["promote"]
+    assert world.mesh.paths[b].path is Path.DIRECT
+    assert world.mesh.promote_due(T0 + 0.3) == []

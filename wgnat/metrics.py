@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 
@@ -28,13 +28,13 @@ _TIME_TO_DIRECT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0
 class StateCollector:
     """Gauges computed from live state when Prometheus scrapes."""
 
-    def __init__(self, read: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+    def __init__(self, read: Callable[[], Iterable[Metric]]) -> None:
         self._read = read
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         return self._read()
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
+    def describe(self) -> Iterable[Metric]:
         return []
 
 
@@ -78,7 +78,7 @@ class RegistryMetrics:
         )
 
     def watch(self, hub: Any) -> None:
-        def read() -> Iterable[GaugeMetricFamily]:
+        def read() -> Iterable[Metric]:
             model = hub.model
             yield GaugeMetricFamily(
                 "wgnat_registry_peers_known",
@@ -100,13 +100,13 @@ class RegistryMetrics:
                 "Version of the mesh view (grows on every change)",
                 value=model.version,
             )
-            changes = GaugeMetricFamily(
-                "wgnat_registry_endpoint_changes_total",
+            # A counter family is named without "_total": the exposition adds it
+            # (naming it "..._total" gave HELP/TYPE lines for "..._total_total").
+            yield CounterMetricFamily(
+                "wgnat_registry_endpoint_changes",
                 "Peer endpoint changes observed (NAT rebindings)",
+                value=model.endpoint_changes,
             )
-            changes.type = "counter"
-            changes.add_metric([], model.endpoint_changes)
-            yield changes
 
         self.registry.register(StateCollector(read))  # type: ignore[arg-type]
 

@@ -70,6 +70,12 @@ class MeshAgent(service.Service):
         self.lan: list[Any] = []
         self.listen_port = 0
         self.registry_up: bool | None = None
+        # For `wgnat status` (wgnat/status.py): read, never acted on.
+        self.registry_address: Any = None
+        self.registry_port: int | None = None
+        self.registry_error: str | None = None
+        self.last_sync: float | None = None
+        self.last_probe: dict[PublicKey, float] = {}
         self._inflight: Deferred[Any] | None = None
         self._force_full = True
         self._wakeup: Any = None
@@ -144,6 +150,7 @@ class MeshAgent(service.Service):
             if self.mesh.managed != managed:
                 self.state_store.save(self.mesh.managed)
         self.mesh.adopt(state, self.reactor.seconds())
+        self.registry_address, self.registry_port = address, port
         self.client = self._client_factory(self.reactor, address, port)
         self.metrics.watch(self.mesh.counts)
         self.metrics.registry_connected.set(0)
@@ -242,6 +249,7 @@ class MeshAgent(service.Service):
     def _registry_down(self, error: str, failures: int) -> None:
         self.metrics.registry_errors.inc()
         self.metrics.registry_connected.set(0)
+        self.registry_error = error
         if self.registry_up is not False:
             log.warn(
                 "registry unreachable ({error}); keeping the mesh as it is and retrying "
@@ -253,6 +261,7 @@ class MeshAgent(service.Service):
     def _registry_is_up(self) -> None:
         self.metrics.registry_connected.set(1)
         self.metrics.last_sync.set(self.reactor.seconds())
+        self.last_sync, self.registry_error = self.reactor.seconds(), None
         if self.registry_up is False:
             log.info("registry reachable again; resynchronising")
         self.registry_up = True
@@ -277,6 +286,7 @@ class MeshAgent(service.Service):
                 self.reconciles += 1
                 if self.view.version is None:
                     break  # nothing is decided before the registry's first answer
+                yield self._apply_all(self.mesh.promote_due(self.reactor.seconds()))
                 try:
                     state = yield self.device.read()
                 except DeviceError as exc:
@@ -310,6 +320,7 @@ class MeshAgent(service.Service):
         for event in events:
             if event.kind == "probe":
                 self.metrics.probes.inc()
+                self.last_probe[event.public_key] = self.reactor.seconds()
             elif event.kind == "direct":
                 self.metrics.direct.inc()
                 self.metrics.time_to_direct.observe(event.seconds)
@@ -319,6 +330,7 @@ class MeshAgent(service.Service):
                 self.metrics.rebindings.inc()
             elif event.kind == "removed":
                 self.metrics.removals.inc()
+                self.last_probe.pop(event.public_key, None)
             elif event.kind == "rejected":
                 log.warn(
                     "{peer}: refused allowed IPs from the registry: {detail}",

@@ -213,9 +213,26 @@ class Mesh:
         # (a relayed peer the registry gives no usable endpoint): never spin on it.
         return min(t for t in times if t > now)
 
-    def needs_device(self, now: float) -> bool:
-        """Whether the next plan needs a fresh device read (probing is watched)."""
-        return any(p.path in (Path.PROBING, Path.SWITCHING) for p in self.paths.values())
+    def promote_due(self, now: float) -> list[Action]:
+        """Switch the paths whose switch moment has come, without reading the
+        device first: the other end switches at the same moment, and a device
+        read before the switch would only widen the gap between the two."""
+        return [
+            self._promote(key, peer_path, now)
+            for key, peer_path in sorted(self.paths.items(), key=lambda item: item[0].raw)
+            if peer_path.path is Path.SWITCHING and now >= peer_path.deadline
+        ]
+
+    def _promote(self, key: PublicKey, peer_path: PeerPath, now: float) -> Action:
+        peer_path.path, peer_path.since = Path.DIRECT, now
+        peer_path.last_rx, peer_path.rx_changed_at = -1, now  # the next read sets it
+        self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
+        return Action(
+            "promote",
+            key,
+            f"direct at {peer_path.endpoint}: handshake completed",
+            allowed_ips=peer_path.allowed_ips,
+        )
 
     # -- the decisions ----------------------------------------------------
     def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
@@ -285,17 +302,7 @@ class Mesh:
                         )
                     )
                 elif now >= peer_path.deadline:
-                    peer_path.path, peer_path.since = Path.DIRECT, now
-                    peer_path.last_rx, peer_path.rx_changed_at = device_peer.rx_bytes, now
-                    self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
-                    actions.append(
-                        Action(
-                            "promote",
-                            key,
-                            f"direct at {peer_path.endpoint}: handshake completed",
-                            allowed_ips=peer_path.allowed_ips,
-                        )
-                    )
+                    actions.append(self._promote(key, peer_path, now))
             elif peer_path.path is Path.DIRECT:
                 actions.extend(self._watch_direct(key, peer_path, device_peer, now))
         return actions

@@ -6,6 +6,7 @@ import ipaddress
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -26,6 +27,8 @@ from wgnat.metrics import (
     metrics_endpoint_description,
 )
 from wgnat.options import CommonOptions, port_number
+from wgnat.status import default_socket_path
+from wgnat.status_server import StatusSocket, client_status_provider
 
 log = Logger(namespace="wgnat.client")
 
@@ -62,6 +65,12 @@ class Options(CommonOptions):
             "Where the list of peers this client created is kept",
         ],
         ["keepalive", None, "25", "Persistent keepalive of direct peers, seconds"],
+        [
+            "status-socket",
+            None,
+            None,
+            "Unix socket for 'wgnat status' (default /run/wgnat/client-IFACE.sock; '' for none)",
+        ],
         ["log-format", None, "text", "text or json"],
     ]
 
@@ -110,17 +119,26 @@ class Options(CommonOptions):
                 f"--keepalive: {keepalive!r} is not a number of seconds (1-65535)"
             )
         self["keepalive"] = int(keepalive)
+        if self["status-socket"] is None:
+            self["status-socket"] = default_socket_path("client", self["interface"])
 
 
 class ClientDaemon(service.MultiService):
-    """The agent plus its metrics listener."""
+    """The agent plus its metrics listener and status socket."""
 
-    def __init__(self, agent: MeshAgent, reactor: Any, metrics_listen: str) -> None:
+    def __init__(
+        self, agent: MeshAgent, reactor: Any, metrics_listen: str, status_socket: str | None = None
+    ) -> None:
         super().__init__()
         self.agent = agent
         self.reactor = reactor
         self.metrics_listen = metrics_listen
         self.port: Any = None
+        self.status = (
+            StatusSocket(reactor, status_socket, client_status_provider(agent), "wgnat-client")
+            if status_socket
+            else None
+        )
         agent.setServiceParent(self)
 
     @property
@@ -138,12 +156,17 @@ class ClientDaemon(service.MultiService):
             self.agent._fatal(failure)
 
         endpoint.listen(site).addCallbacks(listening, failed)
+        if self.status is not None:
+            self.status.start()
         super().startService()
 
     def stopService(self) -> Any:
         if self.port is not None:
             self.port.stopListening()
-        return super().stopService()
+        stopped = super().stopService()
+        if self.status is not None:
+            return gatherResults([stopped, self.status.stop()])
+        return stopped
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -173,4 +196,4 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         lan_addresses=find_lan,
         state_store=StateStore(default_state_path(options["state-dir"], ifname)),
     )
-    return ClientDaemon(agent, reactor, options["metrics-listen"])
+    return ClientDaemon(agent, reactor, options["metrics-listen"], options["status-socket"])

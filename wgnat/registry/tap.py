@@ -25,6 +25,8 @@ from wgnat.metrics import (
 from wgnat.options import CommonOptions, port_number
 from wgnat.registry.api import build_site
 from wgnat.registry.hub import Registry
+from wgnat.status import default_socket_path
+from wgnat.status_server import StatusSocket, registry_status_provider
 
 log = Logger(namespace="wgnat.registry")
 
@@ -41,10 +43,19 @@ class Options(CommonOptions):
         ["metrics-listen", None, DEFAULT_SERVER_METRICS, "Prometheus metrics HOST:PORT"],
         ["poll-interval", None, "1s", "How often the device is read for changes (Go duration)"],
         ["log-format", None, "text", "text or json"],
+        [
+            "status-socket",
+            None,
+            None,
+            "Unix socket for 'wgnat status --server' (default /run/wgnat/server-IFACE.sock; "
+            "'' for none)",
+        ],
     ]
 
     def postOptions(self) -> None:
         self.check_common()
+        if self["status-socket"] is None:
+            self["status-socket"] = default_socket_path("server", self["interface"])
         if self["api-port"] is not None:
             try:
                 self["api-port"] = port_number(self["api-port"])
@@ -82,9 +93,19 @@ class RegistryDaemon(service.Service):
         self.metrics.watch(self.hub)
         self.ports: list[Any] = []
         self.poller: LoopingCall | None = None
+        path = options.get("status-socket")
+        self.status = (
+            StatusSocket(
+                reactor, path, registry_status_provider(device, self.hub, reactor), "wgnat-server"
+            )
+            if path
+            else None
+        )
 
     def startService(self) -> None:
         super().startService()
+        if self.status is not None:
+            self.status.start()
         self._start().addErrback(self._fatal)
 
     def _fatal(self, failure: Any) -> None:
@@ -166,7 +187,10 @@ class RegistryDaemon(service.Service):
         ports, self.ports = self.ports, []
         from twisted.internet.defer import gatherResults
 
-        return gatherResults([port.stopListening() for port in ports])
+        stopping = [port.stopListening() for port in ports]
+        if self.status is not None:
+            stopping.append(self.status.stop())
+        return gatherResults(stopping)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:

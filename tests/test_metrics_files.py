@@ -1,0 +1,270 @@
+"""metrics/: the Prometheus scrape config, alerting rules and Grafana dashboard
+use only metrics the daemons really export, and promtool accepts them.
+
+The names are collected from real ClientMetrics/RegistryMetrics registries after
+watch(), as Prometheus would scrape them (histograms as _bucket/_sum/_count,
+counters as _total).  The promtool checks run where `promtool` is on PATH or
+in the virtualenv, where `make test` (so CI) unpacks it from Debian's
+`prometheus` package (scripts/fetch-promtool.sh); PyPI has no promtool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from wgnat.device.memory import MemoryDevice
+from wgnat.metrics import ClientMetrics, RegistryMetrics
+from wgnat.registry.hub import Registry
+
+METRICS = Path(__file__).resolve().parent.parent / "metrics"
+ALERTS = METRICS / "alerts.yml"
+DASHBOARD = METRICS / "grafana-dashboard.json"
+SCRAPE = METRICS / "prometheus.yml"
+NAME = re.compile(r"\bwgnat_[a-z0-9_]+\b")
+SELECTOR = re.compile(r"\b(wgnat_[a-z0-9_]+)\{([^}]*)\}")
+EXACT_MATCHER = re.compile(r'(\w+)\s*=\s*"([^"]*)"')  # `=` only, not =~ or !=
+# `make test` unpacks promtool into the virtualenv (scripts/fetch-promtool.sh).
+PROMTOOL = shutil.which("promtool") or shutil.which(
+    "promtool", path=os.path.dirname(sys.executable)
+)
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None,
+    reason="needs promtool (make test unpacks it from Debian's 'prometheus' package with "
+    "scripts/fetch-promtool.sh; PyPI has none)",
+)
+
+
+def exported_texts() -> dict[str, str]:
+    """What each daemon serves on /metrics, with every labelled series present."""
+    client = ClientMetrics()
+    client.watch(lambda: {"direct": 2, "relayed": 1, "probing": 0})
+    client.device_errors.labels(operation="read").inc()
+    client.device_operation_seconds.labels(operation="probe").observe(0.002)
+    client.time_to_direct.observe(0.4)
+    client.fallbacks.labels(reason="no_handshake").inc()
+    registry = RegistryMetrics()
+    registry.watch(Registry(MemoryDevice(), Clock()))
+    registry.device_read_seconds.observe(0.001)
+    return {
+        "client": generate_latest(client.registry).decode(),
+        "registry": generate_latest(registry.registry).decode(),
+    }
+
+
+def exported_series() -> dict[str, list[dict[str, str]]]:
+    """Sample name -> the label sets it is exported with."""
+    series: dict[str, list[dict[str, str]]] = {}
+    for text in exported_texts().values():
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                series.setdefault(sample.name, []).append(dict(sample.labels))
+    return series
+
+
+def dashboard_expressions() -> list[str]:
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "definition") and isinstance(value, str):
+                    found.append(value)
+                elif key == "query" and isinstance(value, str) and "(" in value:
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return found
+
+
+def check_selectors(text: str, series: dict[str, list[dict[str, str]]]) -> list[str]:
+    """Exact label matchers (`path="relayed"`) must match a label value exported."""
+    problems = []
+    for name, body in SELECTOR.findall(text):
+        for label, value in EXACT_MATCHER.findall(body):
+            if not any(labels.get(label) == value for labels in series.get(name, [])):
+                problems.append(f'{name}{{{label}="{value}"}}')
+    return problems
+
+
+def test_the_export_has_the_names_expected():
+    series = exported_series()
+    assert "wgnat_client_time_to_direct_seconds_bucket" in series
+    assert "wgnat_client_handshakes_attempted_total" in series
+    assert "wgnat_registry_endpoint_changes_total" in series
+    assert "wgnat_registry_device_read_seconds_count" in series
+
+
+def test_alerts_use_only_exported_metrics():
+    text = ALERTS.read_text()
+    series = exported_series()
+    used = set(NAME.findall(text))
+    assert used, "no wgnat metric in alerts.yml"
+    assert sorted(used - set(series)) == []
+    assert check_selectors(text, series) == []
+    alerts = set(re.findall(r"^\s*- alert: (\w+)$", text, re.MULTILINE))
+    assert {
+        "WgnatRegistryUnreachable",
+        "WgnatPeerRelayedLong",
+        "WgnatDirectHandshakesFailing",
+        "WgnatClientDeviceErrors",
+        "WgnatRegistryDeviceReadFailures",
+    } <= alerts
+    # Prometheus' own `up` is the only metric from elsewhere.
+    expressions = re.findall(r"expr: (?:>-\n)?(.+?)\n\s+(?:for|labels):", text, re.DOTALL)
+    assert len(expressions) == len(alerts)
+    for expression in expressions:
+        assert NAME.search(expression) or expression.startswith("up{"), expression
+
+
+def test_dashboard_uses_only_exported_metrics():
+    document = json.loads(DASHBOARD.read_text())
+    series = exported_series()
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 20
+    for expression in expressions:
+        names = set(NAME.findall(expression))
+        assert names, f"uses no wgnat metric: {expression}"
+        assert sorted(names - set(series)) == [], expression
+        assert check_selectors(expression, series) == [], expression
+    panels = [panel for panel in document["panels"] if panel["type"] != "row"]
+    assert panels
+    for panel in panels:
+        assert panel.get("targets"), panel["title"]
+        assert all(target.get("expr") for target in panel["targets"]), panel["title"]
+    ids = [panel["id"] for panel in document["panels"]]
+    assert len(ids) == len(set(ids))
+    # Every metric the daemons export is shown somewhere.
+    shown = {name for expression in expressions for name in NAME.findall(expression)}
+    families = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for name in series
+        if not name.endswith("_created")  # prometheus_client's creation times
+    }
+    assert "wgnat_client_time_to_direct_seconds" in families
+    missing = [f for f in families if not any(name.startswith(f) for name in shown)]
+    assert sorted(missing) == []
+
+
+def test_scrape_config_points_at_the_default_ports():
+    text = SCRAPE.read_text()
+    assert "registry:9587" in text and "client-a:9588" in text
+    assert "rule_files:" in text and "alerts.yml" in text
+
+
+# -- promtool ----------------------------------------------------------------
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@needs_promtool
+def test_promtool_checks_rules_and_config():
+    result = promtool("check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = promtool("check", "config", str(SCRAPE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("role", ["client", "registry"])
+def test_promtool_accepts_what_the_daemons_export(role):
+    result = promtool("check", "metrics", stdin=exported_texts()[role])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def without_annotations(text: str) -> str:
+    """The rules with their annotation blocks dropped, for promtool's unit tests
+    (which otherwise compare every rendered description word for word)."""
+    kept, skip_deeper_than = [], None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip_deeper_than is not None and (not line.strip() or indent > skip_deeper_than):
+            continue
+        skip_deeper_than = None
+        if line.strip() == "annotations:":
+            skip_deeper_than = indent
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+RULE_TESTS = """
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'wgnat_client_peers{path="relayed",instance="a:9588",job="wgnat-client"}'
+        values: '1x40'
+      - series: 'wgnat_client_registry_connected{instance="a:9588",job="wgnat-client"}'
+        values: '1 1 0x20'
+      - series: 'wgnat_client_handshakes_attempted_total{instance="a:9588",job="wgnat-client"}'
+        values: '0+1x70'
+      - series: 'wgnat_client_handshakes_succeeded_total{instance="a:9588",job="wgnat-client"}'
+        values: '0x70'
+      - series: 'wgnat_client_handshakes_attempted_total{instance="b:9588",job="wgnat-client"}'
+        values: '0+1x70'
+      - series: 'wgnat_client_handshakes_succeeded_total{instance="b:9588",job="wgnat-client"}'
+        values: '0+1x70'
+      - series: 'wgnat_registry_device_errors_total{instance="hub:9587",job="wgnat-registry"}'
+        values: '0 0 0 0 0 1 2 3 4 5 6 7 8'
+      - series: 'wgnat_client_device_errors_total{operation="probe",instance="a:9588"}'
+        values: '0 0 0 1 1 1'
+    alert_rule_test:
+      - eval_time: 29m
+        alertname: WgnatPeerRelayedLong
+        exp_alerts: []
+      - eval_time: 31m
+        alertname: WgnatPeerRelayedLong
+        exp_alerts:
+          - exp_labels: {severity: info, path: relayed, instance: "a:9588", job: wgnat-client}
+      - eval_time: 6m
+        alertname: WgnatRegistryUnreachable
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: WgnatRegistryUnreachable
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: "a:9588", job: wgnat-client}
+      - eval_time: 60m
+        alertname: WgnatDirectHandshakesFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: "a:9588", job: wgnat-client}
+      - eval_time: 9m
+        alertname: WgnatRegistryDeviceReadFailures
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: "hub:9587", job: wgnat-registry}
+      - eval_time: 4m
+        alertname: WgnatClientDeviceErrors
+        exp_alerts:
+          - exp_labels: {severity: warning, operation: probe, instance: "a:9588"}
+"""
+
+
+@needs_promtool
+def test_alerts_fire_when_they_should(tmp_path):
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(without_annotations(ALERTS.read_text()))
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(f"rule_files:\n  - {rules}\n" + textwrap.dedent(RULE_TESTS))
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
