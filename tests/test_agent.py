@@ -241,3 +241,22 @@ def test_refused_registry_answer_changes_nothing(net):
     assert set(device.peers) == set(before)
     assert device.peers[kb].allowed_ips == before[kb].allowed_ips
     net.hosts["a"]["client"].fetch = original
+
+
+def test_an_unexpected_error_does_not_stop_the_agent(net):
+    # A bug (here: plan() raising) is logged; the timers and the registry loop go on.
+    a, _ = net.direct_pair()
+    original = a.mesh.plan
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("a bug")
+
+    a.mesh.plan = broken
+    net.clock.advance(16)
+    net.clock.advance(16)
+    assert len(calls) >= 2  # still woken by its health timer after the failure
+    a.mesh.plan = original
+    net.clock.advance(16)
+    assert a.paths() == {net.hosts["b"]["key"]: Path.DIRECT}

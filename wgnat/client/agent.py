@@ -201,8 +201,10 @@ class MeshAgent(service.Service):
                 answer = yield self._inflight
             except CancelledError:
                 continue
-            except RegistryError as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
                 failures += 1
+                if not isinstance(exc, RegistryError):
+                    log.failure("unexpected error following the registry; retrying")
                 self._registry_down(str(exc), failures)
                 self._force_full = True
                 delay = REGISTRY_BACKOFF[min(failures, len(REGISTRY_BACKOFF)) - 1]
@@ -303,6 +305,9 @@ class MeshAgent(service.Service):
                 yield self._apply_all(actions)
                 if not self._again:
                     break
+        except Exception:
+            # A bug must not stop the timers: log it, keep the mesh, try again later.
+            log.failure("unexpected error while reconciling {ifname}", ifname=self.device.ifname)
         finally:
             self._reconciling = False
         if self.running:
