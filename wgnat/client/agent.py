@@ -201,7 +201,7 @@ class MeshAgent(service.Service):
                 answer = yield self._inflight
             except CancelledError:
                 continue
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
+            except Exception as exc:  # the loop must outlive any failure
                 failures += 1
                 if not isinstance(exc, RegistryError):
                     log.failure("unexpected error following the registry; retrying")

@@ -102,8 +102,14 @@ class Policy:
     accept_routes: tuple[IPNetwork, ...] = ()
 
     def filter(
-        self, networks: Iterable[IPNetwork], taken: set[IPNetwork]
+        self,
+        networks: Iterable[IPNetwork],
+        taken: set[IPNetwork],
+        held: tuple[IPNetwork, ...] = (),
     ) -> tuple[tuple[IPNetwork, ...], list[str]]:
+        """`taken`: routes no other peer may get again; `held`: routes of peers
+        configured by hand, inside which nothing more specific may be taken either
+        (WireGuard routes the most specific allowed IP)."""
         accepted: list[IPNetwork] = []
         rejected: list[str] = []
         for network in networks:
@@ -117,7 +123,10 @@ class Policy:
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
-            elif network in taken:
+            elif network in taken or any(
+                network.version == route.version and network.subnet_of(route)  # type: ignore[arg-type]
+                for route in held
+            ):
                 rejected.append(f"{network} (already routed to another peer)")
             else:
                 accepted.append(network)
@@ -240,11 +249,18 @@ class Mesh:
         on_device = device.by_key()
         unmanaged = {key: peer for key, peer in on_device.items() if key not in self.managed}
         taken: set[IPNetwork] = {net for peer in unmanaged.values() for net in peer.allowed_ips}
+        # Not the registry's routes: direct peers refine those by design.
+        held = tuple(
+            net
+            for key, peer in unmanaged.items()
+            if key != self.registry_key
+            for net in peer.allowed_ips
+        )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
             if key in (self.my_key, self.registry_key) or key in unmanaged:
                 continue
-            allowed, rejected = self.policy.filter(remote.allowed_ips, taken)
+            allowed, rejected = self.policy.filter(remote.allowed_ips, taken, held)
             taken.update(allowed)
             if rejected and self.rejected_logged.get(key) != tuple(rejected):
                 self.rejected_logged[key] = tuple(rejected)

@@ -136,7 +136,7 @@ class RegistryClient:
             raise RegistryError(_describe(exc, self.url)) from None
         try:
             document = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # too deeply nested
             raise RegistryError(
                 f"the registry answered HTTP {response.code} with a body that is not JSON"
             ) from None

@@ -76,6 +76,13 @@ def _caller_address(request: server.Request) -> ipaddress.IPv4Address | ipaddres
     return address
 
 
+class _Branch(Resource):
+    """A path segment with no page of its own (404/405).  Twisted's
+    Resource.render_HEAD calls a render_GET these lack: a 500 without this."""
+
+    render_HEAD = None
+
+
 class RegistryResource(Resource):
     """Base: identify the caller, turn ApiError and surprises into JSON answers."""
 
@@ -185,7 +192,8 @@ class PeersResource(RegistryResource):
 def parse_announcement(body: bytes) -> Announcement:
     try:
         document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: deeply nested arrays ("[[[[..."), which json refuses so.
         raise ApiError(http.BAD_REQUEST, "the body is not JSON") from None
     if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
         raise ApiError(
@@ -213,6 +221,8 @@ def parse_announcement(body: bytes) -> Announcement:
 
 
 class AnnounceResource(RegistryResource):
+    render_HEAD = None  # no render_GET to fake a HEAD with: a 405, not a 500
+
     def render_POST(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
         announcement = parse_announcement(body)
@@ -246,8 +256,8 @@ class HealthResource(Resource):
 
 
 def build_site(registry: Registry, metrics: Any = None) -> server.Site:
-    root = Resource()
-    v1 = Resource()
+    root = _Branch()
+    v1 = _Branch()
     root.putChild(b"v1", v1)
     v1.putChild(b"peers", PeersResource(registry, metrics))
     v1.putChild(b"announce", AnnounceResource(registry, metrics))
