@@ -469,7 +469,10 @@ class Mesh:
 def first_host(network: IPNetwork) -> IPAddress:
     if network.num_addresses == 1:
         return network.network_address
-    return next(network.hosts()) if network.prefixlen < network.max_prefixlen - 1 else network[0]
+    if network.prefixlen < network.max_prefixlen - 1:
+        host: IPAddress = next(iter(network.hosts()))  # type: ignore[assignment]
+        return host
+    return network.network_address
 
 
 def registry_address_of(peer: PeerState) -> IPAddress:

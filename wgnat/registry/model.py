@@ -175,10 +175,11 @@ class RegistryModel:
         """The JSON answer for `caller`: full when `since` is None, too old or of
         another epoch."""
         full = since is None or epoch != self.epoch or since < self.horizon or since > self.version
+        after = -1 if since is None else since  # with `full`, every stamp counts
         peers = [
             _peer_json(record, now)
             for key, record in self.records.items()
-            if key != caller and (full or record.version > since)  # type: ignore[operator]
+            if key != caller and (full or record.version > after)
         ]
         removed = (
             []
@@ -186,8 +187,8 @@ class RegistryModel:
             else [
                 key.base64
                 for key, version in self.tombstones.items()
-                if version > since and key != caller
-            ]  # type: ignore[operator]
+                if version > after and key != caller
+            ]
         )
         me = self.known.get(caller)
         return {
