@@ -40,6 +40,11 @@ lint: venv
 	$(VENV)/bin/mypy wgnat/_types.py wgnat/duration.py wgnat/client/reconcile.py \
 		wgnat/client/view.py wgnat/registry/model.py wgnat/status.py
 
+# Figures (README "Figures"): real wireguard-go devices behind NAT routers in
+# network namespaces; needs root.  Medians and p95 over runs, never unit tests.
+bench: system-deps venv install
+	$(PY) bench/formation.py --runs 5
+
 demo:
 	@echo "make demo comes with the Docker Compose testbed (issue 5)."
 	@echo "Until then, 'make test' runs the same NAT topologies in network namespaces."
