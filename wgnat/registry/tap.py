@@ -83,6 +83,7 @@ class RegistryDaemon(service.Service):
     """Reads the device, binds the API on the tunnel addresses, polls for changes."""
 
     failed = False
+    stop_reactor_on_failure = True  # the daemon's process ends; tests keep their reactor
 
     def __init__(self, device: Device, reactor: Any, options: Options) -> None:
         self.device = device
@@ -114,7 +115,7 @@ class RegistryDaemon(service.Service):
         else:
             log.failure("wgnat-server cannot start", failure)
         self.failed = True
-        if self.reactor.running:
+        if self.stop_reactor_on_failure and self.reactor.running:
             self.reactor.stop()
 
     @inlineCallbacks

@@ -1,0 +1,92 @@
+"""The registry daemon's start-up on a real reactor: it serves only where it was
+told to, and refuses to start, saying why, when it cannot bind there."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, readBody
+
+from tests.helpers import new_key
+from wgnat.device.memory import MemoryDevice
+from wgnat.registry import tap
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def daemon_on_loopback(port: int) -> tap.RegistryDaemon:
+    # "lo" is a real, up link, so the daemon's link check passes; the device
+    # itself is the in-memory double with loopback as its "tunnel address".
+    device = MemoryDevice(
+        "lo",
+        public_key=new_key(),
+        listen_port=port,
+        addresses=[ipaddress.ip_interface("127.0.0.1/8")],
+    )
+    options = tap.Options()
+    options.parseOptions(
+        ["-i", "lo", "--metrics-listen", f"127.0.0.1:{free_port()}", "--status-socket", ""]
+    )
+    daemon = tap.RegistryDaemon(device, reactor, options)
+    daemon.stop_reactor_on_failure = False
+    return daemon
+
+
+@pytest.fixture
+def logged():
+    events: list[str] = []
+
+    def observe(event):
+        from twisted.logger import formatEvent
+
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.inlineCallbacks
+def test_refuses_to_start_when_the_api_port_is_taken(logged):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        daemon = daemon_on_loopback(port)
+        daemon.startService()
+        for _ in range(100):
+            if daemon.failed:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        assert daemon.failed
+        assert any(f"cannot listen on 127.0.0.1 port {port}" in line for line in logged)
+        yield daemon.stopService()
+    finally:
+        busy.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_serves_on_the_interface_address_and_port(logged):
+    port = free_port()
+    daemon = daemon_on_loopback(port)
+    daemon.startService()
+    for _ in range(100):
+        if daemon.ports or daemon.failed:
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    assert not daemon.failed, logged
+    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/healthz".encode())
+    assert response.code == 200 and (yield readBody(response)) == b"ok\n"
+    assert any("wgnat-server on lo (memory): API on 127.0.0.1 port" in line for line in logged)
+    yield daemon.stopService()
