@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test unit install lint system-deps venv demo bench clean
+.PHONY: test unit fuzz install lint system-deps venv demo bench clean
 
 # The package is installed for real (not editable) before every run, so the
 # namespace tests run the console scripts and twistd plugins a user would get.
@@ -14,6 +14,12 @@ test: system-deps venv install $(VENV)/bin/promtool
 
 unit: venv install
 	$(PY) -m pytest -m "not realdevice and not integration"
+
+# The property-based tests (tests/test_fuzz.py) with many more examples each;
+# prints how many inputs were tried.  `make fuzz FUZZ_EXAMPLES=20000` for more.
+FUZZ_EXAMPLES ?= 5000
+fuzz: venv
+	WGNAT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -s -W ignore::DeprecationWarning
 
 $(VENV)/bin/promtool: | venv
 	scripts/fetch-promtool.sh $(VENV)/bin

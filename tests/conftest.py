@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 
+pytest_plugins = ["leakcheck"]  # tests/leakcheck.py: no key may leak anywhere
+
 
 def real_network_unavailable() -> str | None:
     if os.geteuid() != 0:

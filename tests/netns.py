@@ -46,6 +46,11 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+try:  # Leak check hook (tests/leakcheck.py, a pytest plugin): not needed outside pytest.
+    import leakcheck
+except ImportError:  # pragma: no cover
+    leakcheck = None  # type: ignore[assignment]
+
 UAPI_SOCKET_DIR = "/var/run/wireguard"
 FAMILY = "wnl"  # every default prefix starts with this
 INTERNET_BRIDGE = "br0"
@@ -93,6 +98,20 @@ class LabError(RuntimeError):
     pass
 
 
+def _leak_hook(
+    argv: Sequence[Any], result: subprocess.CompletedProcess, hidden: bool, where: str
+) -> None:
+    """Leak check hook: record the keys `wg genkey`/`wg genpsk` print; search what
+    other commands print (API answers, metrics, status fetched in a namespace)."""
+    if leakcheck is None:
+        return
+    if [str(a) for a in argv[:2]] in (["wg", "genkey"], ["wg", "genpsk"]):
+        leakcheck.record_secret(result.stdout or "")
+    elif not hidden:
+        text = (result.stdout or "") + (result.stderr or "")
+        leakcheck.check_text(text, f"the output of '{' '.join(map(str, argv))[:80]}' in {where}")
+
+
 class CommandFailed(LabError):
     """A command in a namespace failed; the message carries its stdout and stderr."""
 
@@ -123,6 +142,7 @@ def _run_root(
     result = subprocess.run(
         [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, input=input
     )
+    _leak_hook(argv, result, hide_stdout, "the root namespace")
     if check and result.returncode != 0:
         raise CommandFailed("root", argv, result, hide_stdout)
     return result
@@ -163,6 +183,7 @@ class Host:
             timeout=timeout,
             input=input,
         )
+        _leak_hook(argv, result, hide_stdout, self.name)
         if check and result.returncode != 0:
             raise CommandFailed(self.name, argv, result, hide_stdout)
         return result
@@ -735,6 +756,8 @@ class Lab:
         for device in self.devices:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(device.socket_path)
+        if leakcheck is not None:  # leak check hook: logs and state files, before they go
+            leakcheck.check_directory(self.tmpdir, f"lab {self.prefix} files")
         if os.environ.get("WGNAT_LAB_KEEP_LOGS"):
             print(f"lab {self.prefix}: logs kept in {self.tmpdir}", file=sys.stderr)
         else:

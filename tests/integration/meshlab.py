@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from netns import Host, Lab, WireGuard
+from netns import Host, Lab, WireGuard, leakcheck
 
 TUNNEL = "198.51.100.0/24"
 REGISTRY_TUNNEL = "198.51.100.1"
@@ -177,7 +177,10 @@ class MeshLab:
             if node.daemon is not None:
                 parts.append(f"--- {node.name} daemon log (tail)")
                 parts.append("\n".join(node.daemon.log().splitlines()[-40:]))
-        return "\n".join(parts)
+        report = "\n".join(parts)
+        if leakcheck is not None:  # leak check hook (tests/leakcheck.py)
+            leakcheck.check_text(report, "the mesh lab report")
+        return report
 
     def stop_all(self) -> None:
         for node in [*self.clients.values(), self.registry]:
