@@ -1,0 +1,906 @@
+"""How far one registry scales: N peers, N clients holding the long poll.
+
+    python bench/registry_scale.py [--peers 1000,10000] [--changes 5] [--json FILE]
+
+For each N, the registry runs in its own process pinned to CPU 0, built as the
+daemon builds it (RegistryMetrics, Registry hub, the device read once before
+listening, build_site, a LoopingCall of hub.poll every 1 s), over a
+MemoryDevice filled with N live peers (allowed IP 127.A.B.C/32, endpoint in
+203.0.113.0/24 or 198.51.100.0/24).  This process (pinned to CPU 1) is the N
+clients: one persistent HTTP/1.1 connection each, bound to the peer's loopback
+address, speaking raw HTTP (10,000 Agents with their connection pools would
+cost the client side more than the registry; the requests are the ones
+RegistryClient sends).  The two processes talk JSON lines on the registry's
+stdin/stdout: CPU (getrusage), RSS (VmRSS), waiting clients, device changes.
+
+Phases per N, each bounded by a deadline so the run ends by itself:
+  1. full answers: clients fetch the whole view (GET /v1/peers), 32 at a
+     time, until all N did or --full-seconds ran out: bytes and registry CPU per
+     full answer, and so wg-nat's model (N full answers per minute);
+  2. every client holds the long poll (since=V&epoch=E&wait=25), the ones not
+     in phase 1 starting from the version phase 1 returned;
+  3. at rest for --rest-seconds: registry CPU and bytes per minute;
+  4. --changes endpoint changes, one at a time: per-client latency from the
+     device change to the answer's last byte at the client, registry CPU and
+     bytes per change;
+  5. (run first, while the registry is idle) in the registry process, the
+     per-request CPU of the model's parts: identify, delta and full answers, JSON,
+     the device read.
+A registry that answers no control command for --control-seconds (its reactor
+busy with clients) ends the run for that N: what was measured is reported.
+WGNAT_BENCH_PROFILE=PREFIX writes a cProfile of the registry over the changes.
+Everything stays on 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import ipaddress
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from twisted.internet import defer, protocol, reactor  # noqa: E402
+from twisted.protocols.basic import LineReceiver  # noqa: E402
+
+WAIT = 25  # the long poll's wait, as the client asks it
+KEY_SEED = 20260101
+
+
+# -- shared ---------------------------------------------------------------------
+def peer_address(index: int) -> str:
+    """127.1.0.2, 127.1.0.3, ...; never 127.0.0.1 (the registry listens there)."""
+    value = int(ipaddress.IPv4Address("127.1.0.2")) + index
+    return str(ipaddress.IPv4Address(value))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def raise_nofile(need: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, need))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def pin(cpu: int) -> bool:
+    try:
+        if cpu in os.sched_getaffinity(0):
+            os.sched_setaffinity(0, {cpu})
+            return True
+    except (OSError, AttributeError):
+        pass
+    return False
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# -- the registry process ----------------------------------------------------------
+def run_registry(peers: int) -> None:
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.stdio import StandardIO
+    from twisted.internet.task import LoopingCall
+
+    from wgnat._types import Endpoint, PeerState, PublicKey
+    from wgnat.device.memory import MemoryDevice
+    from wgnat.metrics import RegistryMetrics
+    from wgnat.registry.api import build_site
+    from wgnat.registry.hub import Registry
+
+    pinned = pin(0)
+    raise_nofile(peers + 256)
+    rng = random.Random(KEY_SEED)
+
+    class TimedDevice(MemoryDevice):
+        """Notes when the first read after a change starts (the poll that sees it)."""
+
+        changed_at: float | None = None
+        seen_at: float | None = None
+
+        def read(self):  # type: ignore[no-untyped-def]
+            if self.changed_at is not None and self.seen_at is None:
+                self.seen_at = time.time()
+            return super().read()
+
+    device = TimedDevice(public_key=PublicKey(rng.randbytes(32)))
+    now = time.time()
+    keys = []
+    for index in range(peers):
+        key = PublicKey(rng.randbytes(32))
+        keys.append(key)
+        net = "203.0.113" if index % 2 == 0 else "198.51.100"
+        endpoint = Endpoint(
+            ipaddress.ip_address(f"{net}.{1 + index % 254}"), 1024 + rng.randrange(60000)
+        )
+        device.add_peer(
+            PeerState(
+                key,
+                endpoint,
+                (ipaddress.ip_network(f"{peer_address(index)}/32"),),
+                now - rng.uniform(0, 100),
+                persistent_keepalive=25,
+            )
+        )
+
+    # As RegistryDaemon builds it.
+    metrics = RegistryMetrics()
+    hub = Registry(device, reactor, metrics=metrics)
+    metrics.watch(hub)
+    hub.model.observe(device.snapshot(), reactor.seconds())
+    site = build_site(hub, metrics)
+    poller = LoopingCall(hub.poll)
+    poller.clock = reactor
+
+    notices: dict[str, Any] = {}
+    # WGNAT_BENCH_PROFILE=PREFIX: cProfile the registry from each change until the
+    # woken clients wait again (PREFIX.N, cumulative over the changes).
+    profiler = None
+    if os.environ.get("WGNAT_BENCH_PROFILE"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+    real_notify = hub.notify
+
+    def timed_notify() -> None:  # instrumentation only: the product's notify runs as is
+        notices["waiters"] = hub.waiting()
+        notices["start"] = time.time()
+        real_notify()
+        notices["end"] = time.time()
+
+    hub.notify = timed_notify  # type: ignore[method-assign]
+
+    def micro() -> dict[str, float]:
+        """Per-request costs of the model's parts at this N (CPU seconds)."""
+        import json as _json
+
+        model = hub.model
+        caller = keys[peers // 2]
+        address = ipaddress.ip_address(peer_address(peers // 2))
+        at = reactor.seconds()
+
+        def timed(function: Any, repeat: int) -> float:
+            started = time.process_time()
+            for _ in range(repeat):
+                function()
+            return (time.process_time() - started) / repeat
+
+        repeat = max(3, 20000 // peers)
+        full_doc = model.answer(caller, None, at, model.epoch)
+        delta_doc = model.answer(caller, model.version - 1, at, model.epoch)
+        return {
+            "identify_caller": timed(lambda: model.caller(address), repeat),
+            "delta_answer_doc": timed(
+                lambda: model.answer(caller, model.version - 1, at, model.epoch), repeat
+            ),
+            "delta_json": timed(lambda: _json.dumps(delta_doc, separators=(",", ":")), repeat),
+            "full_answer_doc": timed(lambda: model.answer(caller, None, at, model.epoch), 3),
+            "full_json": timed(lambda: _json.dumps(full_doc, separators=(",", ":")), 3),
+            "device_read_observe": timed(lambda: model.observe(device.snapshot(), at), 3),
+        }
+
+    class Control(LineReceiver):
+        delimiter = b"\n"
+
+        def reply(self, **fields: Any) -> None:
+            fields.update(
+                cpu=cpu_seconds(),
+                rss_kib=rss_kib(),
+                waiting=hub.waiting(),
+                version=hub.model.version,
+                epoch=hub.model.epoch,
+                time=time.time(),
+            )
+            self.sendLine(json.dumps(fields).encode())
+
+        def lineReceived(self, line: bytes) -> None:
+            words = line.decode().split()
+            if not words:
+                return
+            if words[0] == "stats":
+                self.reply()
+            elif words[0] == "touch":  # every peer handshook just now (keepalives)
+                at = time.time()
+                for key, peer in list(device.peers.items()):
+                    device.peers[key] = dataclasses.replace(peer, latest_handshake=at)
+                self.reply()
+            elif words[0] == "change":  # a NAT rebinding of one peer
+                key = keys[int(words[1])]
+                peer = device.peers[key]
+                assert peer.endpoint is not None
+                port = peer.endpoint.port % 64000 + 1024 + 1
+                notices.clear()
+                device.seen_at = None
+                device.peers[key] = dataclasses.replace(
+                    peer, endpoint=Endpoint(peer.endpoint.host, port)
+                )
+                device.changed_at = time.time()
+                if profiler is not None:
+                    profiler.enable()
+                self.reply(changed_at=device.changed_at)
+            elif words[0] == "changed":  # what the registry saw of the last change
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(os.environ["WGNAT_BENCH_PROFILE"] + f".{peers}")
+                self.reply(seen_at=device.seen_at, notify=dict(notices))
+            elif words[0] == "micro":
+                self.reply(micro=micro())
+            elif words[0] == "quit":
+                poller.stop()
+                reactor.stop()
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if reactor.running:
+                reactor.stop()
+
+    def listening(port: Any) -> None:
+        poller.start(1.0, now=False)
+        control = Control()
+        StandardIO(control)
+        control.reply(port=port.getHost().port, pinned=pinned, peers=peers)
+
+    gc.collect()
+    # The daemon's endpoint (default backlog) on loopback instead of the tunnel address.
+    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site).addCallback(listening)
+    reactor.run()
+
+
+# -- the clients (this process) -------------------------------------------------
+class Response:
+    __slots__ = ("at", "body", "size", "status")
+
+    def __init__(self, status: int, body: bytes, size: int, at: float) -> None:
+        self.status, self.body, self.size, self.at = status, body, size, at
+
+
+class HTTPClient(protocol.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time; parses
+    Content-Length and chunked answers (twisted.web streams chunked)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.pending: defer.Deferred[Response] | None = None
+        self.size = 0
+        self.connected_d: defer.Deferred[HTTPClient] = defer.Deferred()
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.connected_d.callback(self)
+
+    def get(self, path: str) -> defer.Deferred[Response]:
+        assert self.pending is None
+        self.pending = defer.Deferred()
+        self.buffer, self.size = b"", 0
+        self.transport.write(  # type: ignore[union-attr]
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n\r\n".encode()
+        )
+        return self.pending
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        self.buffer += data
+        self._parse()
+
+    def _parse(self) -> None:
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0 or self.pending is None:
+            return
+        head = self.buffer[:head_end].decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        rest = self.buffer[head_end + 4 :]
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            if len(rest) < length:
+                return
+            body = rest[:length]
+        elif headers.get("transfer-encoding") == "chunked":
+            if not rest.endswith(b"0\r\n\r\n"):
+                return
+            parts, offset = [], 0
+            while True:
+                line_end = rest.find(b"\r\n", offset)
+                length = int(rest[offset:line_end].split(b";")[0], 16)
+                if length == 0:
+                    break
+                parts.append(rest[line_end + 2 : line_end + 2 + length])
+                offset = line_end + 2 + length + 2
+            body = b"".join(parts)
+        else:
+            return
+        pending, self.pending = self.pending, None
+        pending.callback(Response(status, body, self.size, time.time()))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.errback(ConnectionError("connection lost"))
+
+
+class Client:
+    def __init__(self, index: int, port: int) -> None:
+        self.index = index
+        self.address = peer_address(index)
+        self.port = port
+        self.conn: HTTPClient | None = None
+        self.since: int | None = None
+        self.epoch: str | None = None
+        self.polling = False
+        self.answers: list[tuple[int, float, int]] = []  # (version, arrival, bytes)
+        self.watch: dict[str, Any] | None = None  # {"version", "got": [(arrival, bytes)]}
+        self.errors = 0
+        self.reconnects = 0
+
+    async def connect(self) -> None:
+        built: defer.Deferred[HTTPClient] = defer.Deferred()
+
+        class Factory(protocol.ClientFactory):
+            noisy = False
+
+            def buildProtocol(self, addr: Any) -> HTTPClient:
+                proto = HTTPClient()
+                proto.factory = self
+                proto.connected_d.chainDeferred(built)
+                return proto
+
+            def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                if not built.called:
+                    built.errback(reason)
+
+        reactor.connectTCP(
+            "127.0.0.1", self.port, Factory(), timeout=30, bindAddress=(self.address, 0)
+        )
+        self.conn = await built
+
+    async def request(self, path: str) -> Response:
+        if self.conn is None or self.conn.lost:
+            self.reconnects += 1
+            await self.connect()
+        assert self.conn is not None
+        return await self.conn.get(path)
+
+    async def full(self) -> Response:
+        response = await self.request("/v1/peers")
+        document = json.loads(response.body)
+        self.since, self.epoch = document["version"], document["epoch"]
+        return response
+
+    async def poll_forever(self) -> None:
+        self.polling = True
+        while self.polling:
+            try:
+                response = await self.request(
+                    f"/v1/peers?since={self.since}&epoch={self.epoch}&wait={WAIT}"
+                )
+            except Exception:
+                self.errors += 1
+                await sleep(1.0)
+                continue
+            if response.status != 200:
+                self.errors += 1
+                await sleep(1.0)
+                continue
+            document = json.loads(response.body)
+            self.since, self.epoch = document["version"], document["epoch"]
+            self.answers.append((self.since, response.at, response.size))
+            watch = self.watch
+            if watch is not None and self.since >= watch["version"]:
+                watch["got"].append((response.at, response.size))
+                self.watch = None
+
+
+def progress(text: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class RegistryStuck(Exception):
+    pass
+
+
+class RegistryProcess(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.replies: list[defer.Deferred[dict[str, Any]]] = []
+        self.first: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.stderr = b""
+        self.timeout = 60.0
+        self.stuck = False
+        self.peak_rss_kib = 0
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            message = json.loads(line)
+            if not self.first.called:
+                self.first.callback(message)
+            elif self.replies:
+                reply = self.replies.pop(0)
+                if not reply.called:
+                    reply.callback(message)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr = (self.stderr + data)[-4000:]
+
+    def ask(self, command: str) -> defer.Deferred[dict[str, Any]]:
+        """The registry's reply; RegistryStuck when it takes over `timeout` seconds
+        (its reactor busy answering clients: then the run for this N ends)."""
+        if self.stuck:
+            return defer.fail(RegistryStuck(f"{command!r}: the registry stopped answering"))
+        reply: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.replies.append(reply)
+        self.transport.write(command.encode() + b"\n")  # type: ignore[union-attr]
+
+        def late() -> None:
+            self.stuck = True
+            if not reply.called:
+                reply.errback(RegistryStuck(f"no reply to {command!r} within {self.timeout:.0f} s"))
+
+        timer = reactor.callLater(self.timeout, late)
+
+        def answered(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, dict):
+                self.peak_rss_kib = max(self.peak_rss_kib, result.get("rss_kib", 0))
+            return result
+
+        return reply.addBoth(answered)
+
+    def processEnded(self, reason: Any) -> None:
+        for reply in self.replies:
+            if reply.called:
+                continue
+            reply.errback(RuntimeError("registry process ended: " + self.stderr.decode()[-2000:]))
+        self.replies = []
+        if not self.first.called:
+            self.first.errback(RuntimeError("registry failed: " + self.stderr.decode()[-2000:]))
+        self.ended.callback(None)
+
+
+async def bounded_all(jobs: list[Any], concurrency: int, deadline: float) -> int:
+    """Run coroutine factories `concurrency` at a time until done or `deadline`."""
+    done = 0
+    queue = list(jobs)
+
+    async def worker() -> None:
+        nonlocal done
+        while queue and time.time() < deadline:
+            job = queue.pop(0)
+            await job()
+            done += 1
+
+    await defer.gatherResults(
+        [defer.ensureDeferred(worker()) for _ in range(concurrency)], consumeErrors=True
+    )
+    return done
+
+
+async def wait_until(predicate: Any, deadline: float, step: float = 0.05) -> bool:
+    while time.time() < deadline:
+        if await defer.maybeDeferred(predicate):
+            return True
+        await sleep(step)
+    return False
+
+
+async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"peers": peers, "notes": []}
+    notes = result["notes"]
+    registry = RegistryProcess()
+    reactor.spawnProcess(
+        registry,
+        sys.executable,
+        [sys.executable, os.path.abspath(__file__), "--_registry", str(peers)],
+        env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")),
+    )
+    hello = await registry.first
+    port = hello["port"]
+    result["registry_pinned_cpu0"] = hello["pinned"]
+    result["rss_mib_idle"] = hello["rss_kib"] / 1024
+    # 5 (first, while the registry is idle): the model's parts, per request.
+    registry.timeout = args.control_seconds
+    result["micro"] = (await registry.ask("micro"))["micro"]
+    clients = [Client(index, port) for index in range(peers)]
+    changes: list[dict[str, Any]] = []
+    result["changes"] = changes
+    phase_start = time.time()
+    try:
+        # Connections, a few at a time (the daemon's listen backlog is Twisted's 50).
+        async def connect(client: Client) -> None:
+            try:
+                await client.connect()
+            except Exception:
+                client.errors += 1
+
+        connected = await bounded_all(
+            [lambda c=c: connect(c) for c in clients], 32, time.time() + args.connect_seconds
+        )
+        result["connect_seconds"] = time.time() - phase_start
+        result["connected"] = sum(1 for c in clients if c.conn is not None and not c.conn.lost)
+        progress(f"{result['connected']} connected; full answers")
+        del connected
+
+        # 1. Full answers (each client's first fetch; wg-nat's every minute).
+        await registry.ask("touch")
+        before = await registry.ask("stats")
+        sizes: list[int] = []
+        started = time.time()
+
+        async def full(client: Client) -> None:
+            try:
+                response = await client.full()
+                sizes.append(response.size)
+            except Exception:
+                client.errors += 1
+
+        fetched = await bounded_all(
+            [lambda c=c: full(c) for c in clients], 32, time.time() + args.full_seconds
+        )
+        after = await registry.ask("stats")
+        wall = time.time() - started
+        count = len(sizes)
+        result["full"] = {
+            "fetched": count,
+            "wall_seconds": wall,
+            "bytes_per_answer": statistics.median(sizes) if sizes else None,
+            "cpu_per_answer": (after["cpu"] - before["cpu"]) / count if count else None,
+        }
+        if count < peers:
+            notes.append(
+                f"full answers: {count} of {peers} clients fetched within "
+                f"{args.full_seconds:.0f} s; the others start their long poll at the version "
+                "those answers carried (the same state a full answer gives); wg-nat's "
+                "per-minute cost is extrapolated from them"
+            )
+        del fetched
+        version, epoch = after["version"], after["epoch"]
+        for client in clients:
+            if client.since is None:
+                client.since, client.epoch = version, epoch
+
+        # 2. Every client holds the long poll.
+        progress(f"{count} full answers; long polls")
+        settle_start = time.time()
+        for client in clients:
+            defer.ensureDeferred(client.poll_forever())
+        last: dict[str, Any] = {}
+
+        async def all_waiting() -> bool:
+            last.update(await registry.ask("stats"))
+            return last["waiting"] >= peers
+
+        settled = await wait_until(all_waiting, time.time() + args.settle_seconds, step=0.5)
+        result["settle_seconds"] = time.time() - settle_start
+        result["waiting_after_settle"] = last["waiting"]
+        result["rss_mib_waiting"] = last["rss_kib"] / 1024
+        if not settled:
+            notes.append(
+                f"only {last['waiting']} of {peers} long polls were waiting after "
+                f"{args.settle_seconds:.0f} s: the registry could not take them in faster"
+            )
+
+        progress(f"{last['waiting']} long polls waiting; at rest")
+        # 3. At rest: the long polls expire and are re-issued every 25 s, the device is
+        # read every second; nothing changes.
+        await registry.ask("touch")
+        marks = [len(c.answers) for c in clients]
+        before = await registry.ask("stats")
+        await sleep(args.rest_seconds)
+        after = await registry.ask("stats")
+        window = after["time"] - before["time"]
+        rest_answers = sum(len(c.answers) - m for c, m in zip(clients, marks, strict=True))
+        rest_bytes = sum(
+            sum(size for _, _, size in c.answers[m:]) for c, m in zip(clients, marks, strict=True)
+        )
+        result["rest"] = {
+            "window_seconds": window,
+            "cpu_per_minute": (after["cpu"] - before["cpu"]) * 60 / window,
+            "answers_per_minute": rest_answers * 60 / window,
+            "bytes_per_minute": rest_bytes * 60 / window,
+            "waiting_at_end": after["waiting"],
+        }
+        result["rss_mib_waiting"] = max(result["rss_mib_waiting"], after["rss_kib"] / 1024)
+
+        # 4. Endpoint changes, one at a time.
+        progress("changes")
+        rng = random.Random(7)
+        for _ in range(args.changes):
+            await sleep(rng.uniform(0.2, 1.2))  # land anywhere in the 1 s poll period
+            before = await registry.ask("stats")
+            got: list[tuple[float, int]] = []
+            watch = {"version": before["version"] + 1, "got": got}
+            for client in clients:
+                client.watch = watch
+            changed = await registry.ask(f"change {rng.randrange(peers)}")
+            changed_at = changed["changed_at"]
+            deadline = time.time() + args.change_seconds
+            await wait_until(lambda got=got: len(got) >= peers, deadline, step=0.05)
+            got = list(got)
+            delivered_at = time.time()
+            latencies = [at - changed_at for at, _ in got]
+            change: dict[str, Any] = {
+                "delivered": len(got),
+                "p50": percentile(latencies, 0.5) if latencies else None,
+                "p99": percentile(latencies, 0.99) if len(got) == peers else None,
+                "max": max(latencies) if latencies and len(got) == peers else None,
+                "bytes_total": sum(size for _, size in got),
+                "bytes_per_client": statistics.median([size for _, size in got]) if got else None,
+                "cpu": None,
+            }
+            if len(got) < peers:
+                change["p99_lower_bound"] = delivered_at - changed_at
+            changes.append(change)
+            progress(
+                f"change: {len(got)} of {peers} delivered in {delivered_at - changed_at:.2f} s"
+            )
+            # CPU: until the woken clients are waiting again (their next poll taken in).
+            last = {}
+            await wait_until(all_waiting, deadline + 5, step=0.2)
+            after = last
+            seen = await registry.ask("changed")
+            notice = seen["notify"]
+            change.update(
+                seen_after=(seen["seen_at"] - changed_at) if seen["seen_at"] else None,
+                cpu=after["cpu"] - before["cpu"],
+                cpu_window=after["time"] - before["time"],
+                notify_woke=notice.get("waiters"),
+                notify_seconds=notice["end"] - notice["start"] if "end" in notice else None,
+            )
+            if seen["seen_at"] and latencies:
+                after_seen = [at - seen["seen_at"] for at, _ in got]
+                change["p50_after_seen"] = percentile(after_seen, 0.5)
+                if len(got) == peers:
+                    change["p99_after_seen"] = percentile(after_seen, 0.99)
+            await registry.ask("touch")
+    except RegistryStuck as exc:
+        progress(f"stopped early: {exc}")
+        notes.append(f"stopped early: {exc} (its reactor was busy answering clients)")
+    rest_rate = result.get("rest", {}).get("cpu_per_minute", 0.0) / 60
+
+    def med(name: str, items: list[dict[str, Any]] = changes) -> float | None:
+        values = [item[name] for item in items if item.get(name) is not None]
+        return statistics.median(values) if values else None
+
+    result["change"] = {
+        "p50": med("p50"),
+        "p99": med("p99"),
+        "p50_after_seen": med("p50_after_seen"),
+        "p99_after_seen": med("p99_after_seen"),
+        "p99_lower_bound": med("p99_lower_bound"),
+        "seen_after": med("seen_after"),
+        "notify_seconds": med("notify_seconds"),
+        "delivered": min(item["delivered"] for item in changes) if changes else 0,
+        "cpu": med("cpu"),
+        "cpu_over_rest": med(
+            "over",
+            [
+                {"over": max(0.0, item["cpu"] - rest_rate * item["cpu_window"])}
+                for item in changes
+                if item.get("cpu") is not None
+            ],
+        ),
+        "bytes_total": med("bytes_total"),
+        "bytes_per_client": med("bytes_per_client"),
+    }
+
+    for client in clients:
+        client.polling = False
+    full_info = result.get("full", {})
+    if full_info.get("cpu_per_answer"):
+        result["wgnat_model_per_minute"] = {
+            "cpu_seconds": full_info["cpu_per_answer"] * peers,
+            "bytes": full_info["bytes_per_answer"] * peers,
+        }
+    result["errors"] = sum(c.errors for c in clients)
+    result["reconnects"] = sum(c.reconnects for c in clients)
+    registry.transport.write(b"quit\n")  # type: ignore[union-attr]
+    for client in clients:
+        if client.conn is not None and not client.conn.lost:
+            client.conn.transport.abortConnection()  # type: ignore[union-attr]
+    killer = reactor.callLater(
+        0 if registry.stuck else 10, lambda: registry.transport.signalProcess("KILL")
+    )
+    await registry.ended
+    if killer.active():
+        killer.cancel()
+    result["seconds"] = time.time() - phase_start
+    result["rss_mib_peak"] = registry.peak_rss_kib / 1024
+    return result
+
+
+def fmt(value: Any, unit: str = "", digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if unit == "B":
+        for scale, name in ((1 << 20, "MiB"), (1 << 10, "KiB")):
+            if value >= scale:
+                return f"{value / scale:.2f} {name}"
+        return f"{value:.0f} B"
+    return f"{value:.{digits}g}{unit}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows: list[tuple[str, ...]] = []
+
+    def cell(getter: Any, result: dict[str, Any]) -> str:
+        try:
+            return str(getter(result))
+        except (KeyError, TypeError):  # a phase that did not run (registry stuck)
+            return "-"
+
+    def row(name: str, getter: Any) -> None:
+        rows.append((name, *[cell(getter, r) for r in results]))
+
+    row("peers = waiting clients", lambda r: str(r["peers"]))
+    row("long polls waiting (settled)", lambda r: f"{r['waiting_after_settle']}")
+    row(
+        "change -> all clients p50",
+        lambda r: fmt(r["change"]["p50"], " s"),
+    )
+    row(
+        "change -> all clients p99 (target <= 1 s)",
+        lambda r: (
+            fmt(r["change"]["p99"], " s")
+            if r["change"]["p99"] is not None
+            else f"> {fmt(r['change']['p99_lower_bound'], ' s')} "
+            f"({r['change']['delivered']}/{r['peers']} delivered)"
+        ),
+    )
+    row("  of which: device poll sees it (median)", lambda r: fmt(r["change"]["seen_after"], " s"))
+    row(
+        "  seen -> client p50 / p99",
+        lambda r: (
+            f"{fmt(r['change']['p50_after_seen'], ' s')} / "
+            f"{fmt(r['change']['p99_after_seen'], ' s')}"
+        ),
+    )
+    row("  notify loop (answers written)", lambda r: fmt(r["change"]["notify_seconds"], " s"))
+    row("registry CPU per change", lambda r: fmt(r["change"]["cpu"], " s"))
+    row("  over the rest baseline", lambda r: fmt(r["change"]["cpu_over_rest"], " s"))
+    row("bytes per change, all clients", lambda r: fmt(r["change"]["bytes_total"], "B"))
+    row("bytes per change, per client", lambda r: fmt(r["change"]["bytes_per_client"], "B"))
+    row("registry RSS, N clients waiting (<= 300 MB)", lambda r: f"{r['rss_mib_waiting']:.0f} MiB")
+    row("registry RSS, peak seen", lambda r: f"{r['rss_mib_peak']:.0f} MiB")
+    row("full answer: bytes", lambda r: fmt(r["full"]["bytes_per_answer"], "B"))
+    row("full answer: registry CPU", lambda r: fmt(r["full"]["cpu_per_answer"], " s"))
+    row("  full answers measured", lambda r: f"{r['full']['fetched']}")
+    row(
+        "wg-nat model: CPU s per minute (N full)",
+        lambda r: fmt(r.get("wgnat_model_per_minute", {}).get("cpu_seconds"), " s"),
+    )
+    row(
+        "wg-nat model: bytes per minute",
+        lambda r: fmt(r.get("wgnat_model_per_minute", {}).get("bytes"), "B"),
+    )
+    row("ours at rest: CPU s per minute", lambda r: fmt(r["rest"]["cpu_per_minute"], " s"))
+    row("ours at rest: bytes per minute", lambda r: fmt(r["rest"]["bytes_per_minute"], "B"))
+    row("ours at rest: answers per minute", lambda r: f"{r['rest']['answers_per_minute']:.0f}")
+    row("per request: identify caller", lambda r: fmt(r["micro"]["identify_caller"], " s"))
+    row("per request: delta answer (model)", lambda r: fmt(r["micro"]["delta_answer_doc"], " s"))
+    row("per request: delta JSON encode", lambda r: fmt(r["micro"]["delta_json"], " s"))
+    row("per request: full answer (model)", lambda r: fmt(r["micro"]["full_answer_doc"], " s"))
+    row("per request: full JSON encode", lambda r: fmt(r["micro"]["full_json"], " s"))
+    row("per poll: device read + observe", lambda r: fmt(r["micro"]["device_read_observe"], " s"))
+    row("client errors / reconnects", lambda r: f"{r['errors']} / {r['reconnects']}")
+    row("run time", lambda r: f"{r['seconds']:.0f} s")
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    lines = []
+    for number, line in enumerate(rows):
+        lines.append(
+            "  ".join(
+                cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                for i, cell in enumerate(line)
+            )
+        )
+        if number == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    pinned = pin(1)
+    raise_nofile(max(args.peers) + 256)
+    results = []
+    for peers in args.peers:
+        print(f"N = {peers} ...", file=sys.stderr, flush=True)
+        results.append(await measure(peers, args))
+        print(table(results[-1:]), file=sys.stderr, flush=True)
+        if args.json:  # kept after each N
+            with open(args.json, "w") as handle:
+                json.dump({"results": results}, handle, indent=2)
+    load = os.getloadavg()
+    document = {
+        "clients_pinned_cpu1": pinned,
+        "cpus": os.cpu_count(),
+        "loadavg_after": load,
+        "wait": WAIT,
+        "results": results,
+    }
+    print()
+    print(table(results))
+    for result in results:
+        for note in result["notes"]:
+            print(f"N={result['peers']}: {note}")
+    print(f"load average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(document, handle, indent=2)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", default="1000,10000")
+    parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--json")
+    parser.add_argument("--connect-seconds", type=float, default=60)
+    parser.add_argument("--full-seconds", type=float, default=20, help="budget of phase 1")
+    parser.add_argument("--settle-seconds", type=float, default=60, help="budget of phase 2")
+    parser.add_argument("--rest-seconds", type=float, default=30, help="phase 3 (>= 25 s)")
+    parser.add_argument("--change-seconds", type=float, default=20, help="budget per change")
+    parser.add_argument(
+        "--control-seconds",
+        type=float,
+        default=60,
+        help="a registry that answers no control command for this long ends the run for its N",
+    )
+    parser.add_argument("--_registry", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._registry is None:
+        args.peers = [int(part) for part in args.peers.split(",") if part]
+    return args
+
+
+if __name__ == "__main__":
+    options = parse_args()
+    if options._registry is not None:
+        run_registry(options._registry)
+    else:
+        failures: list[Any] = []
+
+        def run() -> None:
+            done = defer.ensureDeferred(main(options))
+            done.addErrback(failures.append)
+            done.addBoth(lambda _: reactor.stop())
+
+        reactor.callWhenRunning(run)
+        reactor.run()
+        if failures:
+            failures[0].printTraceback()
+            sys.exit(1)
