@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.helpers import device, ep, ip, new_key, peer
 from wgnat._types import Announcement
 from wgnat.registry.model import RegistryModel
@@ -166,3 +169,50 @@ def test_answers_never_carry_secrets():
         "session",
         "last_handshake_age",
     }
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["move", "leave", "announce", "return"]), st.integers(0, 5)),
+        max_size=40,
+    ),
+    st.integers(0, 60),
+)
+def test_deltas_equal_a_brute_force_scan(operations, since):
+    # The model finds a delta by walking its version-ordered records back from
+    # the newest; this checks it against scanning everything.
+    keys = [new_key() for _ in range(6)]
+    ports = dict.fromkeys(range(6), 51820)
+    present = set(range(6))
+    model = RegistryModel(max_tombstones=1000)
+
+    def state():
+        return device(
+            *[
+                peer(keys[i], f"203.0.113.{20 + i}:{ports[i]}", (f"198.51.100.{2 + i}/32",), NOW)
+                for i in sorted(present)
+            ]
+        )
+
+    model.observe(state(), NOW)
+    for kind, i in operations:
+        if kind == "move":
+            ports[i] += 1
+        elif kind == "leave":
+            present.discard(i)
+        elif kind == "return":
+            present.add(i)
+        else:
+            model.announce(keys[i], Announcement(f"{len(operations):x}{i}"))
+        model.observe(state(), NOW)
+    caller = keys[0]
+    answer = model.answer(caller, since, NOW, model.epoch)
+    if answer["full"]:
+        return
+    expected = {k.base64 for k, r in model.records.items() if r.version > since and k != caller}
+    assert {p["public_key"] for p in answer["peers"]} == expected
+    gone = {k.base64 for k, v in model.tombstones.items() if v > since and k != caller}
+    assert set(answer["removed"]) == gone
+    for i in present:
+        assert model.caller(ip(f"198.51.100.{2 + i}")) == keys[i]

@@ -70,16 +70,23 @@ class RegistryModel:
     version: int = 0
     # Deltas are possible for clients at or above this version.
     horizon: int = 0
+    # Both kept in version order (a changed entry moves to the end), so a delta
+    # walks back from the newest and costs O(changes), not O(peers).
     records: dict[PublicKey, PeerRecord] = field(default_factory=dict)
     tombstones: dict[PublicKey, int] = field(default_factory=dict)
     announcements: dict[PublicKey, Announcement] = field(default_factory=dict)
     # Every peer on the device (live or not): callers are identified among them.
     known: dict[PublicKey, PeerState] = field(default_factory=dict)
     endpoint_changes: int = 0
+    # Caller lookup, rebuilt with `known`: single addresses by dict, the rare
+    # routed networks (most specific first) by scan.
+    _hosts: dict[IPAddress, PublicKey] = field(default_factory=dict)
+    _routes: list[tuple[IPNetwork, PublicKey]] = field(default_factory=list)
 
     # -- inputs -----------------------------------------------------------
     def observe(self, state: DeviceState, now: float) -> bool:
         self.known = state.by_key()
+        self._index_callers()
         live = {
             key: peer for key, peer in self.known.items() if is_live(peer, now, self.live_window)
         }
@@ -105,15 +112,34 @@ class RegistryModel:
         if record is None:
             return False
         self._bump()
-        self.records[key] = PeerRecord(
-            key,
-            record.endpoint,
-            record.allowed_ips,
-            announcement,
-            record.latest_handshake,
-            self.version,
+        self._stamp(
+            PeerRecord(
+                key,
+                record.endpoint,
+                record.allowed_ips,
+                announcement,
+                record.latest_handshake,
+                self.version,
+            )
         )
         return True
+
+    def _stamp(self, record: PeerRecord) -> None:
+        """Store a record with a new version at the end of the version order."""
+        self.records.pop(record.public_key, None)
+        self.records[record.public_key] = record
+
+    def _index_callers(self) -> None:
+        hosts: dict[IPAddress, PublicKey] = {}
+        routes: list[tuple[IPNetwork, PublicKey]] = []
+        for key, peer in self.known.items():
+            for network in peer.allowed_ips:
+                if network.num_addresses == 1:
+                    hosts[network.network_address] = key
+                else:
+                    routes.append((network, key))
+        routes.sort(key=lambda item: item[0].prefixlen, reverse=True)
+        self._hosts, self._routes = hosts, routes
 
     def _bump(self) -> int:
         self.version += 1
@@ -138,13 +164,15 @@ class RegistryModel:
             self.endpoint_changes += 1
         self._bump()
         self.tombstones.pop(key, None)
-        self.records[key] = PeerRecord(
-            key,
-            candidate.endpoint,
-            candidate.allowed_ips,
-            candidate.announcement,
-            candidate.latest_handshake,
-            self.version,
+        self._stamp(
+            PeerRecord(
+                key,
+                candidate.endpoint,
+                candidate.allowed_ips,
+                candidate.announcement,
+                candidate.latest_handshake,
+                self.version,
+            )
         )
         return True
 
@@ -152,19 +180,20 @@ class RegistryModel:
         del self.records[key]
         self.tombstones[key] = self._bump()
         while len(self.tombstones) > self.max_tombstones:
-            oldest = min(self.tombstones, key=self.tombstones.__getitem__)
+            oldest = next(iter(self.tombstones))  # version order: the first is the oldest
             self.horizon = max(self.horizon, self.tombstones.pop(oldest))
 
     # -- queries ----------------------------------------------------------
     def caller(self, address: IPAddress) -> PublicKey | None:
         """The peer whose allowed IPs hold `address` (WireGuard's cryptokey routing
         guarantees only that peer can send from it); the most specific wins."""
-        best: tuple[int, PublicKey] | None = None
-        for key, peer in self.known.items():
-            for network in peer.allowed_ips:
-                if address in network and (best is None or network.prefixlen > best[0]):
-                    best = (network.prefixlen, key)
-        return best[1] if best else None
+        key = self._hosts.get(address)
+        if key is not None:
+            return key
+        for network, owner in self._routes:
+            if address in network:
+                return owner
+        return None
 
     def changed_since(self, since: int | None, epoch: str | None = None) -> bool:
         return since is None or since != self.version or epoch != self.epoch
@@ -176,20 +205,20 @@ class RegistryModel:
         another epoch."""
         full = since is None or epoch != self.epoch or since < self.horizon or since > self.version
         after = -1 if since is None else since  # with `full`, every stamp counts
-        peers = [
-            _peer_json(record, now)
-            for key, record in self.records.items()
-            if key != caller and (full or record.version > after)
-        ]
-        removed = (
-            []
-            if full
-            else [
-                key.base64
-                for key, version in self.tombstones.items()
-                if version > after and key != caller
+        if full:
+            peers = [_peer_json(r, now) for k, r in self.records.items() if k != caller]
+            removed: list[str] = []
+        else:
+            peers = [
+                _peer_json(record, now)
+                for record in _newer_than(self.records.values(), after, lambda r: r.version)
+                if record.public_key != caller
             ]
-        )
+            removed = [
+                key.base64
+                for key, _ in _newer_than(self.tombstones.items(), after, lambda t: t[1])
+                if key != caller
+            ]
         me = self.known.get(caller)
         return {
             "epoch": self.epoch,
@@ -206,6 +235,18 @@ class RegistryModel:
 
     def live_count(self) -> int:
         return len(self.records)
+
+
+def _newer_than(items: Any, version: int, stamp: Any) -> list[Any]:
+    """The items stamped after `version`, from a collection in version order,
+    found by walking back from the newest: O(changes), not O(peers)."""
+    newer = []
+    for item in reversed(items):
+        if stamp(item) <= version:
+            break
+        newer.append(item)
+    newer.reverse()
+    return newer
 
 
 def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
