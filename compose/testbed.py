@@ -30,12 +30,12 @@ REGISTRY_TUNNEL = "192.0.2.1"
 
 # name: (tunnel address, where it sits)
 CLIENTS = {
-    "a": ("192.0.2.2", "behind r1 (home NAT 203.0.113.21), LAN 192.168.1.10"),
-    "b": ("192.0.2.3", "behind r1 (home NAT 203.0.113.21), LAN 192.168.1.11"),
-    "c": ("192.0.2.4", "behind r2 (home NAT 203.0.113.22)"),
-    "s": ("192.0.2.5", "behind r3 (symmetric NAT 203.0.113.23)"),
-    "x": ("192.0.2.6", "behind r4 (INPUT accepts all, 203.0.113.24)"),
-    "p": ("192.0.2.7", "public 203.0.113.30, no NAT"),
+    "a": ("192.0.2.2", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.10"),
+    "b": ("192.0.2.3", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.11"),
+    "c": ("192.0.2.4", "behind r2 (home NAT 198.51.100.22)"),
+    "s": ("192.0.2.5", "behind r3 (symmetric NAT 198.51.100.23)"),
+    "x": ("192.0.2.6", "behind r4 (INPUT accepts all, 198.51.100.24)"),
+    "p": ("192.0.2.7", "public 198.51.100.30, no NAT"),
 }
 ROUTERS = ("r1", "r2", "r3", "r4")
 # What the topology must give: x's pairs through r4 depend on who punches first
