@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +96,7 @@ class Testbed:
         if self.docker is None:
             import docker  # the Docker SDK
 
-            self.docker = docker.from_env(timeout=120)
+            self.docker = docker.from_env(timeout=120)  # type: ignore[attr-defined]
         if not self.compose:
             found = compose_binary()
             if found is None:
@@ -136,9 +137,7 @@ class Testbed:
         self.host_firewall("add")
         self.run_compose("up", "-d", env={"WGNAT_HOLD_CLIENTS": HOLD_FILE if hold else ""})
         for name in CLIENTS:
-            wait_until(
-                lambda name=name: self.has_interface(name), 30, what=f"{name}'s interface"
-            )
+            wait_until(partial(self.has_interface, name), 30, what=f"{name}'s interface")
         self.keys = {name: self.public_key(name) for name in ["registry", *CLIENTS]}
         self.released_at = None if hold else time.time()
 
@@ -168,9 +167,7 @@ class Testbed:
         return code, text
 
     def logs(self, name: str, tail: int | str = "all", timestamps: bool = False) -> str:
-        return (
-            self.container(name).logs(tail=tail, timestamps=timestamps).decode(errors="replace")
-        )
+        return self.container(name).logs(tail=tail, timestamps=timestamps).decode(errors="replace")
 
     def has_interface(self, name: str) -> bool:
         try:
@@ -241,9 +238,10 @@ class Testbed:
             self._last_logged(a, f"{CLIENTS[b][0]} ({self.keys[b][:8]}) direct at "),
             self._last_logged(b, f"{CLIENTS[a][0]} ({self.keys[a][:8]}) direct at "),
         ]
-        if None in starts or None in switches:
+        known = [t for t in (*starts, *switches) if t is not None]
+        if len(known) < 4:
             return None
-        return max(switches) - max(starts)  # type: ignore[type-var]
+        return max(known[2:]) - max(known[:2])
 
     def table(self) -> str:
         snap = self.snapshot()
@@ -324,7 +322,9 @@ def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "up"
     if command == "down":
         Testbed().down()
-        print("testbed removed (containers, networks, the key volume, the host's DOCKER-USER rules)")
+        print(
+            "testbed removed (containers, networks, the key volume, the host's DOCKER-USER rules)"
+        )
         return 0
     bed = Testbed()
     if command == "up":
