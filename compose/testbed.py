@@ -143,7 +143,8 @@ class Testbed:
 
     def release(self, names: Iterable[str] = tuple(CLIENTS)) -> None:
         """Start wgnat-client in the held clients, together."""
-        self.released_at = time.time()
+        if self.released_at is None:
+            self.released_at = time.time()
         for name in names:
             self.exec(name, ["touch", HOLD_FILE])
 
