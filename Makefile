@@ -41,8 +41,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff format --check wgnat twisted tests bench
-	$(VENV)/bin/ruff check wgnat twisted tests bench
+	$(VENV)/bin/ruff format --check wgnat twisted tests bench compose
+	$(VENV)/bin/ruff check wgnat twisted tests bench compose
 	$(VENV)/bin/mypy wgnat
 
 # The image (python:3.11-slim, or a local Debian base where no registry answers).

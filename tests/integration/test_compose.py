@@ -103,7 +103,8 @@ class Ping:
     """A ping running inside a container while something happens."""
 
     def __init__(self, bed: Testbed, name: str, address: str, count: int, interval: float):
-        argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", address]
+        argv = ["ping", "-n", "-D", "-c", str(count), "-i", str(interval), "-W", "2", address]
+        self.count = count
         self.output = ""
         self.what = f"{name}->{address}"
         self.thread = threading.Thread(target=self._run, args=(bed, name, argv), daemon=True)
@@ -119,8 +120,20 @@ class Ping:
         return int(match.group(1)), int(match.group(2))
 
     def oddities(self) -> str:
-        """ping's lines other than replies (errors, redirects, the summary)."""
-        return "\n".join(line for line in self.output.splitlines() if "bytes from" not in line)
+        """ping's lines other than replies (errors, redirects, the summary), and the
+        sequence numbers never answered, with the time (-D) of the reply before."""
+        lines = [line for line in self.output.splitlines() if "bytes from" not in line]
+        answered = {}
+        for line in self.output.splitlines():
+            match = re.match(r"\[([\d.]+)\].*bytes from.*icmp_seq=(\d+)", line)
+            if match:
+                answered[int(match.group(2))] = match.group(1)
+        missing = [seq for seq in range(1, self.count + 1) if seq not in answered]
+        for seq in missing:
+            before = max((s for s in answered if s < seq), default=None)
+            when = answered.get(before, "?") if before is not None else "?"
+            lines.append(f"icmp_seq={seq} unanswered (the reply before it came at {when})")
+        return "\n".join(lines)
 
 
 def test_mesh_forms_with_the_right_paths_and_no_loss(bed):
