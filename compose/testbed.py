@@ -155,6 +155,22 @@ class Testbed:
             if not quiet:
                 raise
         self.host_firewall("remove")
+        # docker-compose exits 0 even when a network stays behind: Docker 20.10
+        # sometimes keeps a stale endpoint after a container restart ("has active
+        # endpoints" with no container attached).  Such a network is reused by the
+        # next `up`; restarting dockerd removes it.
+        for network in self.docker.networks.list(
+            filters={"label": f"com.docker.compose.project={PROJECT}"}
+        ):
+            try:
+                network.remove()
+            except Exception as exc:
+                if not quiet:
+                    print(
+                        f"warning: Docker kept network {network.name} ({exc.__class__.__name__}: "
+                        "a stale endpoint); the next `up` reuses it, a dockerd restart removes it",
+                        file=sys.stderr,
+                    )
 
     # -- containers -----------------------------------------------------------
     def container(self, name: str) -> Any:
