@@ -5,12 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test unit fuzz install lint system-deps venv demo bench clean
+.PHONY: test unit fuzz install lint system-deps docker-engine venv image demo demo-down bench clean
 
 # The package is installed for real (not editable) before every run, so the
 # namespace tests run the console scripts and twistd plugins a user would get.
-test: system-deps venv install $(VENV)/bin/promtool
-	$(PY) -m pytest
+# The Docker tests (tests/integration/test_compose.py) need an engine:
+# docker-engine installs and starts one (as root; they skip otherwise, fail under CI).
+# PYTEST_ARGS: e.g. make test PYTEST_ARGS=tests/integration/test_compose.py
+PYTEST_ARGS ?=
+test: system-deps docker-engine venv install $(VENV)/bin/promtool
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv install
 	$(PY) -m pytest -m "not realdevice and not integration"
@@ -30,6 +34,9 @@ install: venv
 system-deps:
 	@scripts/install-system-deps.sh
 
+docker-engine:
+	@scripts/docker-engine.sh
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -40,20 +47,29 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff format --check wgnat twisted tests bench
-	$(VENV)/bin/ruff check wgnat twisted tests bench
+	$(VENV)/bin/ruff format --check wgnat twisted tests bench compose
+	$(VENV)/bin/ruff check wgnat twisted tests bench compose
 	# mypy on the pure core (Twisted's I/O layers are typed loosely upstream).
 	$(VENV)/bin/mypy wgnat/_types.py wgnat/duration.py wgnat/client/reconcile.py \
-		wgnat/client/view.py wgnat/registry/model.py wgnat/status.py
+		wgnat/client/view.py wgnat/registry/model.py wgnat/status.py compose/testbed.py
 
 # Figures (README "Figures"): real wireguard-go devices behind NAT routers in
 # network namespaces; needs root.  Medians and p95 over runs, never unit tests.
 bench: system-deps venv install
 	$(PY) bench/formation.py --runs 5
 
-demo:
-	@echo "make demo comes with the Docker Compose testbed (issue 5)."
-	@echo "Until then, 'make test' runs the same NAT topologies in network namespaces."
+# The image (python:3.11-slim, or a local Debian base where no registry answers).
+image: venv
+	@scripts/docker-engine.sh --required
+	PYTHON=$(PY) scripts/docker-build.sh
+
+# The Docker Compose NAT testbed (compose/): a table of every pair's path.
+demo: venv
+	@scripts/docker-engine.sh --required
+	@PYTHON=$(PY) $(PY) compose/testbed.py up
+
+demo-down: venv
+	@$(PY) compose/testbed.py down
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

