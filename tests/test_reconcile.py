@@ -286,3 +286,17 @@ def test_promote_due_switches_at_the_moment_without_a_device_read():
     assert [a.kind for a in actions] == ["promote"]
     assert world.mesh.paths[b].path is Path.DIRECT
     assert world.mesh.promote_due(T0 + 0.3) == []
+
+
+def test_a_switch_whose_moment_passed_while_planning_is_due_at_once():
+    # Found in CI: other operations of the same pass took longer than the 0.25 s
+    # to the switch moment, and the moment, already past, was dropped from the
+    # wake-up times, so the switch waited for the 15 s health check.
+    b = new_key()
+    world = World(make_mesh(switch_delay=0.25, health_interval=15.0))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0 + 0.01)
+    world.step(view, T0 + 0.05)
+    assert world.mesh.paths[b].path is Path.SWITCHING
+    assert world.mesh.next_wakeup(T0 + 0.5) == T0 + 0.5  # due now, not in 15 s

@@ -207,7 +207,10 @@ class Mesh:
                 )
 
     def next_wakeup(self, now: float) -> float:
-        """When plan() next has something to decide without new input."""
+        """When plan() or promote_due() next has something to decide without new
+        input.  A moment already past is due now (a switch must not wait for the
+        next health check), except a relayed peer's retry: that one waits for new
+        input (the registry giving it a usable endpoint), so it must not spin."""
         times = [now + self.settings.health_interval]
         for peer_path in self.paths.values():
             if peer_path.gone_since is not None:
@@ -216,11 +219,9 @@ class Mesh:
                 times.append(min(peer_path.deadline, now + self.settings.probe_poll))
             elif peer_path.path is Path.SWITCHING:
                 times.append(peer_path.deadline)
-            elif peer_path.path is Path.RELAYED:
+            elif peer_path.path is Path.RELAYED and peer_path.retry_at > now:
                 times.append(peer_path.retry_at)
-        # A moment already past was handled by the plan just made, or cannot be
-        # (a relayed peer the registry gives no usable endpoint): never spin on it.
-        return min(t for t in times if t > now)
+        return max(now, min(times))
 
     def promote_due(self, now: float) -> list[Action]:
         """Switch the paths whose switch moment has come, without reading the
