@@ -83,7 +83,6 @@ class MeshAgent(service.Service):
         self._again = False
         self._resync: Any = None
         self._poll_loop: Deferred[None] | None = None
-        self.reconciles = 0
         self.session = os.urandom(8).hex()  # new at every start: peers re-probe us at once
 
     # -- start and stop ---------------------------------------------------
@@ -285,7 +284,6 @@ class MeshAgent(service.Service):
         try:
             while True:
                 self._again = False
-                self.reconciles += 1
                 if self.view.version is None:
                     break  # nothing is decided before the registry's first answer
                 yield self._apply_all(self.mesh.promote_due(self.reactor.seconds()))
