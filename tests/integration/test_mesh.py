@@ -52,26 +52,6 @@ def check(condition: bool, mesh: MeshLab, message: str) -> None:
         raise AssertionError(f"{message}\n{mesh.report()}")
 
 
-def ping_loss(host, address: str, count: int, interval: float) -> tuple[int, int]:
-    result = host.run(
-        "ping",
-        "-n",
-        "-q",
-        "-c",
-        count,
-        "-i",
-        interval,
-        "-W",
-        2,
-        address,
-        check=False,
-        timeout=count * interval + 30,
-    )
-    match = re.search(r"(\d+) packets transmitted, (\d+) received", result.stdout)
-    assert match, result.stdout + result.stderr
-    return int(match.group(1)), int(match.group(2))
-
-
 def start_ping(host, address: str, count: int, interval: float) -> subprocess.Popen:
     return host.popen(
         ["ping", "-n", "-q", "-c", count, "-i", interval, "-W", 2, address],
