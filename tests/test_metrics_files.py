@@ -162,10 +162,30 @@ def test_dashboard_uses_only_exported_metrics():
     assert sorted(missing) == []
 
 
-def test_scrape_config_points_at_the_default_ports():
+def test_scrape_config_scrapes_every_daemon_of_the_testbed():
+    """metrics/prometheus.yml is the testbed's: its targets are exactly where the
+    Compose file makes the daemons listen (their tunnel addresses)."""
     text = SCRAPE.read_text()
-    assert "registry:9587" in text and "client-a:9588" in text
+    compose = (METRICS.parent / "compose" / "docker-compose.yml").read_text()
+    listening = set(re.findall(r'WGNAT_METRICS_LISTEN: "?([\d.]+:\d+)', compose))
+    targets = set(re.findall(r"\b(\d+\.\d+\.\d+\.\d+:\d+)\b", text))
+    assert len(listening) == 7, listening  # the registry and six clients
+    assert targets == listening
+    assert "192.0.2.1:9587" in targets  # the registry's default port, on its tunnel address
     assert "rule_files:" in text and "alerts.yml" in text
+
+
+def test_every_label_value_is_exported_before_its_first_event():
+    """rate() and increase() in the alerts and the dashboard need a series at
+    zero, not one that appears with the first error."""
+    client = ClientMetrics()
+    client.watch(dict)
+    text = generate_latest(client.registry).decode()
+    for operation in ("probe", "promote", "endpoint", "kick", "remove"):
+        assert f'wgnat_client_device_errors_total{{operation="{operation}"}} 0.0' in text
+        assert f'wgnat_client_device_operation_seconds_count{{operation="{operation}"}} 0.0' in text
+    assert 'wgnat_client_device_errors_total{operation="read"} 0.0' in text
+    assert 'wgnat_client_fallbacks_total{reason="no_handshake"} 0.0' in text
 
 
 # -- promtool ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 
 from wgnat import __version__
+from wgnat.client.reconcile import ACTION_KINDS
 
 DEFAULT_SERVER_METRICS = "127.0.0.1:9587"
 DEFAULT_CLIENT_METRICS = "127.0.0.1:9588"
@@ -161,6 +162,12 @@ class ClientMetrics:
             ["operation"],
             registry=r,
         )
+        # Every label value exported from the start (at zero), so that rate() and
+        # increase() in alerts and dashboards have a series before the first event.
+        for operation in ACTION_KINDS:
+            self.device_operation_seconds.labels(operation=operation)
+            self.device_errors.labels(operation=operation)
+        self.device_errors.labels(operation="read")
         self.registry_connected = Gauge(
             "wgnat_client_registry_connected",
             "1 when the last registry request succeeded",

@@ -70,11 +70,15 @@ class PeerPath:
     session: str | None = None  # the remote client's, when we last probed
 
 
+# Every kind of device operation an Action can be (metrics label values).
+ACTION_KINDS = ("probe", "promote", "endpoint", "kick", "remove")
+
+
 @dataclass(frozen=True)
 class Action:
     """One device operation and why."""
 
-    kind: str  # "probe" | "promote" | "endpoint" | "kick" | "remove"
+    kind: str  # one of ACTION_KINDS
     public_key: PublicKey
     reason: str
     endpoint: Endpoint | None = None
