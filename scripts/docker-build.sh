@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the wgnat image (both daemons, the testbed's routers and key generator).
+# Build the wgnat image (both daemons, the testbed's routers and key generator)
+# and the testbed's Prometheus image on it (docker/prometheus.Dockerfile).
 #
 #   scripts/docker-build.sh [IMAGE]        (default wgnat:latest)
+#   PROMETHEUS_IMAGE=...                   (default wgnat-prometheus:latest; "" skips it)
 #
 # Base image: $BASE_IMAGE when set.  Otherwise the official python:3.11-slim when
 # it is present or can be pulled; where no container registry is reachable, a
@@ -12,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${1:-${WGNAT_IMAGE:-wgnat:latest}}
+PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE-wgnat-prometheus:latest}
 PYTHON=${PYTHON:-python3}
 PY_VERSION=${PY_VERSION:-3.11}
 LOCAL_BASE=wgnat-base:bookworm
@@ -76,8 +79,28 @@ inputs=$( {
         ! -name '*.pyc' ! -name dropin.cache ! -path '*/__pycache__/*' -print0 \
         | sort -z | xargs -0 sha1sum
 } | sha1sum | cut -c1-16)
-if [ "$(docker image inspect -f '{{index .Config.Labels "wgnat.inputs"}}' "$IMAGE" 2>/dev/null || true)" = "$inputs" ]; then
+up_to_date() { # IMAGE INPUTS
+    [ "$(docker image inspect -f '{{index .Config.Labels "wgnat.inputs"}}' "$1" 2>/dev/null || true)" = "$2" ]
+}
+
+build_prometheus() {
+    [ -n "$PROMETHEUS_IMAGE" ] || return 0
+    local inputs
+    inputs=$( (docker image inspect -f '{{.Id}}' "$IMAGE"; sha1sum docker/prometheus.Dockerfile) \
+        | sha1sum | cut -c1-16)
+    if up_to_date "$PROMETHEUS_IMAGE" "$inputs"; then
+        say "$PROMETHEUS_IMAGE is up to date (inputs $inputs)"
+        return
+    fi
+    say "building $PROMETHEUS_IMAGE on $IMAGE (prometheus from Debian's package)"
+    DOCKER_BUILDKIT=0 docker build -q -f docker/prometheus.Dockerfile \
+        --build-arg WGNAT_IMAGE="$IMAGE" --label wgnat.inputs="$inputs" \
+        -t "$PROMETHEUS_IMAGE" docker >/dev/null
+}
+
+if up_to_date "$IMAGE" "$inputs"; then
     say "$IMAGE is up to date (inputs $inputs)"
+    build_prometheus
     exit 0
 fi
 
@@ -102,3 +125,4 @@ DOCKER_BUILDKIT=0 docker build -q \
     --build-arg BASE_IMAGE="$base" --build-arg PIP_OFFLINE=1 \
     --label wgnat.inputs="$inputs" -t "$IMAGE" . >/dev/null
 say "built $IMAGE in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
+build_prometheus

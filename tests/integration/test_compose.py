@@ -15,6 +15,7 @@ leaves the testbed up afterwards.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -31,9 +32,13 @@ from testbed import (
     CLIENTS,
     EXPECTED_DIRECT,
     EXPECTED_RELAYED,
+    METRICS_DIR,
     REGISTRY_TUNNEL,
     Testbed,
     compose_binary,
+    dashboard_queries,
+    prometheus_api,
+    prometheus_query,
     wait_until,
 )
 
@@ -207,6 +212,68 @@ def test_loss_while_the_mesh_forms_is_at_most_the_switch_window(bed):
         if sent != 300 or sent - received > 2
     }
     assert not lost, lost
+
+
+def test_prometheus_scrapes_every_daemon_and_every_query_evaluates(bed):
+    """The testbed's Prometheus (metrics/prometheus.yml, over the tunnel) has every
+    daemon up; every dashboard query returns data and every alert rule evaluates."""
+    scrape_config = open(os.path.join(METRICS_DIR, "prometheus.yml")).read()
+    expected = set(re.findall(r"\b(\d+\.\d+\.\d+\.\d+:\d+)\b", scrape_config))
+
+    def targets_up() -> bool:
+        targets = prometheus_api(bed, "/api/v1/targets")[0]["data"]["activeTargets"]
+        health = {t["labels"]["instance"]: (t["health"], t["lastError"]) for t in targets}
+        return health == {instance: ("up", "") for instance in expected}
+
+    wait(bed, targets_up, 60, f"Prometheus to scrape {sorted(expected)}", interval=1)
+    # rate() and increase() need two samples in their window: three scrapes of each.
+    wait(
+        bed,
+        lambda: prometheus_query(bed, "min(count_over_time(up[1m])) >= 3")[0]["data"]["result"],
+        60,
+        "three scrapes of every daemon",
+        interval=1,
+    )
+    queries = dashboard_queries()
+    answers = dict(zip(queries, prometheus_query(bed, *queries.values()), strict=True))
+    failed = {
+        where: f"{queries[where]} -> {answer.get('error') or 'no data'}"
+        for where, answer in answers.items()
+        if answer["status"] != "success" or not answer["data"]["result"]
+    }
+    check(not failed, bed, f"dashboard queries without data: {json.dumps(failed, indent=1)}")
+    # Every alert of alerts.yml is loaded and has been evaluated without error (most
+    # have nothing to say about a healthy testbed: an empty result is right).
+    alert_names = set(
+        re.findall(
+            r"^\s*- alert: (\w+)$", open(os.path.join(METRICS_DIR, "alerts.yml")).read(), re.M
+        )
+    )
+
+    def rules_evaluated() -> dict[str, tuple[str, str, str]]:
+        groups = prometheus_api(bed, "/api/v1/rules")[0]["data"]["groups"]
+        return {
+            rule["name"]: (rule["health"], rule.get("lastError", ""), rule["query"])
+            for group in groups
+            for rule in group["rules"]
+        }
+
+    wait(
+        bed,
+        lambda: (
+            set(rules_evaluated()) == alert_names
+            and all(health != "unknown" for health, _, _ in rules_evaluated().values())
+        ),
+        30,
+        f"Prometheus to load and evaluate the alerts {sorted(alert_names)}",
+        interval=1,
+    )
+    bad = {name: rule for name, rule in rules_evaluated().items() if rule[0] != "ok" or rule[1]}
+    check(not bad, bed, f"alert rules failing: {bad}")
+    print(
+        f"\nPrometheus: {len(expected)} targets up, {len(queries)} dashboard queries with data, "
+        f"{len(alert_names)} alert rules evaluated"
+    )
 
 
 def test_nat_rebinding_is_followed(bed):
