@@ -184,3 +184,18 @@ def test_a_cancelled_long_poll_is_a_cancellation_not_a_registry_failure(setup):
         yield waiting
     yield deferLater(reactor, 0.05, lambda: None)
     assert setup.hub.waiting() == 0  # the registry let go of the waiter too
+
+
+@pytest_twisted.inlineCallbacks
+def test_requests_are_counted_not_logged_one_by_one(setup):
+    """An access-log line per request would be 10,000 lines per change on a large
+    registry (every waiting client answered and polling again)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    with capturedLogs() as events:
+        code, _ = yield setup.raw(b"GET", "/v1/peers")
+        assert code == 200
+        code, _ = yield setup.raw(b"GET", "/v1/peers", source="127.0.0.9")
+        assert code == 403
+    lines = [formatEvent(event) for event in events]
+    assert not [line for line in lines if "/v1/peers" in line], lines

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from wgnat.logs import QuietSite
 from wgnat.status import client_info, client_status, registry_status
 
 log = Logger(namespace="wgnat.status")
@@ -66,11 +67,8 @@ class StatusResource(Resource):
         return server.NOT_DONE_YET
 
 
-class StatusSite(server.Site):
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        """No access log: `wgnat status` run in a loop must not flood the daemon's log."""
+class StatusSite(QuietSite):
+    """No access log: `wgnat status` run in a loop must not flood the daemon's log."""
 
 
 def _answers(path: str) -> bool:

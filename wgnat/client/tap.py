@@ -11,7 +11,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import server
 
 from wgnat._types import InvalidValue, PublicKey, parse_network
 from wgnat.client.agent import AgentConfig, MeshAgent
@@ -20,6 +19,7 @@ from wgnat.client.reconcile import Settings
 from wgnat.client.state_file import StateStore, default_state_path
 from wgnat.device import open_device_or_exit
 from wgnat.duration import parse_go_duration
+from wgnat.logs import QuietSite
 from wgnat.metrics import (
     DEFAULT_CLIENT_METRICS,
     ClientMetrics,
@@ -147,7 +147,7 @@ class ClientDaemon(service.MultiService):
 
     def startService(self) -> None:
         endpoint = serverFromString(self.reactor, metrics_endpoint_description(self.metrics_listen))
-        site = server.Site(MetricsResource(self.agent.metrics.registry))
+        site = QuietSite(MetricsResource(self.agent.metrics.registry))
 
         def listening(port: Any) -> None:
             self.port = port

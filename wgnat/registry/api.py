@@ -26,6 +26,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey
+from wgnat.logs import QuietSite
 from wgnat.registry.hub import Registry
 
 log = Logger(namespace="wgnat.registry.api")
@@ -262,8 +263,7 @@ def build_site(registry: Registry, metrics: Any = None) -> server.Site:
     v1.putChild(b"peers", PeersResource(registry, metrics))
     v1.putChild(b"announce", AnnounceResource(registry, metrics))
     root.putChild(b"healthz", HealthResource(registry))
-    site = server.Site(root, timeout=IDLE_TIMEOUT_SECONDS)
+    site = QuietSite(root, timeout=IDLE_TIMEOUT_SECONDS)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
-    site.noisy = False
     return site

@@ -12,10 +12,10 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import server
 
 from wgnat.device import Device, DeviceError, link_is_up, open_device_or_exit
 from wgnat.duration import parse_go_duration
+from wgnat.logs import QuietSite
 from wgnat.metrics import (
     DEFAULT_SERVER_METRICS,
     MetricsResource,
@@ -156,7 +156,7 @@ class RegistryDaemon(service.Service):
         try:
             listening = yield serverFromString(
                 self.reactor, metrics_endpoint_description(metrics_at)
-            ).listen(server.Site(MetricsResource(self.metrics.registry)))
+            ).listen(QuietSite(MetricsResource(self.metrics.registry)))
         except Exception as exc:
             raise StartupError(f"cannot serve metrics on {metrics_at}: {exc}") from None
         self.ports.append(listening)
