@@ -300,3 +300,85 @@ def test_a_switch_whose_moment_passed_while_planning_is_due_at_once():
     world.step(view, T0 + 0.05)
     assert world.mesh.paths[b].path is Path.SWITCHING
     assert world.mesh.next_wakeup(T0 + 0.5) == T0 + 0.5  # due now, not in 15 s
+
+
+def direct_world(**settings) -> tuple[World, object, RegistryView]:
+    b = new_key()
+    world = World(make_mesh(**settings))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0)
+    world.step(view, T0 + 0.1)
+    world.step(view, T0 + 1)
+    assert world.mesh.paths[b].path is Path.DIRECT
+    world.step(view, T0 + 2)  # the first read of the direct path: counters known
+    return world, b, view
+
+
+def test_data_sent_and_nothing_back_falls_back_within_seconds():
+    world, b, view = direct_world()
+    world.device.traffic(b, rx=500, tx=500)
+    assert world.step(view, T0 + 10) == []  # answered: fine
+    # The path is cut: pings go out, nothing comes back.
+    world.device.traffic(b, tx=5 * 128)
+    assert world.step(view, T0 + 25) == []  # suspect from here: read again soon
+    assert world.mesh.next_wakeup(T0 + 25) == T0 + 27
+    world.device.traffic(b, tx=2 * 128)
+    actions = world.step(view, T0 + 27)
+    assert [a.kind for a in actions] == ["remove"]
+    assert "data sent, nothing came back for 17 s" in actions[0].reason
+    assert world.mesh.paths[b].path is Path.RELAYED
+
+
+def test_an_answer_while_suspect_keeps_the_path():
+    world, b, view = direct_world()
+    world.device.traffic(b, tx=640)
+    assert world.step(view, T0 + 17) == []
+    world.device.traffic(b, rx=32, tx=128)  # the reply was on its way
+    assert world.step(view, T0 + 19) == []
+    assert world.mesh.paths[b].path is Path.DIRECT
+    assert world.mesh.paths[b].unanswered_since is None
+    assert world.mesh.next_wakeup(T0 + 19) == T0 + 19 + 15  # back to the health interval
+
+
+def test_keepalives_alone_never_make_a_path_suspect():
+    """At rest both ends send a keepalive every 25 s, each on its own schedule:
+    ours go out unanswered for up to 25 s, and that is no sign of a dead path."""
+    world, b, view = direct_world(unanswered_after=15.0)
+    now = T0 + 2
+    for second in range(1, 301):
+        if second % 25 == 3:
+            world.device.traffic(b, tx=32)
+        if second % 25 == 24:
+            world.device.traffic(b, rx=32)
+        if second % 120 == 0:  # a rekey: our initiation, its response
+            world.device.traffic(b, tx=148, rx=92)
+            world.device.handshake(b, now + second)
+        if second % 15 == 0 or second % 7 == 0:  # reads at odd moments too
+            assert world.step(view, now + second) == []
+    assert world.mesh.paths[b].path is Path.DIRECT
+
+
+def test_one_way_stream_answered_by_passive_keepalives_stays_direct():
+    """A peer receiving data and sending none answers with a keepalive every 10 s."""
+    world, b, view = direct_world()
+    now = T0 + 2
+    for tenth in range(1, 1201):  # two minutes, read every 0.5 s (another peer probing)
+        world.device.traffic(b, tx=1000)
+        if tenth % 100 == 0:
+            world.device.traffic(b, rx=32)
+        if tenth % 5 == 0:
+            assert world.step(view, now + tenth / 10) == []
+    assert world.mesh.paths[b].path is Path.DIRECT
+
+
+def test_a_relayed_peer_whose_endpoint_moves_is_probed_again_at_once():
+    world, b, view = direct_world()
+    world.device.traffic(b, tx=640)
+    world.step(view, T0 + 17)
+    assert [a.kind for a in world.step(view, T0 + 19)] == ["remove"]
+    # Its NAT rebinds (or restarts): the registry sees a new mapping.
+    actions = world.step(view_of(remote(b, "203.0.113.22:40000")), T0 + 21)
+    assert [a.kind for a in actions] == ["probe"]
+    assert "its endpoint moved to 203.0.113.22:40000" in actions[0].reason
+    assert world.step(view_of(remote(b, "203.0.113.22:40000")), T0 + 22) == []

@@ -50,6 +50,13 @@ class Settings:
     handshake_dead_after: float = 180.0
     # Both ends send a keepalive every `keepalive` s: silence this long means dead.
     rx_stall_after: float = 65.0
+    # A WireGuard peer that receives data answers within 10 s (its passive
+    # keepalive) and retries a handshake after 15 s (KEEPALIVE_TIMEOUT +
+    # REKEY_TIMEOUT): data sent, and nothing back for this long, is a dead path.
+    unanswered_after: float = 15.0
+    # While data goes unanswered, the device is read this often (instead of every
+    # health_interval), so a dead path is given up within seconds of the proof.
+    suspect_recheck: float = 2.0
     removal_grace: float = 30.0
 
 
@@ -65,10 +72,20 @@ class PeerPath:
     learned_at: float = 0.0  # when this peer was first seen, for time-to-direct
     last_rx: int = -1
     rx_changed_at: float = 0.0
+    last_tx: int = -1
+    tx_read_at: float = 0.0
+    # The end of the first read window, since the last byte received, in which
+    # data (more than our keepalives) went out: the path is suspect from then.
+    unanswered_since: float | None = None
     gone_since: float | None = None
     allowed_ips: tuple[IPNetwork, ...] = ()
     session: str | None = None  # the remote client's, when we last probed
 
+
+# A WireGuard keepalive on the wire: a transport header and the tag of an
+# empty payload (16 + 16 bytes); anything more in a peer's tx_bytes is data
+# (or a handshake), which the other end answers within seconds.
+KEEPALIVE_PACKET_BYTES = 32
 
 # Every kind of device operation an Action can be (metrics label values).
 ACTION_KINDS = ("probe", "promote", "endpoint", "kick", "remove")
@@ -197,6 +214,8 @@ class Mesh:
                     learned_at=now,
                     last_rx=peer.rx_bytes,
                     rx_changed_at=now,
+                    last_tx=peer.tx_bytes,
+                    tx_read_at=now,
                     reason="kept from before the restart",
                 )
             else:
@@ -225,6 +244,8 @@ class Mesh:
                 times.append(peer_path.deadline)
             elif peer_path.path is Path.RELAYED and peer_path.retry_at > now:
                 times.append(peer_path.retry_at)
+            elif peer_path.path is Path.DIRECT and peer_path.unanswered_since is not None:
+                times.append(now + self.settings.suspect_recheck)
         return max(now, min(times))
 
     def promote_due(self, now: float) -> list[Action]:
@@ -240,6 +261,7 @@ class Mesh:
     def _promote(self, key: PublicKey, peer_path: PeerPath, now: float) -> Action:
         peer_path.path, peer_path.since = Path.DIRECT, now
         peer_path.last_rx, peer_path.rx_changed_at = -1, now  # the next read sets it
+        peer_path.last_tx, peer_path.unanswered_since = -1, None
         self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
         return Action(
             "promote",
@@ -287,6 +309,12 @@ class Mesh:
                     # Its client (re)started and probes us now: answer at once.
                     peer_path.attempts = 0
                     actions.append(self._probe(key, peer_path, target, now, "its client started"))
+                elif peer_path.endpoint is not None and target != peer_path.endpoint:
+                    # A new mapping (a NAT rebinding, a restarted router) is a new
+                    # chance: the old one is what failed.
+                    actions.append(
+                        self._probe(key, peer_path, target, now, f"its endpoint moved to {target}")
+                    )
                 elif now >= peer_path.retry_at:
                     actions.append(
                         self._probe(key, peer_path, target, now, f"retry #{peer_path.attempts}")
@@ -421,6 +449,15 @@ class Mesh:
             ]
         if device_peer.rx_bytes != peer_path.last_rx:
             peer_path.last_rx, peer_path.rx_changed_at = device_peer.rx_bytes, now
+            peer_path.unanswered_since = None
+        elif peer_path.last_tx >= 0 and peer_path.unanswered_since is None:
+            sent = device_peer.tx_bytes - peer_path.last_tx
+            # Our own persistent keepalives are not answered (the other end sends
+            # its own on its own schedule): only more than they could be counts.
+            keepalives = 1 + int((now - peer_path.tx_read_at) // max(1, self.settings.keepalive))
+            if sent > KEEPALIVE_PACKET_BYTES * keepalives:
+                peer_path.unanswered_since = now
+        peer_path.last_tx, peer_path.tx_read_at = device_peer.tx_bytes, now
         handshake = device_peer.latest_handshake
         if handshake is None or now - handshake > self.settings.handshake_dead_after:
             return [
@@ -429,6 +466,22 @@ class Mesh:
                     peer_path,
                     now,
                     f"direct path died: no handshake for {self.settings.handshake_dead_after:g} s",
+                    "path_died",
+                )
+            ]
+        unanswered = peer_path.unanswered_since
+        if (
+            unanswered is not None
+            and now - peer_path.rx_changed_at >= self.settings.unanswered_after
+            and now - unanswered >= self.settings.suspect_recheck
+        ):
+            return [
+                self._fall_back(
+                    key,
+                    peer_path,
+                    now,
+                    "direct path died: data sent, nothing came back for "
+                    f"{now - peer_path.rx_changed_at:.0f} s",
                     "path_died",
                 )
             ]
