@@ -4,7 +4,14 @@ fallback with backoff, rebinding, removal after grace, ownership, route policy."
 from __future__ import annotations
 
 from tests.helpers import device, ep, ip, nets, new_key, peer
-from wgnat.client.reconcile import Mesh, Path, Policy, Settings, registry_address_of
+from wgnat.client.reconcile import (
+    Mesh,
+    Path,
+    Policy,
+    Settings,
+    registry_address_of,
+    retry_moment,
+)
 from wgnat.client.view import RegistryView, RemotePeer
 from wgnat.device.memory import MemoryDevice
 
@@ -110,7 +117,8 @@ def test_new_peer_is_probed_without_allowed_ips_then_switched_at_handshake_plus_
 
 def test_no_handshake_falls_back_to_relay_and_retries_with_backoff():
     b = new_key()
-    world = World(make_mesh(probe_timeout=5.0, retry_backoff=(10.0, 20.0)))
+    # The delays themselves (the moments both ends agree on: see below).
+    world = World(make_mesh(probe_timeout=5.0, retry_backoff=(10.0, 20.0), align_retries=False))
     view = view_of(remote(b))
     world.step(view, T0)
     assert world.step(view, T0 + 4.9) == []
@@ -382,3 +390,47 @@ def test_a_relayed_peer_whose_endpoint_moves_is_probed_again_at_once():
     assert [a.kind for a in actions] == ["probe"]
     assert "its endpoint moved to 203.0.113.22:40000" in actions[0].reason
     assert world.step(view_of(remote(b, "203.0.113.22:40000")), T0 + 22) == []
+
+
+def test_both_ends_of_a_pair_retry_at_the_same_moments():
+    """Each end drops the other's handshakes unless it probes too: retries must
+    meet, however far apart the two ends gave up."""
+    a, b, c = new_key(), new_key(), new_key()
+    for gave_up_a, gave_up_b in [(T0, T0 + 0.5), (T0, T0 + 9.9), (T0 + 3, T0 + 17)]:
+        moment = retry_moment(a, b, gave_up_a, 20.0)
+        # The later end's moment is the same one, or (it gave up after it) the next.
+        later = retry_moment(b, a, gave_up_b, 20.0)
+        assert later in (moment, moment + 20.0)
+        assert moment >= gave_up_a + 1 and later >= gave_up_b + 1
+    # Ends whose backoff differs (one failed more often) meet at the longer
+    # step's moment: it is also a moment of every shorter step.
+    long_moment = retry_moment(a, b, T0, 80.0)
+    short_moments = {retry_moment(b, a, t, 20.0) for t in range(int(T0), int(long_moment))}
+    assert long_moment in short_moments
+    # Different pairs are spread over the step.
+    phases = {retry_moment(a, other, T0, 10.0) for other in (b, c, new_key(), new_key())}
+    assert len(phases) > 1
+
+
+def test_a_relayed_pair_retries_together():
+    """Two meshes that gave up on each other 7 s apart (b exactly when a retried,
+    so their first retries miss) probe at the same moment soon after."""
+    a_key, b_key = new_key(), new_key()
+    a, b = make_mesh(probe_timeout=6.0), make_mesh(probe_timeout=6.0)
+    a.my_key, b.my_key = a_key, b_key
+    a_world, b_world = World(a), World(b)
+    a_world.step(view_of(remote(b_key)), T0)
+    a_world.step(view_of(remote(b_key)), T0 + 6)  # a gives up
+    first_retry = a.paths[b_key].retry_at
+    b_world.step(view_of(remote(a_key)), first_retry - 6)
+    b_world.step(view_of(remote(a_key)), first_retry)  # b gives up as a retries
+    probes: dict[str, set[float]] = {"a": set(), "b": set()}
+    for tenth in range(0, 1200):
+        now = first_retry + tenth / 10
+        for name, world, other in (("a", a_world, b_key), ("b", b_world, a_key)):
+            actions = world.step(view_of(remote(other)), now)
+            if any(x.kind == "probe" for x in actions):
+                probes[name].add(round(now, 1))
+    together = sorted(probes["a"] & probes["b"])
+    assert together, probes
+    assert together[0] - first_retry <= 40, (together, probes)

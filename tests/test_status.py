@@ -22,7 +22,7 @@ from tests.helpers import ep, ip, nets, new_key, peer
 from wgnat._types import Announcement
 from wgnat.client import tap as client_tap
 from wgnat.client.agent import AgentConfig, MeshAgent
-from wgnat.client.reconcile import Mesh, Path, PeerPath, Policy
+from wgnat.client.reconcile import Mesh, Path, PeerPath, Policy, retry_moment
 from wgnat.client.view import RegistryView, RemotePeer
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry import tap as registry_tap
@@ -178,8 +178,12 @@ def test_client_status_tells_each_path_and_why(lab):
     assert "no direct handshake with 203.0.113.23:61207 within 6 s" in c["reason"]
     assert c["since"] == pytest.approx(now) and c["attempts"] == 1
     assert c["last_attempt"] == pytest.approx(START)
-    assert c["retry_at"] == pytest.approx(now + 10)
-    assert "relayed for 0s, last direct attempt (#1) 6s ago, retry in 10s" in c["why"]
+    # The retry comes at the pair's next common moment (reconcile.retry_moment).
+    retry_at = retry_moment(ka, kc, now, 10.0)
+    assert now + 1 <= retry_at <= now + 11
+    assert c["retry_at"] == pytest.approx(retry_at)
+    retry_in = f"retry in {round(retry_at - now)}s"
+    assert f"relayed for 0s, last direct attempt (#1) 6s ago, {retry_in}" in c["why"]
 
     d = rows[kd.base64]
     assert d["path"] == "relayed" and d["wgnat_client"] is False
@@ -202,7 +206,7 @@ def test_client_status_tells_each_path_and_why(lab):
     assert row_b.split()[2:6] == ["direct", "203.0.113.22:51820", "6s", "ago"]
     assert "1.21 KiB" in row_b and "5.54 KiB" in row_b
     [row_c] = [line for line in lines if line.startswith("198.51.100.4")]
-    assert "relayed" in row_c and "retry in 10s" in row_c
+    assert "relayed" in row_c and retry_in in row_c
 
 
 def test_client_status_probing_switching_leaving_and_unreachable():

@@ -23,6 +23,8 @@ device at all, so the registry's broader allowed IPs carry its traffic.
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,7 +47,13 @@ class Settings:
     switch_delay: float = 0.25
     probe_poll: float = 0.05
     health_interval: float = 15.0
-    retry_backoff: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+    # Each step doubles the one before, so that the retry moments of a longer
+    # step are also moments of every shorter one (see retry_moment).
+    retry_backoff: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+    # Retry at moments both ends of a pair compute alike (wall clock), not at a
+    # delay from when each end happened to give up: a direct path needs both
+    # ends probing at once (each drops the other's handshakes otherwise).
+    align_retries: bool = True
     # Session keys die 180 s after the last handshake (REJECT_AFTER_TIME).
     handshake_dead_after: float = 180.0
     # Both ends send a keepalive every `keepalive` s: silence this long means dead.
@@ -402,13 +410,17 @@ class Mesh:
     def _fall_back(
         self, key: PublicKey, peer_path: PeerPath, now: float, why: str, kind: str
     ) -> Action:
-        delay = self.backoff(peer_path.attempts)
+        step = self.backoff(peer_path.attempts)
         peer_path.path = Path.RELAYED
         peer_path.since = now
-        peer_path.retry_at = now + delay
+        peer_path.retry_at = (
+            retry_moment(self.my_key, key, now, step)
+            if self.settings.align_retries and self.my_key is not None
+            else now + step
+        )
         peer_path.reason = why
         self.events.append(Event("fallback", key, kind))
-        return Action("remove", key, f"relayed: {why}, retry in {delay:g} s")
+        return Action("remove", key, f"relayed: {why}, retry in {peer_path.retry_at - now:.0f} s")
 
     def _watch_probe(
         self, key: PublicKey, peer_path: PeerPath, device_peer: PeerState | None, now: float
@@ -522,6 +534,26 @@ class Mesh:
                 )
             ]
         return []
+
+
+def retry_moment(mine: PublicKey, theirs: PublicKey, now: float, step: float) -> float:
+    """The next moment, at least 1 s away, at which both ends of the pair retry a
+    direct path, given the backoff `step` each uses.
+
+    The moments are the wall-clock multiples of `step`, shifted by a phase both
+    ends derive from their two keys (spreading pairs over time).  They do not
+    depend on when an end gave up, which differs between the two ends by up to
+    the detection time: ends with the same step meet at the next moment, and
+    as every step doubles the one before, the moments of a longer step are
+    moments of every shorter one, so ends whose steps differ meet at the longer
+    one's next moment (each probe lasts `probe_timeout`, which also absorbs
+    clocks a few seconds apart)."""
+    first, second = sorted((mine.raw, theirs.raw))
+    digest = hashlib.sha256(first + second).digest()
+    phase = int.from_bytes(digest[:4], "big") / 2**32 * min(step, 10.0)
+    earliest = now + 1.0
+    cycles = math.ceil((earliest - phase) / step)
+    return cycles * step + phase
 
 
 def first_host(network: IPNetwork) -> IPAddress:
