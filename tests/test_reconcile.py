@@ -346,7 +346,8 @@ def test_an_answer_while_suspect_keeps_the_path():
     assert world.step(view, T0 + 19) == []
     assert world.mesh.paths[b].path is Path.DIRECT
     assert world.mesh.paths[b].unanswered_since is None
-    assert world.mesh.next_wakeup(T0 + 19) == T0 + 19 + 15  # back to the health interval
+    # No longer suspect: read as any path carrying data is.
+    assert world.mesh.next_wakeup(T0 + 19) == T0 + 19 + 5
 
 
 def test_keepalives_alone_never_make_a_path_suspect():
@@ -434,3 +435,35 @@ def test_a_relayed_pair_retries_together():
     together = sorted(probes["a"] & probes["b"])
     assert together, probes
     assert together[0] - first_retry <= 40, (together, probes)
+
+
+def test_a_direct_path_carrying_data_is_watched_more_closely():
+    world, b, view = direct_world(health_interval=15.0, active_health_interval=5.0)
+    assert world.mesh.next_wakeup(T0 + 2) == T0 + 17  # idle: the health interval
+    world.device.traffic(b, rx=4000, tx=4000)
+    world.step(view, T0 + 5)
+    assert world.mesh.next_wakeup(T0 + 5) == T0 + 10
+    # Only keepalives since: back to the idle interval once the data is 15 s old.
+    world.device.traffic(b, rx=32, tx=32)
+    world.step(view, T0 + 10)
+    assert world.mesh.next_wakeup(T0 + 10) == T0 + 15
+    world.step(view, T0 + 20)
+    assert world.mesh.next_wakeup(T0 + 20) == T0 + 35
+
+
+def test_a_path_cut_under_traffic_is_given_up_within_twenty_seconds():
+    """Pings every 0.2 s both ways; the cut at CUT; the agent reads the device
+    when next_wakeup says."""
+    world, b, view = direct_world()
+    cut = T0 + 33.3
+    now, fell_back = T0 + 2, None
+    while now < cut + 60 and fell_back is None:
+        wake = world.mesh.next_wakeup(now)
+        # The traffic between two reads: 5 pings a second out, answered until the cut.
+        pings = int((wake - now) * 5)
+        answered = max(0, min(pings, int((cut - now) * 5)))
+        world.device.traffic(b, tx=128 * pings, rx=128 * answered)
+        now = wake
+        if any(a.kind == "remove" for a in world.step(view, now)):
+            fell_back = now
+    assert fell_back is not None and fell_back - cut <= 15 + 5 + 2, fell_back - cut

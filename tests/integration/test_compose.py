@@ -429,10 +429,11 @@ def test_cut_direct_path_falls_back_to_the_relay_and_returns(bed):
         f"relayed {fell_back:.1f} s after the cut (pings c->p / p->c lost for "
         f"{gaps[0]:.1f} / {gaps[1]:.1f} s); direct again {returned:.1f} s after it healed"
     )
-    # Data unanswered for 15 s, noticed by a 15 s health read at worst, and 2 s
-    # to confirm; back at the pair's next common retry moment (10-20 s steps).
-    check(fell_back <= 15 + 15 + 2 + 5, bed, f"fallback took {fell_back:.1f} s")
-    check(max(gaps) <= 15 + 15 + 2 + 5, bed, f"pings lost for {gaps} s")
+    # Data unanswered for 15 s, seen by the 5 s health reads of a path carrying
+    # data, 2 s to confirm, a few s for both ends to poll and this loaded host;
+    # back at the pair's next common retry moment (10-20 s steps).
+    check(fell_back <= 15 + 5 + 2 + 8, bed, f"fallback took {fell_back:.1f} s")
+    check(max(gaps) <= 15 + 5 + 2 + 8, bed, f"pings lost for {gaps} s")
     check(returned <= 2 * 20 + 6 + 5, bed, f"return to direct took {returned:.1f} s")
 
 

@@ -47,6 +47,10 @@ class Settings:
     switch_delay: float = 0.25
     probe_poll: float = 0.05
     health_interval: float = 15.0
+    # While data flows on a direct path (more than keepalives went out lately),
+    # its health is read this often: a path cut under traffic is then noticed
+    # within seconds, and an idle mesh still costs one read per health_interval.
+    active_health_interval: float = 5.0
     # Each step doubles the one before, so that the retry moments of a longer
     # step are also moments of every shorter one (see retry_moment).
     retry_backoff: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -85,6 +89,7 @@ class PeerPath:
     # The end of the first read window, since the last byte received, in which
     # data (more than our keepalives) went out: the path is suspect from then.
     unanswered_since: float | None = None
+    data_sent_at: float | None = None  # the last read that saw data go out
     gone_since: float | None = None
     allowed_ips: tuple[IPNetwork, ...] = ()
     session: str | None = None  # the remote client's, when we last probed
@@ -252,8 +257,14 @@ class Mesh:
                 times.append(peer_path.deadline)
             elif peer_path.path is Path.RELAYED and peer_path.retry_at > now:
                 times.append(peer_path.retry_at)
-            elif peer_path.path is Path.DIRECT and peer_path.unanswered_since is not None:
-                times.append(now + self.settings.suspect_recheck)
+            elif peer_path.path is Path.DIRECT:
+                if peer_path.unanswered_since is not None:
+                    times.append(now + self.settings.suspect_recheck)
+                elif (
+                    peer_path.data_sent_at is not None
+                    and now - peer_path.data_sent_at < self.settings.health_interval
+                ):
+                    times.append(now + self.settings.active_health_interval)
         return max(now, min(times))
 
     def promote_due(self, now: float) -> list[Action]:
@@ -269,7 +280,7 @@ class Mesh:
     def _promote(self, key: PublicKey, peer_path: PeerPath, now: float) -> Action:
         peer_path.path, peer_path.since = Path.DIRECT, now
         peer_path.last_rx, peer_path.rx_changed_at = -1, now  # the next read sets it
-        peer_path.last_tx, peer_path.unanswered_since = -1, None
+        peer_path.last_tx, peer_path.unanswered_since, peer_path.data_sent_at = -1, None, None
         self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
         return Action(
             "promote",
@@ -459,16 +470,20 @@ class Mesh:
                     key, peer_path, peer_path.endpoint, now, "its entry vanished from the device"
                 )
             ]
+        # Our own persistent keepalives are not answered (the other end sends its
+        # own on its own schedule): only more than they could be is data.
+        keepalives = 1 + int((now - peer_path.tx_read_at) // max(1, self.settings.keepalive))
+        data_sent = (
+            peer_path.last_tx >= 0
+            and device_peer.tx_bytes - peer_path.last_tx > KEEPALIVE_PACKET_BYTES * keepalives
+        )
+        if data_sent:
+            peer_path.data_sent_at = now
         if device_peer.rx_bytes != peer_path.last_rx:
             peer_path.last_rx, peer_path.rx_changed_at = device_peer.rx_bytes, now
             peer_path.unanswered_since = None
-        elif peer_path.last_tx >= 0 and peer_path.unanswered_since is None:
-            sent = device_peer.tx_bytes - peer_path.last_tx
-            # Our own persistent keepalives are not answered (the other end sends
-            # its own on its own schedule): only more than they could be counts.
-            keepalives = 1 + int((now - peer_path.tx_read_at) // max(1, self.settings.keepalive))
-            if sent > KEEPALIVE_PACKET_BYTES * keepalives:
-                peer_path.unanswered_since = now
+        elif data_sent and peer_path.unanswered_since is None:
+            peer_path.unanswered_since = now
         peer_path.last_tx, peer_path.tx_read_at = device_peer.tx_bytes, now
         handshake = device_peer.latest_handshake
         if handshake is None or now - handshake > self.settings.handshake_dead_after:
