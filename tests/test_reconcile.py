@@ -159,14 +159,7 @@ def test_rebinding_is_followed_at_once_with_a_kick():
 
 
 def test_direct_path_that_dies_falls_back():
-    b = new_key()
-    world = World(make_mesh(rx_stall_after=65.0))
-    view = view_of(remote(b))
-    world.step(view, T0)
-    world.device.handshake(b, T0)
-    world.step(view, T0 + 0.1)
-    world.step(view, T0 + 1)
-    assert world.mesh.paths[b].path is Path.DIRECT
+    world, b, view = direct_world(rx_stall_after=65.0)
     world.device.traffic(b, rx=100)
     assert world.step(view, T0 + 30) == []
     actions = world.step(view, T0 + 96)
