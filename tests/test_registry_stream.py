@@ -1,6 +1,7 @@
-"""The stream (GET /v1/peers?stream=1), in memory on a Clock: the registry
-encodes each change once for every caller, writes keep-alives, bounds what a
-slow reader costs it."""
+"""The stream (GET /v1/peers?stream=1) at both ends, in memory on a Clock: the
+registry encodes each change once for every caller, writes keep-alives, bounds
+what a slow reader costs it; the client decodes lines (its own record dropped)
+and refuses what is malformed."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.helpers import ep, new_key, peer
+from wgnat._types import InvalidValue
+from wgnat.client.view import StreamDecoder
 from wgnat.device.memory import MemoryDevice
 from wgnat.metrics import RegistryMetrics
 from wgnat.registry import api
 from wgnat.registry.api import build_site
-from wgnat.registry.hub import KEEPALIVE_SECONDS, Registry
+from wgnat.registry.hub import KEEPALIVE_LINE, KEEPALIVE_SECONDS, Registry
 from wgnat.registry.model import RegistryModel
 
 START = 1_700_000_000.0
@@ -204,3 +207,90 @@ def test_stream_query_is_validated():
     _, transport = hub.open(0, "stream=0")  # the plain full answer
     assert b"application/json" in transport.value()
     assert hub.hub.streams() == 0
+
+
+# -- the client's side: StreamDecoder ------------------------------------------
+
+
+def line(document: dict) -> bytes:
+    return json.dumps(document).encode() + b"\n"
+
+
+ME, OTHER = new_key(), new_key()
+
+
+def first(**extra) -> dict:
+    document = {
+        "epoch": "e1",
+        "version": 4,
+        "full": True,
+        "you": {"public_key": ME.base64, "endpoint": "203.0.113.21:51820"},
+        "peers": [{"public_key": OTHER.base64, "endpoint": "203.0.113.22:51820"}],
+        "removed": [],
+    }
+    document.update(extra)
+    return document
+
+
+def shared(version: int, *peers: tuple, removed: tuple = (), **extra) -> dict:
+    document = {
+        "epoch": "e1",
+        "version": version,
+        "full": False,
+        "peers": [{"public_key": key.base64, "endpoint": endpoint} for key, endpoint in peers],
+        "removed": [key.base64 for key in removed],
+    }
+    document.update(extra)
+    return document
+
+
+def test_decoder_drops_its_own_record_and_takes_its_endpoint_from_it():
+    decoder = StreamDecoder(1 << 20)
+    [answer] = decoder.feed(line(first()))
+    assert answer.full and str(answer.my_endpoint) == "203.0.113.21:51820"
+    [moved] = decoder.feed(line(shared(5, (OTHER, "203.0.113.22:40000"))))
+    assert [p.public_key for p in moved.peers] == [OTHER]
+    assert str(moved.my_endpoint) == "203.0.113.21:51820"  # unchanged: not listed
+    [mine] = decoder.feed(line(shared(6, (ME, "203.0.113.21:40001"))))
+    assert mine.peers == () and str(mine.my_endpoint) == "203.0.113.21:40001"
+    [gone] = decoder.feed(line(shared(7, removed=(ME, OTHER))))
+    assert gone.removed == (OTHER,)
+
+
+def test_decoder_joins_lines_across_reads_and_passes_keepalives():
+    decoder = StreamDecoder(1 << 20)
+    data = line(first()) + KEEPALIVE_LINE + line(shared(5, (OTHER, "203.0.113.22:40000")))
+    got = []
+    for i in range(0, len(data), 7):
+        got.extend(decoder.feed(data[i : i + 7]))
+        assert decoder.partial == (i + 7 < len(data) and not data[: i + 7].endswith(b"\n"))
+    assert [answer and answer.version for answer in got] == [4, None, 5]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([shared(4)], "does not name this peer in 'you'"),
+        ([first(), shared(5, epoch="e2")], "changed epoch from e1 to e2"),
+        ([first(), shared(3)], "went back from version 4 to 3"),
+        ([first(), {"version": 5}], "no valid 'epoch'"),
+        ([first(), shared(5, (OTHER, "bogus"))], "peers[0]"),
+    ],
+)
+def test_decoder_refuses_a_bad_line_with_the_reason(lines, message):
+    decoder = StreamDecoder(1 << 20)
+    data = b"".join(line(document) for document in lines)
+    got = []
+    with pytest.raises(InvalidValue, match=message.replace("[", r"\[").replace("]", r"\]")):
+        for answer in decoder.feed(data):
+            got.append(answer)
+    assert len(got) == len(lines) - 1  # the good lines before it were given
+
+
+def test_decoder_refuses_garbage_and_overlong_lines():
+    with pytest.raises(InvalidValue, match="not JSON"):
+        list(StreamDecoder(1 << 20).feed(b"\xff{\n"))
+    decoder = StreamDecoder(100)
+    with pytest.raises(InvalidValue, match="over 100 bytes"):
+        for _ in range(20):
+            list(decoder.feed(b"x" * 10))

@@ -178,7 +178,7 @@ class ClientMetrics:
         )
         self.last_sync = Gauge(
             "wgnat_client_registry_last_sync_timestamp_seconds",
-            "Unix time of the last successful answer from the registry",
+            "Unix time the registry was last heard from (an answer or a stream keep-alive)",
             registry=r,
         )
         self.registry_errors = Counter(
