@@ -11,7 +11,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
@@ -29,7 +29,7 @@ EXTRA_TIMEOUT = 10.0  # on top of the long poll's own wait
 # long without a byte and the stream is taken for dead.
 STREAM_SILENCE_SECONDS = 35.0
 # Answers read from a stream and not yet taken by the agent: past this, the
-# stream is ended (and reopened from the version the agent holds).
+# stream fails (and the agent, as after any failure, opens a new one, whole).
 MAX_PENDING_ANSWERS = 64
 STREAM_CONTENT_TYPE = "application/x-ndjson"
 
@@ -66,8 +66,6 @@ class RegistryStream:
         if self._ready:
             return succeed(self._ready.pop(0))
         if self._error is not None:
-            from twisted.internet.defer import fail
-
             return fail(self._error)
 
         def cancel(_: Deferred[Answer | None]) -> None:
