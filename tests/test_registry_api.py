@@ -194,7 +194,16 @@ def next_answer(stream, timeout=5.0):
 
 
 @pytest_twisted.inlineCallbacks
-def test_stream_gives_the_callers_answer_then_every_change_as_it_happens(setup):
+def test_stream_gives_the_callers_answer_then_every_change_as_it_happens(setup, monkeypatch):
+    from wgnat.registry.api import StreamWriter
+
+    through = []
+    write_through = StreamWriter._write_through
+    monkeypatch.setattr(
+        StreamWriter,
+        "_write_through",
+        lambda self, line: through.append(write_through(self, line)) or through[-1],
+    )
     a = setup.client("127.0.0.2").follow(None, None, 25)
     first = yield next_answer(a)
     assert first.full and [p.public_key for p in first.peers] == [setup.b]
@@ -216,6 +225,7 @@ def test_stream_gives_the_callers_answer_then_every_change_as_it_happens(setup):
     own = yield next_answer(a)
     assert own.peers == () and own.removed == ()
     assert str(own.my_endpoint) == "203.0.113.21:40001"
+    assert through == [True, True]  # both changes went straight to the socket
     a.close()
 
 

@@ -294,3 +294,72 @@ def test_decoder_refuses_garbage_and_overlong_lines():
     with pytest.raises(InvalidValue, match="over 100 bytes"):
         for _ in range(20):
             list(decoder.feed(b"x" * 10))
+
+
+class FakeSocket:
+    """A socket whose send() takes `room` bytes at most (None: would block)."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+        self.room: int | None = 1 << 20
+
+    def send(self, data: bytes) -> int:
+        if self.room is None:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        taken = bytes(data[: self.room])
+        self.sent += taken
+        return len(taken)
+
+
+class SocketTransport(StringTransport):
+    """StringTransport with the parts of Twisted's TCP transport the stream's
+    write-through looks at: its socket and its (here always empty) queue."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.socket = FakeSocket()
+        self.connected = True
+        self.dataBuffer, self.offset, self._tempDataBuffer = b"", 0, []
+
+
+def test_a_change_goes_straight_to_the_socket_when_nothing_waits_before_it():
+    hub = Hub()
+    address = IPv4Address("TCP", Hub.ADDRESSES[0], 40000)
+    protocol = hub.site.buildProtocol(address)
+    transport = SocketTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /v1/peers?stream=1 HTTP/1.1\r\nHost: registry\r\n\r\n")
+    queued = len(transport.value())  # the head and first line, through Twisted's queue
+    hub.rebind(1, 40000)
+    line = transport.socket.sent
+    assert line.startswith(b"%x\r\n{" % (len(line) - 7)) and line.endswith(b"}\n\r\n")
+    assert len(transport.value()) == queued  # nothing queued
+    # The socket takes part of the next one: the rest is queued, in order.
+    transport.socket.room = 10
+    hub.rebind(1, 40001)
+    assert len(transport.socket.sent) == len(line) + 10
+    rest = transport.value()[queued:]
+    assert (transport.socket.sent[len(line) :] + rest).endswith(b"}\n\r\n")
+    # Something waits in the queue (or the socket would block): queued behind it.
+    transport._tempDataBuffer = [rest]
+    hub.rebind(1, 40002)
+    assert len(transport.socket.sent) == len(line) + 10
+    transport._tempDataBuffer = []
+    transport.socket.room = None
+    hub.rebind(1, 40003)
+    assert len(transport.socket.sent) == len(line) + 10
+    lines = body_lines_of(transport.value()[queued:], transport.socket.sent[len(line) :])
+    assert [json.loads(text)["peers"][0]["endpoint"][-5:] for text in lines] == [
+        "40001",
+        "40002",
+        "40003",
+    ]
+
+
+def body_lines_of(queued: bytes, partial: bytes) -> list[bytes]:
+    rest, body = partial + queued, b""
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        length = int(size, 16)
+        body, rest = body + rest[:length], rest[length + 2 :]
+    return body.split(b"\n")[:-1]
