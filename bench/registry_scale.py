@@ -1,31 +1,41 @@
-"""How far one registry scales: N peers, N clients holding the long poll.
+"""How far one registry scales: N peers, N clients waiting for its push.
 
     python bench/registry_scale.py [--peers 1000,10000] [--changes 5] [--json FILE]
+                                   [--mode stream|longpoll] [--poll-interval 1.0]
 
 For each N, the registry runs in its own process pinned to CPU 0, built as the
 daemon builds it (RegistryMetrics, Registry hub, the device read once before
-listening, build_site, a LoopingCall of hub.poll every 1 s), over a
+listening, build_site, a LoopingCall of hub.poll every --poll-interval), over a
 MemoryDevice filled with N live peers (allowed IP 127.A.B.C/32, endpoint in
 203.0.113.0/24 or 198.51.100.0/24).  This process (pinned to CPU 1) is the N
 clients: one persistent HTTP/1.1 connection each, bound to the peer's loopback
 address, speaking raw HTTP (10,000 Agents with their connection pools would
 cost the client side more than the registry; the requests are the ones
-RegistryClient sends).  The two processes talk JSON lines on the registry's
-stdin/stdout: CPU (getrusage), RSS (VmRSS), waiting clients, device changes.
+RegistryClient sends).  --mode stream (the default, as wgnat-client does): each
+client holds one stream (GET /v1/peers?stream=1&since=V&epoch=E&wait=25) on its
+connection and takes each line's version without decoding the rest (10,000
+decodings in this one process would measure it, not the registry); --mode
+longpoll: the long poll of before streams (since=V&epoch=E&wait=25, every answer
+decoded).  The two processes talk JSON lines on the registry's stdin/stdout: CPU
+(getrusage), RSS (VmRSS), waiting clients, device changes, when the registry
+observed each change (its read saw it and the push began).
 
 Phases per N, each bounded by a deadline so the run ends by itself:
   1. full answers: clients fetch the whole view (GET /v1/peers), 32 at a
      time, until all N did or --full-seconds ran out: bytes and registry CPU per
      full answer, and so wg-nat's model (N full answers per minute);
-  2. every client holds the long poll (since=V&epoch=E&wait=25), the ones not
-     in phase 1 starting from the version phase 1 returned;
-  3. at rest for --rest-seconds: registry CPU and bytes per minute;
+  2. every client holds its stream (or long poll), the ones not in phase 1
+     starting from the version phase 1 returned;
+  3. at rest for --rest-seconds: registry CPU and bytes per minute (keep-alive
+     lines, or long polls expiring every 25 s);
   4. --changes endpoint changes, one at a time: per-client latency from the
-     device change to the answer's last byte at the client, registry CPU and
-     bytes per change;
+     device change to the answer's last byte at the client, split in two:
+     device change -> registry observes (waiting for the periodic device read,
+     then reading it) and registry observes -> each client (the push); registry
+     CPU and bytes per change;
   5. (run first, while the registry is idle) in the registry process, the
      per-request CPU of the model's parts: identify, delta and full answers, JSON,
-     the device read.
+     the device read, the shared line a change costs a stream push.
 A registry that answers no control command for --control-seconds (its reactor
 busy with clients) ends the run for that N: what was measured is reported.
 WGNAT_BENCH_PROFILE=PREFIX writes a cProfile of the registry over the changes.
@@ -102,7 +112,7 @@ def rss_kib() -> int:
 
 
 # -- the registry process ----------------------------------------------------------
-def run_registry(peers: int) -> None:
+def run_registry(peers: int, poll_interval: float) -> None:
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.stdio import StandardIO
     from twisted.internet.task import LoopingCall
@@ -111,7 +121,7 @@ def run_registry(peers: int) -> None:
     from wgnat.device.memory import MemoryDevice
     from wgnat.metrics import RegistryMetrics
     from wgnat.registry.api import build_site
-    from wgnat.registry.hub import Registry
+    from wgnat.registry.hub import Registry, encode_line
 
     pinned = pin(0)
     raise_nofile(peers + 256)
@@ -202,6 +212,9 @@ def run_registry(peers: int) -> None:
             "full_answer_doc": timed(lambda: model.answer(caller, None, at, model.epoch), 3),
             "full_json": timed(lambda: _json.dumps(full_doc, separators=(",", ":")), 3),
             "device_read_observe": timed(lambda: model.observe(device.snapshot(), at), 3),
+            "shared_line": timed(
+                lambda: encode_line(model.broadcast(model.version - 1, at)), repeat
+            ),
         }
 
     class Control(LineReceiver):
@@ -259,7 +272,7 @@ def run_registry(peers: int) -> None:
                 reactor.stop()
 
     def listening(port: Any) -> None:
-        poller.start(1.0, now=False)
+        poller.start(poll_interval, now=False)
         control = Control()
         StandardIO(control)
         control.reply(port=port.getHost().port, pinned=pinned, peers=peers)
@@ -280,7 +293,9 @@ class Response:
 
 class HTTPClient(protocol.Protocol):
     """One keep-alive HTTP/1.1 connection, one request at a time; parses
-    Content-Length and chunked answers (twisted.web streams chunked)."""
+    Content-Length and chunked answers (twisted.web streams chunked), or, after
+    stream(), a streamed answer: chunked newline-delimited lines, each handed on
+    with the time its last bytes arrived and the bytes it cost (framing too)."""
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -288,6 +303,70 @@ class HTTPClient(protocol.Protocol):
         self.size = 0
         self.connected_d: defer.Deferred[HTTPClient] = defer.Deferred()
         self.lost = False
+        self.on_line: Any = None  # streaming: called with (line, arrival, bytes)
+        self.ended: defer.Deferred[None] | None = None
+        self.head_done = False
+        self.chunk_left = 0  # bytes of the current chunk still to come (+2: its CRLF)
+        self.line = b""
+
+    def stream(self, path: str, on_line: Any) -> defer.Deferred[None]:
+        """Start a stream; the Deferred fails when it ends (it never ends well)."""
+        assert self.pending is None and self.on_line is None
+        self.on_line, self.ended = on_line, defer.Deferred()
+        self.buffer, self.size, self.head_done, self.chunk_left, self.line = b"", 0, False, 0, b""
+        self.transport.write(  # type: ignore[union-attr]
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Accept: application/x-ndjson, application/json\r\n\r\n".encode()
+        )
+        return self.ended
+
+    def _stream_data(self, data: bytes) -> None:
+        at = time.time()
+        self.size += len(data)
+        buffer = self.buffer + data if self.buffer else data
+        self.buffer = b""
+        if not self.head_done:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                self.buffer = buffer
+                return
+            head = buffer[:head_end].lower()
+            status = head.split(b"\r\n")[0]
+            if b" 200 " not in status or b"application/x-ndjson" not in head:
+                self._stream_failed(f"not a stream: {status!r}")
+                return
+            self.head_done = True
+            buffer = buffer[head_end + 4 :]
+        offset = 0
+        while offset < len(buffer):
+            if self.chunk_left == 0:
+                line_end = buffer.find(b"\r\n", offset)
+                if line_end < 0:
+                    self.buffer = buffer[offset:]
+                    return
+                length = int(buffer[offset:line_end].split(b";")[0], 16)
+                if length == 0:
+                    self._stream_failed("the stream ended")
+                    return
+                self.chunk_left = length + 2
+                offset = line_end + 2
+            take = min(self.chunk_left, len(buffer) - offset)
+            data_bytes = max(0, min(take, self.chunk_left - 2))  # not the chunk's CRLF
+            self.line += buffer[offset : offset + data_bytes]
+            offset += take
+            self.chunk_left -= take
+            while b"\n" in self.line:
+                line, self.line = self.line.split(b"\n", 1)
+                size, self.size = self.size, 0
+                self.on_line(line, at, size)
+
+    def _stream_failed(self, why: str) -> None:
+        ended, self.ended = self.ended, None
+        self.on_line = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if ended is not None:
+            ended.errback(ConnectionError(why))
 
     def connectionMade(self) -> None:
         self.connected_d.callback(self)
@@ -302,6 +381,9 @@ class HTTPClient(protocol.Protocol):
         return self.pending
 
     def dataReceived(self, data: bytes) -> None:
+        if self.on_line is not None:
+            self._stream_data(data)
+            return
         self.size += len(data)
         self.buffer += data
         self._parse()
@@ -341,6 +423,8 @@ class HTTPClient(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
+        if self.ended is not None:
+            self._stream_failed("connection lost")
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.errback(ConnectionError("connection lost"))
@@ -357,8 +441,10 @@ class Client:
         self.polling = False
         self.answers: list[tuple[int, float, int]] = []  # (version, arrival, bytes)
         self.watch: dict[str, Any] | None = None  # {"version", "got": [(arrival, bytes)]}
+        self.keepalives: list[tuple[float, int]] = []  # (arrival, bytes)
         self.errors = 0
         self.reconnects = 0
+        self.first = True
 
     async def connect(self) -> None:
         built: defer.Deferred[HTTPClient] = defer.Deferred()
@@ -416,6 +502,50 @@ class Client:
             if watch is not None and self.since >= watch["version"]:
                 watch["got"].append((response.at, response.size))
                 self.watch = None
+
+    async def stream_forever(self) -> None:
+        """Hold a stream on this client's connection, as wgnat-client does; open
+        it again (after 1 s) when it ends."""
+        self.polling = True
+        while self.polling:
+            if self.conn is None or self.conn.lost:
+                self.reconnects += 1
+                try:
+                    await self.connect()
+                except Exception:
+                    self.errors += 1
+                    await sleep(1.0)
+                    continue
+            assert self.conn is not None
+            path = f"/v1/peers?since={self.since}&epoch={self.epoch}&wait={WAIT}&stream=1"
+            self.first = True
+            try:
+                await self.conn.stream(path, self.line)
+            except Exception:
+                pass
+            if self.polling:
+                self.errors += 1
+                await sleep(1.0)
+
+    def line(self, line: bytes, at: float, size: int) -> None:
+        if not line:
+            self.keepalives.append((at, size))
+            return
+        if self.first:  # the caller's own answer: where it stands
+            self.first = False
+            document = json.loads(line)
+            self.since, self.epoch = document["version"], document["epoch"]
+        else:  # a shared line: its version only
+            start = line.index(b'"version":') + 10
+            end = start
+            while line[end : end + 1].isdigit():
+                end += 1
+            self.since = int(line[start:end])
+        self.answers.append((self.since, at, size))
+        watch = self.watch
+        if watch is not None and self.since >= watch["version"]:
+            watch["got"].append((at, size))
+            self.watch = None
 
 
 def progress(text: str) -> None:
@@ -521,13 +651,20 @@ async def wait_until(predicate: Any, deadline: float, step: float = 0.05) -> boo
 
 
 async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"peers": peers, "notes": []}
+    result: dict[str, Any] = {"peers": peers, "mode": args.mode, "notes": []}
     notes = result["notes"]
     registry = RegistryProcess()
     reactor.spawnProcess(
         registry,
         sys.executable,
-        [sys.executable, os.path.abspath(__file__), "--_registry", str(peers)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_registry",
+            str(peers),
+            "--poll-interval",
+            str(args.poll_interval),
+        ],
         env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")),
     )
     hello = await registry.first
@@ -595,11 +732,14 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
             if client.since is None:
                 client.since, client.epoch = version, epoch
 
-        # 2. Every client holds the long poll.
-        progress(f"{count} full answers; long polls")
+        # 2. Every client holds its stream (or long poll).
+        progress(f"{count} full answers; {args.mode}s")
         settle_start = time.time()
         for client in clients:
-            defer.ensureDeferred(client.poll_forever())
+            if args.mode == "stream":
+                defer.ensureDeferred(client.stream_forever())
+            else:
+                defer.ensureDeferred(client.poll_forever())
         last: dict[str, Any] = {}
 
         async def all_waiting() -> bool:
@@ -612,27 +752,31 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
         result["rss_mib_waiting"] = last["rss_kib"] / 1024
         if not settled:
             notes.append(
-                f"only {last['waiting']} of {peers} long polls were waiting after "
+                f"only {last['waiting']} of {peers} {args.mode}s were waiting after "
                 f"{args.settle_seconds:.0f} s: the registry could not take them in faster"
             )
 
-        progress(f"{last['waiting']} long polls waiting; at rest")
-        # 3. At rest: the long polls expire and are re-issued every 25 s, the device is
-        # read every second; nothing changes.
+        progress(f"{last['waiting']} {args.mode}s waiting; at rest")
+        # 3. At rest: streams get a keep-alive line every 15 s (long polls expire and
+        # are re-issued every 25 s), the device is read every poll; nothing changes.
         await registry.ask("touch")
-        marks = [len(c.answers) for c in clients]
+        marks = [(len(c.answers), len(c.keepalives)) for c in clients]
         before = await registry.ask("stats")
         await sleep(args.rest_seconds)
         after = await registry.ask("stats")
         window = after["time"] - before["time"]
-        rest_answers = sum(len(c.answers) - m for c, m in zip(clients, marks, strict=True))
+        pairs = list(zip(clients, marks, strict=True))
+        rest_answers = sum(len(c.answers) - m for c, (m, _) in pairs)
+        rest_keepalives = sum(len(c.keepalives) - k for c, (_, k) in pairs)
         rest_bytes = sum(
-            sum(size for _, _, size in c.answers[m:]) for c, m in zip(clients, marks, strict=True)
+            sum(size for _, _, size in c.answers[m:]) + sum(size for _, size in c.keepalives[k:])
+            for c, (m, k) in pairs
         )
         result["rest"] = {
             "window_seconds": window,
             "cpu_per_minute": (after["cpu"] - before["cpu"]) * 60 / window,
             "answers_per_minute": rest_answers * 60 / window,
+            "keepalives_per_minute": rest_keepalives * 60 / window,
             "bytes_per_minute": rest_bytes * 60 / window,
             "waiting_at_end": after["waiting"],
         }
@@ -642,7 +786,8 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
         progress("changes")
         rng = random.Random(7)
         for _ in range(args.changes):
-            await sleep(rng.uniform(0.2, 1.2))  # land anywhere in the 1 s poll period
+            # Land anywhere in the poll period.
+            await sleep(rng.uniform(0.2, 0.2 + args.poll_interval))
             before = await registry.ask("stats")
             got: list[tuple[float, int]] = []
             watch = {"version": before["version"] + 1, "got": got}
@@ -670,7 +815,8 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
             progress(
                 f"change: {len(got)} of {peers} delivered in {delivered_at - changed_at:.2f} s"
             )
-            # CPU: until the woken clients are waiting again (their next poll taken in).
+            # CPU: until the woken clients are waiting again (their next poll taken in;
+            # a stream waits on at once).
             last = {}
             await wait_until(all_waiting, deadline + 5, step=0.2)
             after = last
@@ -683,11 +829,14 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
                 notify_woke=notice.get("waiters"),
                 notify_seconds=notice["end"] - notice["start"] if "end" in notice else None,
             )
-            if seen["seen_at"] and latencies:
-                after_seen = [at - seen["seen_at"] for at, _ in got]
-                change["p50_after_seen"] = percentile(after_seen, 0.5)
+            # The registry observes the change when its device read saw it and the
+            # push begins (notify): before, the change waits for the poll.
+            if "start" in notice and latencies:
+                change["observed_after"] = notice["start"] - changed_at
+                after_observed = [at - notice["start"] for at, _ in got]
+                change["p50_after_observed"] = percentile(after_observed, 0.5)
                 if len(got) == peers:
-                    change["p99_after_seen"] = percentile(after_seen, 0.99)
+                    change["p99_after_observed"] = percentile(after_observed, 0.99)
             await registry.ask("touch")
     except RegistryStuck as exc:
         progress(f"stopped early: {exc}")
@@ -701,10 +850,15 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
     result["change"] = {
         "p50": med("p50"),
         "p99": med("p99"),
-        "p50_after_seen": med("p50_after_seen"),
-        "p99_after_seen": med("p99_after_seen"),
+        "p50_after_observed": med("p50_after_observed"),
+        "p99_after_observed": med("p99_after_observed"),
         "p99_lower_bound": med("p99_lower_bound"),
         "seen_after": med("seen_after"),
+        "observed_after_p50": med("observed_after"),
+        "observed_after_max": max(
+            (c["observed_after"] for c in changes if c.get("observed_after") is not None),
+            default=None,
+        ),
         "notify_seconds": med("notify_seconds"),
         "delivered": min(item["delivered"] for item in changes) if changes else 0,
         "cpu": med("cpu"),
@@ -769,7 +923,7 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append((name, *[cell(getter, r) for r in results]))
 
     row("peers = waiting clients", lambda r: str(r["peers"]))
-    row("long polls waiting (settled)", lambda r: f"{r['waiting_after_settle']}")
+    row("clients waiting (settled)", lambda r: f"{r['waiting_after_settle']} {r['mode']}s")
     row(
         "change -> all clients p50",
         lambda r: fmt(r["change"]["p50"], " s"),
@@ -783,12 +937,18 @@ def table(results: list[dict[str, Any]]) -> str:
             f"({r['change']['delivered']}/{r['peers']} delivered)"
         ),
     )
-    row("  of which: device poll sees it (median)", lambda r: fmt(r["change"]["seen_after"], " s"))
     row(
-        "  seen -> client p50 / p99",
+        "  device change -> registry observes, median / max",
         lambda r: (
-            f"{fmt(r['change']['p50_after_seen'], ' s')} / "
-            f"{fmt(r['change']['p99_after_seen'], ' s')}"
+            f"{fmt(r['change']['observed_after_p50'], ' s')} / "
+            f"{fmt(r['change']['observed_after_max'], ' s')}"
+        ),
+    )
+    row(
+        "  registry observes -> client p50 / p99",
+        lambda r: (
+            f"{fmt(r['change']['p50_after_observed'], ' s')} / "
+            f"{fmt(r['change']['p99_after_observed'], ' s')}"
         ),
     )
     row("  notify loop (answers written)", lambda r: fmt(r["change"]["notify_seconds"], " s"))
@@ -812,12 +972,17 @@ def table(results: list[dict[str, Any]]) -> str:
     row("ours at rest: CPU s per minute", lambda r: fmt(r["rest"]["cpu_per_minute"], " s"))
     row("ours at rest: bytes per minute", lambda r: fmt(r["rest"]["bytes_per_minute"], "B"))
     row("ours at rest: answers per minute", lambda r: f"{r['rest']['answers_per_minute']:.0f}")
+    row(
+        "ours at rest: keep-alive lines per minute",
+        lambda r: f"{r['rest'].get('keepalives_per_minute', 0):.0f}",
+    )
     row("per request: identify caller", lambda r: fmt(r["micro"]["identify_caller"], " s"))
     row("per request: delta answer (model)", lambda r: fmt(r["micro"]["delta_answer_doc"], " s"))
     row("per request: delta JSON encode", lambda r: fmt(r["micro"]["delta_json"], " s"))
     row("per request: full answer (model)", lambda r: fmt(r["micro"]["full_answer_doc"], " s"))
     row("per request: full JSON encode", lambda r: fmt(r["micro"]["full_json"], " s"))
     row("per poll: device read + observe", lambda r: fmt(r["micro"]["device_read_observe"], " s"))
+    row("per change: shared line (model + JSON)", lambda r: fmt(r["micro"]["shared_line"], " s"))
     row("client errors / reconnects", lambda r: f"{r['errors']} / {r['reconnects']}")
     row("run time", lambda r: f"{r['seconds']:.0f} s")
     widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
@@ -848,6 +1013,8 @@ async def main(args: argparse.Namespace) -> None:
     load = os.getloadavg()
     document = {
         "clients_pinned_cpu1": pinned,
+        "mode": args.mode,
+        "poll_interval": args.poll_interval,
         "cpus": os.cpu_count(),
         "loadavg_after": load,
         "wait": WAIT,
@@ -880,6 +1047,15 @@ def parse_args() -> argparse.Namespace:
         default=60,
         help="a registry that answers no control command for this long ends the run for its N",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("stream", "longpoll"),
+        default="stream",
+        help="how clients wait for the push: a stream (as wgnat-client) or the long poll",
+    )
+    parser.add_argument(
+        "--poll-interval", type=float, default=1.0, help="the registry's device poll (s)"
+    )
     parser.add_argument("--_registry", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._registry is None:
@@ -890,7 +1066,7 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     options = parse_args()
     if options._registry is not None:
-        run_registry(options._registry)
+        run_registry(options._registry, options.poll_interval)
     else:
         failures: list[Any] = []
 

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from tests.helpers import ep, ip, nets, new_key, peer
 from wgnat.client.agent import AgentConfig, MeshAgent
 from wgnat.client.reconcile import Path, Settings
-from wgnat.client.registry_client import RegistryError
+from wgnat.client.registry_client import RegistryError, RegistryStream
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.hub import Registry
 from wgnat.testing import MemoryRegistryClient
@@ -38,6 +38,7 @@ class Net:
         self.registry_device = MemoryDevice(public_key=self.registry_key)
         self.hub = Registry(self.registry_device, self.clock)
         self.hosts: dict[str, dict] = {}
+        self.streams = True  # False: the registry answers long polls only
 
     def add_host(self, name: str, tunnel: str, public: str, lan: str = "192.168.1.10"):
         key = new_key()
@@ -60,7 +61,7 @@ class Net:
 
     def agent(self, name: str, **settings) -> MeshAgent:
         host = self.hosts[name]
-        client = MemoryRegistryClient(self.hub, ip(host["tunnel"]))
+        client = MemoryRegistryClient(self.hub, ip(host["tunnel"]), streams=self.streams)
         host["client"] = client
         agent = MeshAgent(
             host["device"],
@@ -226,21 +227,23 @@ def test_refused_registry_answer_changes_nothing(net):
     assert a.paths() == {kb: Path.DIRECT}
     device = net.hosts["a"]["device"]
     before = dict(device.peers)
-    original = net.hosts["a"]["client"].fetch
+    client = net.hosts["a"]["client"]
+    original = client.follow
 
-    def bad_fetch(*args):
-        from twisted.internet.defer import fail
+    def bad_follow(*args):
+        stream = RegistryStream()
+        stream.fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
+        return stream
 
-        return fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
-
-    net.hosts["a"]["client"].fetch = bad_fetch
-    for _ in range(20):  # past the -t resync: every fetch is refused
+    client.follow = bad_follow
+    a._stream.fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
+    for _ in range(20):  # past the -t resync: every answer is refused
         net.clock.advance(5)
         net.alive("a", "b")
     assert a.registry_up is False
     assert set(device.peers) == set(before)
     assert device.peers[kb].allowed_ips == before[kb].allowed_ips
-    net.hosts["a"]["client"].fetch = original
+    client.follow = original
 
 
 def test_an_unexpected_error_does_not_stop_the_agent(net):
@@ -260,3 +263,51 @@ def test_an_unexpected_error_does_not_stop_the_agent(net):
     a.mesh.plan = original
     net.clock.advance(16)
     assert a.paths() == {net.hosts["b"]["key"]: Path.DIRECT}
+
+
+def test_changes_arrive_on_one_stream_and_keepalives_count_as_contact(net):
+    a, _ = net.direct_pair()
+    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
+    client = net.hosts["a"]["client"]
+    opened = client.fetches
+    assert net.hub.streams() == 2
+    # b's NAT rebinds, then a's: both pushed on the open streams, nothing re-asked.
+    net.registry_device.handshake(kb, net.clock.seconds(), endpoint=ep("203.0.113.22:40000"))
+    net.hub.refresh()
+    assert str(net.hosts["a"]["device"].peers[kb].endpoint) == "203.0.113.22:40000"
+    net.registry_device.handshake(ka, net.clock.seconds(), endpoint=ep("203.0.113.21:40001"))
+    net.hub.refresh()
+    assert a.view.my_endpoint == ep("203.0.113.21:40001")
+    assert ka not in a.view.peers  # its own record, on the shared line, is dropped
+    assert client.fetches == opened
+    # Nothing changes for 15 s: a keep-alive line, which counts as hearing from it.
+    heard = a.last_sync
+    net.clock.advance(15)
+    assert a.last_sync == heard + 15 and a.registry_up is True
+    assert client.fetches == opened
+
+
+def test_a_registry_without_streams_is_followed_by_long_polls(net):
+    net.streams = False
+    a, _ = net.direct_pair()
+    kb = net.hosts["b"]["key"]
+    assert net.hub.streams() == 0 and net.hub.waiting() == 2  # two long polls
+    client = net.hosts["a"]["client"]
+    asked = client.fetches
+    net.registry_device.handshake(kb, net.clock.seconds(), endpoint=ep("203.0.113.22:40000"))
+    net.hub.refresh()
+    assert str(net.hosts["a"]["device"].peers[kb].endpoint) == "203.0.113.22:40000"
+    assert client.fetches == asked + 1 and net.hub.waiting() == 2  # asked again at once
+    assert a.paths() == {kb: Path.DIRECT}
+
+
+def test_a_cut_stream_is_reopened_after_the_first_backoff_step(net):
+    a, _ = net.direct_pair()
+    client = net.hosts["a"]["client"]
+    version = a.view.version
+    [stream] = client.streams
+    stream.fail(RegistryError("the registry's stream from http://198.51.100.1:51820 was cut off"))
+    assert a.registry_up is False
+    net.clock.advance(1)  # the first backoff step
+    assert a.registry_up is True and len(client.streams) == 1
+    assert net.hub.streams() == 2 and a.view.version == version

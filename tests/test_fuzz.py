@@ -28,17 +28,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 
 from tests.helpers import new_key, peer
-from wgnat._types import InvalidValue, PublicKey, parse_network
+from wgnat._types import Endpoint, InvalidValue, PublicKey, parse_network
 from wgnat.client.agent import AgentConfig, MeshAgent
-from wgnat.client.registry_client import RegistryClient, RegistryError
-from wgnat.client.view import Answer, parse_answer
+from wgnat.client.registry_client import (
+    RegistryClient,
+    RegistryError,
+    RegistryStream,
+    StreamEnded,
+)
+from wgnat.client.view import Answer, StreamDecoder, parse_answer
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.api import MAX_BODY_BYTES, MAX_WAITERS_PER_CALLER, build_site
 from wgnat.registry.hub import Registry
@@ -479,6 +486,50 @@ def test_waiting_requests_are_bounded_per_peer(waits):
 
 @fuzz
 @given(
+    params=st.lists(query_param, max_size=5),
+    source=st.sampled_from([Hub.A, Hub.B, Hub.UNKNOWN, "::ffff:198.51.100.2", "2001:db8::1"]),
+)
+def test_stream_query_parameters(params, source):
+    """A stream request with any other parameters: a stream whose first line a
+    client accepts and whose next lines follow the changes, or a clean 400/403."""
+    TRIED["api: GET /v1/peers?stream=1 query"] += 1
+    hub = Hub()
+    before = snapshot(hub.hub.model)
+    target = "/v1/peers?" + encode_query(hub, [*params, ("stream", "1")])
+    protocol, transport = hub.send(source, request_bytes("GET", target))
+    parsed = parse_response(transport.value())
+    if parsed is None:  # Twisted closes on a request line over 16 KiB, without a word
+        assert transport.disconnecting and len(target) > 16000, "no answer at all"
+        assert hub.hub.streams() == 0
+        return
+    status, headers, body = parsed
+    if status != 200:
+        assert hub.hub.streams() == 0
+        hub.finish()
+        check_answer(hub, transport, before)
+        assert status in (400, 403), status
+    else:
+        assert source not in (Hub.UNKNOWN, "2001:db8::1"), "a caller no peer owns got a stream"
+        assert headers.get("content-type") == "application/x-ndjson", headers
+        assert hub.hub.streams() == 1
+        decoder = StreamDecoder(1 << 20)
+        [first] = list(decoder.feed(body))
+        assert first is not None and first.version == hub.hub.model.version
+        hub.device.handshake(hub.b, START + 1, endpoint=Endpoint.parse("203.0.113.22:40000"))
+        hub.hub.refresh()
+        hub.finish()  # 70 s: keep-alives, and the stream stays open
+        assert not transport.disconnecting
+        *_, later = [
+            a for a in decoder.feed(parse_response(transport.value())[2][len(body) :]) if a
+        ]
+        assert later.version == hub.hub.model.version
+        protocol.connectionLost(Failure(ConnectionDone()))
+        assert hub.hub.streams() == 0
+    still_answers(hub)
+
+
+@fuzz
+@given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]),
     path=st.sampled_from(
         ["/v1/peers", "/v1/announce", "/v1/peers/x", "/v1", "/", "/healthz", "/v2/peers", "//"]
@@ -739,29 +790,127 @@ def test_registry_client_turns_any_answer_into_an_answer_or_a_registry_error(bod
         assert status == 200
 
 
+class CannedStream:
+    """A streamed response: a code, a content type and a body delivered in pieces."""
+
+    def __init__(self, code: int, body: bytes, content_type: bytes, piece: int) -> None:
+        self.code, self.body, self.piece = code, body, piece
+        self.headers = Headers({b"content-type": [content_type]})
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(StringTransport())
+        for i in range(0, len(self.body), self.piece):
+            protocol.dataReceived(self.body[i : i + self.piece])
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+first_line = st.fixed_dictionaries(
+    {
+        "epoch": st.just("e1"),
+        "version": st.integers(0, 5),
+        "full": st.booleans(),
+        "you": st.fixed_dictionaries(
+            {"public_key": st.sampled_from([MY_KEY.base64, "x"]), "endpoint": endpoint_like}
+        ),
+        "peers": st.lists(plausible_peer, max_size=3, unique_by=lambda p: p["public_key"]),
+    }
+)
+stream_line = st.one_of(
+    st.one_of(first_line, plausible_answer, any_answer).map(lambda d: json.dumps(d).encode()),
+    st.just(b""),
+    st.binary(max_size=40),
+)
+
+
+@fuzz
+@given(
+    first=first_line,
+    lines=st.lists(stream_line, max_size=5),
+    cut=st.integers(0, 50),
+    piece=st.integers(1, 300),
+    status=st.sampled_from([200, 200, 200, 403, 500]),
+    content_type=st.sampled_from([b"application/x-ndjson", b"application/json", b"text/html"]),
+)
+def test_registry_client_turns_any_stream_into_answers_then_an_end(
+    first, lines, cut, piece, status, content_type
+):
+    """The client's whole stream path (content type, line splitting, JSON, the
+    first line's "you", shared lines, validation): answers or keep-alives, then
+    StreamEnded or a RegistryError; never another exception."""
+    TRIED["client: RegistryClient stream decoding"] += 1
+    body = b"\n".join([json.dumps(first).encode(), *lines]) + b"\n"
+    body = body[: len(body) - cut] if cut < len(body) else body
+    client = RegistryClient(Clock(), ipaddress.ip_address("198.51.100.1"), 51820)
+    client.http = CannedAgent()
+    client.http.response = CannedStream(status, body, content_type, piece)
+    stream = client.follow(None, None, 25)
+    for _ in range(len(lines) + 3):
+        outcome: list[Any] = []
+        stream.next().addBoth(outcome.append)
+        assert len(outcome) == 1, "no outcome without any I/O"
+        got = outcome[0]
+        if isinstance(got, Failure):
+            assert got.check(RegistryError, StreamEnded), got.getTraceback()
+            break
+        assert got is None or isinstance(got, Answer)
+        if isinstance(got, Answer) and content_type == b"application/x-ndjson":
+            # A stream takes our own record out of every line (the agent also
+            # never adds itself, whatever an answer lists: check_device).
+            assert MY_KEY not in [p.public_key for p in got.peers]
+    else:
+        raise AssertionError("the stream never ended")
+
+
 # -- a MeshAgent fed those answers -----------------------------------------
 
 
 class FakeRegistry:
     """The RegistryClient interface, answering with the given documents in turn
-    (validated as the real client does), then holding a long poll forever."""
+    (validated as the real client does), then holding the stream open forever.
 
-    def __init__(self, documents: list[Any]) -> None:
+    Not streamed: each request gets one document and the stream ends, as from a
+    registry without streams (a long poll).  Streamed: one stream, its first line
+    naming this peer, then every document as a line shared by all callers."""
+
+    def __init__(self, documents: list[Any], streamed: bool = False) -> None:
         self.documents = list(documents)
+        self.streamed = streamed
         self.refused: list[str] = []
         self.accepted = 0
 
-    def fetch(self, since: int | None, epoch: str | None, wait: float) -> Deferred[Any]:
+    def refuse(self, stream: RegistryStream, exc: InvalidValue) -> RegistryStream:
+        self.refused.append(str(exc))
+        stream.fail(RegistryError(f"refused the registry's answer: {exc}"))
+        return stream
+
+    def follow(self, since: int | None, epoch: str | None, wait: float) -> RegistryStream:
+        stream = RegistryStream()
         if not self.documents:
-            return Deferred(lambda d: None)  # a long poll that never ends
-        document = self.documents.pop(0)
-        try:
-            answer = parse_answer(json.loads(json.dumps(document)))
-        except InvalidValue as exc:
-            self.refused.append(str(exc))
-            return fail(RegistryError(f"refused the registry's answer: {exc}"))
-        self.accepted += 1
-        return succeed(answer)
+            return stream  # a stream with nothing more to say
+        if not self.streamed:
+            document = self.documents.pop(0)
+            try:
+                answer = parse_answer(json.loads(json.dumps(document)))
+            except InvalidValue as exc:
+                return self.refuse(stream, exc)
+            self.accepted += 1
+            stream.put(answer)
+            stream.end()
+            return stream
+        decoder = StreamDecoder(1 << 20)
+        first = {"epoch": "e1", "version": 0, "full": True, "you": {"public_key": MY_KEY.base64}}
+        for answer in decoder.feed(json.dumps(first).encode() + b"\n"):
+            stream.put(answer)
+        while self.documents:
+            line = json.dumps(self.documents.pop(0)).encode() + b"\n"
+            try:
+                answers = list(decoder.feed(line))
+            except InvalidValue as exc:
+                return self.refuse(stream, exc)
+            self.accepted += 1
+            for answer in answers:
+                stream.put(answer)
+        return stream
 
     def announce(self, announcement: Any) -> Deferred[Any]:
         return succeed({"version": 0})
@@ -777,11 +926,13 @@ def client_device() -> MemoryDevice:
     return device
 
 
-def run_agent(documents: list[Any], accept_routes: bool) -> tuple[MemoryDevice, Any, Clock]:
+def run_agent(
+    documents: list[Any], accept_routes: bool, streamed: bool = False
+) -> tuple[MemoryDevice, Any, Clock]:
     clock = Clock()
     clock.advance(START)
     device = client_device()
-    registry = FakeRegistry(documents)
+    registry = FakeRegistry(documents, streamed)
     agent = MeshAgent(
         device,
         clock,
@@ -834,20 +985,23 @@ def check_device(device: MemoryDevice, accept_routes: bool) -> None:
 
 
 @fuzz
-@given(document=any_answer, accept_routes=st.booleans())
-def test_agent_device_unchanged_by_a_refused_answer(document, accept_routes):
+@given(document=any_answer, accept_routes=st.booleans(), streamed=st.booleans())
+def test_agent_device_unchanged_by_a_refused_answer(document, accept_routes, streamed):
     TRIED["client: agent, one answer"] += 1
-    device, registry, _ = run_agent([document], accept_routes)
+    device, registry, _ = run_agent([document], accept_routes, streamed)
     if registry.refused:
         assert device.operations == [], "a refused answer changed the device"
         assert device.peers == client_device().peers
 
 
 @fuzz
-@given(documents=st.lists(st.one_of(plausible_answer, any_answer), min_size=1, max_size=4))
-def test_agent_never_puts_a_forbidden_allowed_ip_on_the_device(documents):
+@given(
+    documents=st.lists(st.one_of(plausible_answer, any_answer), min_size=1, max_size=4),
+    streamed=st.booleans(),
+)
+def test_agent_never_puts_a_forbidden_allowed_ip_on_the_device(documents, streamed):
     TRIED["client: agent, answer sequences"] += 1
-    run_agent(documents, accept_routes=True)
+    run_agent(documents, accept_routes=True, streamed=streamed)
 
 
 def test_agent_fuzz_reaches_the_device():

@@ -199,3 +199,202 @@ def test_requests_are_counted_not_logged_one_by_one(setup):
         assert code == 403
     lines = [formatEvent(event) for event in events]
     assert not [line for line in lines if "/v1/peers" in line], lines
+
+
+# -- the stream (GET /v1/peers?stream=1) ----------------------------------------
+
+
+def next_answer(stream, timeout=5.0):
+    return stream.next().addTimeout(timeout, reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stream_gives_the_callers_answer_then_every_change_as_it_happens(setup, monkeypatch):
+    from wgnat.registry.api import StreamWriter
+
+    through = []
+    write_through = StreamWriter._write_through
+    monkeypatch.setattr(
+        StreamWriter,
+        "_write_through",
+        lambda self, line: through.append(write_through(self, line)) or through[-1],
+    )
+    a = setup.client("127.0.0.2").follow(None, None, 25)
+    first = yield next_answer(a)
+    assert first.full and [p.public_key for p in first.peers] == [setup.b]
+    assert str(first.my_endpoint) == "203.0.113.21:51820"
+    assert setup.hub.streams() == 1 and setup.hub.waiting() == 1
+    # b's NAT rebinds: one line, a delta, within milliseconds of the device read.
+    setup.device.handshake(setup.b, reactor.seconds(), endpoint=ep("203.0.113.22:40000"))
+    started = reactor.seconds()
+    yield setup.hub.refresh()
+    change = yield next_answer(a)
+    assert reactor.seconds() - started < 1.0
+    assert not change.full and change.version == setup.hub.model.version
+    assert [(p.public_key, str(p.endpoint)) for p in change.peers] == [
+        (setup.b, "203.0.113.22:40000")
+    ]
+    # a's own NAT rebinds: the shared line lists a, which a takes as its own endpoint.
+    setup.device.handshake(setup.a, reactor.seconds(), endpoint=ep("203.0.113.21:40001"))
+    yield setup.hub.refresh()
+    own = yield next_answer(a)
+    assert own.peers == () and own.removed == ()
+    assert str(own.my_endpoint) == "203.0.113.21:40001"
+    assert through == [True, True]  # both changes went straight to the socket
+    a.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stream_from_a_version_starts_with_the_delta_since(setup):
+    client = setup.client("127.0.0.2")
+    first = yield client.fetch(None, None, 0)
+    setup.device.handshake(setup.b, reactor.seconds(), endpoint=ep("203.0.113.22:40000"))
+    yield setup.hub.refresh()
+    stream = client.follow(first.version, first.epoch, 25)
+    answer = yield next_answer(stream)
+    assert not answer.full and [p.public_key for p in answer.peers] == [setup.b]
+    stream.close()
+    # Another epoch (the registry restarted): a full answer.
+    again = client.follow(first.version, "0123abcd", 25)
+    answer = yield next_answer(again)
+    assert answer.full
+    again.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_closed_stream_is_forgotten_by_the_registry(setup):
+    stream = setup.client("127.0.0.2").follow(None, None, 25)
+    yield next_answer(stream)
+    assert setup.hub.streams() == 1
+    stream.close()
+    for _ in range(50):
+        if setup.hub.streams() == 0:
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    assert setup.hub.streams() == 0 and setup.hub.waiting() == 0
+    assert setup.hub._keepalive is None  # no timer left behind
+
+
+@pytest_twisted.inlineCallbacks
+def test_streams_per_peer_are_bounded_the_newest_replacing_the_oldest(setup):
+    from wgnat.registry.api import MAX_STREAMS_PER_CALLER
+
+    streams = []
+    for _ in range(MAX_STREAMS_PER_CALLER + 1):
+        streams.append(setup.client("127.0.0.2").follow(None, None, 25))
+        yield next_answer(streams[-1])
+    with pytest.raises(RegistryError, match="cut off"):
+        yield next_answer(streams[0])
+    assert setup.hub.streams() == MAX_STREAMS_PER_CALLER
+    # Another peer's streams are not counted against it.
+    other = setup.client("127.0.0.3").follow(None, None, 25)
+    yield next_answer(other)
+    assert setup.hub.streams() == MAX_STREAMS_PER_CALLER + 1
+    for stream in [*streams[1:], other]:
+        stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stream_requests_are_validated_and_identified(setup):
+    code, text = yield setup.raw(b"GET", "/v1/peers?stream=yes")
+    assert code == 400 and b"stream" in text
+    with pytest.raises(RegistryError, match=r"403.*127\.0\.0\.9 is not the tunnel address"):
+        yield next_answer(setup.client("127.0.0.9").follow(None, None, 25))
+    assert setup.hub.streams() == 0
+
+
+class CannedRegistry:
+    """A registry of another kind on loopback: answers /v1/peers with `body` and
+    `content_type`, then (`hold`) keeps the response open without a word."""
+
+    def __init__(self, body: bytes, content_type: bytes, hold: bool = False) -> None:
+        from twisted.web import resource, server
+
+        canned = self
+
+        class Peers(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                canned.requests.append(request.uri)
+                request.setHeader(b"content-type", content_type)
+                if not hold:
+                    return body
+                request.write(body)
+                return server.NOT_DONE_YET
+
+        self.requests: list[bytes] = []
+        root = resource.Resource()
+        v1 = resource.Resource()
+        root.putChild(b"v1", v1)
+        v1.putChild(b"peers", Peers())
+        self.site = server.Site(root)
+        self.port = None
+
+    @inlineCallbacks
+    def start(self):
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.site)
+        from ipaddress import ip_address
+
+        return RegistryClient(reactor, ip_address("127.0.0.1"), self.port.getHost().port)
+
+
+def answer_document(version: int, **extra) -> dict:
+    you = {"public_key": new_key().base64, "endpoint": "203.0.113.21:51820"}
+    return {"epoch": "e1", "version": version, "full": False, "you": you, "peers": [], **extra}
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_registry_without_streams_answers_each_request_once_as_a_long_poll():
+    from wgnat.client.registry_client import StreamEnded
+
+    canned = CannedRegistry(json.dumps(answer_document(7)).encode(), b"application/json")
+    client = yield canned.start()
+    try:
+        stream = client.follow(5, "e1", 25)
+        answer = yield next_answer(stream)
+        assert answer.version == 7 and not answer.full
+        with pytest.raises(StreamEnded):
+            yield next_answer(stream)
+        assert b"stream=1" in canned.requests[0] and b"wait=25" in canned.requests[0]
+    finally:
+        yield client.close()
+        yield canned.port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_malformed_line_on_the_stream_is_refused_with_the_reason():
+    first = json.dumps(answer_document(1)).encode()
+    bad = json.dumps({"epoch": "e1", "version": 2, "full": False, "peers": [{"public_key": "x"}]})
+    canned = CannedRegistry(
+        first + b"\n\n" + bad.encode() + b"\n", b"application/x-ndjson", hold=True
+    )
+    client = yield canned.start()
+    try:
+        stream = client.follow(None, None, 25)
+        assert (yield next_answer(stream)).version == 1
+        assert (yield next_answer(stream)) is None  # the keep-alive line
+        with pytest.raises(RegistryError, match=r"refused the registry's answer: peers\[0\]"):
+            yield next_answer(stream)
+    finally:
+        yield client.close()
+        yield canned.port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_silent_stream_is_taken_for_dead(monkeypatch):
+    from wgnat.client import registry_client
+
+    monkeypatch.setattr(registry_client, "STREAM_SILENCE_SECONDS", 0.3)
+    canned = CannedRegistry(
+        json.dumps(answer_document(1)).encode() + b"\n", b"application/x-ndjson", hold=True
+    )
+    client = yield canned.start()
+    try:
+        stream = client.follow(None, None, 25)
+        yield next_answer(stream)
+        with pytest.raises(RegistryError, match=r"silent for 0\.3 s"):
+            yield next_answer(stream)
+    finally:
+        yield client.close()
+        yield canned.port.stopListening()

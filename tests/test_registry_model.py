@@ -113,6 +113,9 @@ def test_full_answer_for_other_epoch_or_forgotten_history():
             NOW,
         )
     assert model.answer(a, old, NOW, model.epoch)["full"] is True
+    shared = model.broadcast(old, NOW)  # a stream that far behind: every live peer
+    assert shared["full"] is True
+    assert {p["public_key"] for p in shared["peers"]} == {k.base64 for k in model.records}
 
 
 def test_announcements_are_versioned_and_attached():
@@ -214,5 +217,12 @@ def test_deltas_equal_a_brute_force_scan(operations, since):
     assert {p["public_key"] for p in answer["peers"]} == expected
     gone = {k.base64 for k, v in model.tombstones.items() if v > since and k != caller}
     assert set(answer["removed"]) == gone
+    # The shared line for streams: the same changes, no caller left out, no "you".
+    shared = model.broadcast(since, NOW)
+    assert not shared["full"] and "you" not in shared
+    assert {p["public_key"] for p in shared["peers"]} == {
+        k.base64 for k, r in model.records.items() if r.version > since
+    }
+    assert set(shared["removed"]) == {k.base64 for k, v in model.tombstones.items() if v > since}
     for i in present:
         assert model.caller(ip(f"198.51.100.{2 + i}")) == keys[i]

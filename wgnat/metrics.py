@@ -63,7 +63,12 @@ class RegistryMetrics:
             self.api_requests.labels(outcome=outcome)
         self.pushes = Counter(
             "wgnat_registry_pushes_total",
-            "Waiting clients woken by a change (each one a push)",
+            "Changes pushed to a waiting client (a long poll woken or a line on a stream)",
+            registry=self.registry,
+        )
+        self.streams_dropped = Counter(
+            "wgnat_registry_streams_dropped_total",
+            "Streams dropped because their client read too slowly",
             registry=self.registry,
         )
         self.device_read_seconds = Histogram(
@@ -93,8 +98,13 @@ class RegistryMetrics:
             )
             yield GaugeMetricFamily(
                 "wgnat_registry_waiting_clients",
-                "Long-poll requests waiting for a change",
+                "Clients waiting for a change: long polls and open streams",
                 value=hub.waiting(),
+            )
+            yield GaugeMetricFamily(
+                "wgnat_registry_streams",
+                "Open streams (GET /v1/peers?stream=1)",
+                value=hub.streams(),
             )
             yield GaugeMetricFamily(
                 "wgnat_registry_version",
@@ -175,7 +185,7 @@ class ClientMetrics:
         )
         self.last_sync = Gauge(
             "wgnat_client_registry_last_sync_timestamp_seconds",
-            "Unix time of the last successful answer from the registry",
+            "Unix time the registry was last heard from (an answer or a stream keep-alive)",
             registry=r,
         )
         self.registry_errors = Counter(

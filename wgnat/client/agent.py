@@ -18,14 +18,14 @@ from twisted.logger import Logger
 from wgnat._types import Announcement, IPNetwork, PeerUpdate, PublicKey
 from wgnat.client.lan import lan_endpoints
 from wgnat.client.reconcile import Action, Mesh, Path, Policy, Settings, registry_address_of
-from wgnat.client.registry_client import RegistryClient, RegistryError
+from wgnat.client.registry_client import RegistryClient, RegistryError, StreamEnded
 from wgnat.client.view import RegistryView
 from wgnat.device import Device, DeviceError
 from wgnat.metrics import ClientMetrics
 
 log = Logger(namespace="wgnat.client")
 
-LONG_POLL_WAIT = 25.0
+LONG_POLL_WAIT = 25.0  # asked of a registry without streams (it long-polls instead)
 REGISTRY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
@@ -77,6 +77,7 @@ class MeshAgent(service.Service):
         self.last_sync: float | None = None
         self.last_probe: dict[PublicKey, float] = {}
         self._inflight: Deferred[Any] | None = None
+        self._stream: Any = None
         self._force_full = True
         self._wakeup: Any = None
         self._reconciling = False
@@ -174,6 +175,7 @@ class MeshAgent(service.Service):
                 timer.cancel()
         if self._inflight is not None:
             self._inflight.cancel()
+        self._close_stream()
         if self.client is not None:
             return self.client.close()
         return None
@@ -186,21 +188,37 @@ class MeshAgent(service.Service):
             self._inflight.cancel()
         self._resync = self.reactor.callLater(self.config.resync_interval, self._full_resync)
 
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
     @inlineCallbacks
     def _follow_registry(self) -> Any:
+        """Follow the registry's stream: its first answer (full when asked, after
+        announcing ourselves), then one per change, applied as they come.  A
+        registry without streams answers each request once (a long poll) and the
+        stream is opened again; a failure keeps the mesh and retries with backoff."""
         failures = 0
         while self.running:
             full = self._force_full or self.view.version is None
             try:
-                if full:
-                    yield self._announce()
-                self._inflight = self.client.fetch(
-                    None if full else self.view.version, self.view.epoch, LONG_POLL_WAIT
-                )
+                if full or self._stream is None:
+                    self._close_stream()
+                    if full:
+                        yield self._announce()
+                    self._stream = self.client.follow(
+                        None if full else self.view.version, self.view.epoch, LONG_POLL_WAIT
+                    )
+                self._inflight = self._stream.next()
                 answer = yield self._inflight
             except CancelledError:
                 continue
+            except StreamEnded:
+                self._stream = None  # ended cleanly: ask again, from our version
+                continue
             except Exception as exc:  # the loop must outlive any failure
+                self._close_stream()
                 failures += 1
                 if not isinstance(exc, RegistryError):
                     log.failure("unexpected error following the registry; retrying")
@@ -217,6 +235,8 @@ class MeshAgent(service.Service):
                 self._inflight = None
             failures = 0
             self._registry_is_up()
+            if answer is None:
+                continue  # a keep-alive: the registry is there, nothing changed
             if not answer.full and answer.epoch != self.view.epoch:
                 self._force_full = True  # a delta from another epoch: ask again, whole
                 continue

@@ -1,4 +1,5 @@
-"""Talking to the registry over the tunnel: the long poll and the announcement.
+"""Talking to the registry over the tunnel: the stream of changes (or, from a
+registry without streams, the long poll), single answers and the announcement.
 
 Answers are bounded in size and time and validated whole (client.view) before
 anything uses them.
@@ -10,7 +11,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
@@ -19,11 +20,18 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from wgnat._types import Announcement, InvalidValue, IPAddress
-from wgnat.client.view import Answer, parse_answer
+from wgnat.client.view import Answer, StreamDecoder, parse_answer
 
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 EXTRA_TIMEOUT = 10.0  # on top of the long poll's own wait
+# The registry writes to a stream at least every 15 s (a keep-alive line); this
+# long without a byte and the stream is taken for dead.
+STREAM_SILENCE_SECONDS = 35.0
+# Answers read from a stream and not yet taken by the agent: past this, the
+# stream fails (and the agent, as after any failure, opens a new one, whole).
+MAX_PENDING_ANSWERS = 64
+STREAM_CONTENT_TYPE = "application/x-ndjson"
 
 
 class _QuietHTTPFactory(_HTTP11ClientFactory):
@@ -34,6 +42,137 @@ class _QuietHTTPFactory(_HTTP11ClientFactory):
 
 class RegistryError(Exception):
     """The registry could not be asked, or answered something unusable."""
+
+
+class StreamEnded(Exception):
+    """The registry ended a stream cleanly after answering (a registry without
+    streams answers each request once, as a long poll): ask again at once."""
+
+
+class RegistryStream:
+    """The answers of one request to the registry, as they come: `next()` gives
+    the next one (None for a keep-alive), fails with RegistryError when the
+    stream broke or was refused, or with StreamEnded when it ended cleanly."""
+
+    def __init__(self) -> None:
+        self._ready: list[Answer | None] = []
+        self._waiter: Deferred[Answer | None] | None = None
+        self._error: BaseException | None = None
+        self.answers = 0
+        self.on_close: Any = None  # what closing must stop (a connection, a subscription)
+
+    def next(self) -> Deferred[Answer | None]:
+        assert self._waiter is None, "one next() at a time"
+        if self._ready:
+            return succeed(self._ready.pop(0))
+        if self._error is not None:
+            return fail(self._error)
+
+        def cancel(_: Deferred[Answer | None]) -> None:
+            self._waiter = None
+
+        self._waiter = Deferred(cancel)
+        return self._waiter
+
+    def put(self, answer: Answer | None) -> None:
+        if self._error is not None:
+            return
+        if answer is not None:
+            self.answers += 1
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(answer)
+            return
+        self._ready.append(answer)
+        if len(self._ready) > MAX_PENDING_ANSWERS:
+            self._ready.clear()
+            self.fail(
+                RegistryError(
+                    f"fell {MAX_PENDING_ANSWERS} answers behind the registry's stream; reopening it"
+                )
+            )
+            self.close()
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error`, given by next() after the answers
+        already received."""
+        if self._error is not None:
+            return
+        self._error = error
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.errback(error)
+
+    def end(self) -> None:
+        """The registry ended the stream cleanly; without a single answer that is
+        a failure (else a registry doing so would be asked again in a tight loop)."""
+        if self.answers:
+            self.fail(StreamEnded())
+        else:
+            self.fail(RegistryError("the registry ended the stream without an answer"))
+
+    def close(self) -> None:
+        """Stop reading: the connection (or subscription) ends; a pending next()
+        is cancelled."""
+        self._ready.clear()
+        self.fail(CancelledError())
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+
+class _StreamReader(Protocol):
+    """A streamed response body: lines decoded into the stream as they arrive;
+    a stream silent for STREAM_SILENCE_SECONDS is taken for dead."""
+
+    def __init__(self, stream: RegistryStream, reactor: Any, url: str) -> None:
+        self.stream = stream
+        self.reactor = reactor
+        self.url = url
+        self.decoder = StreamDecoder(MAX_ANSWER_BYTES)
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.timer = self.reactor.callLater(STREAM_SILENCE_SECONDS, self._silent)
+        self.stream.on_close = self._stop
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.timer is None:
+            return  # stopped
+        self.timer.reset(STREAM_SILENCE_SECONDS)
+        try:
+            for answer in self.decoder.feed(data):
+                self.stream.put(answer)
+                if self.timer is None:
+                    return  # closed by whoever took the answer
+        except InvalidValue as exc:
+            self.stream.fail(RegistryError(f"refused the registry's answer: {exc}"))
+            self._stop()
+
+    def _silent(self) -> None:
+        self.timer = None
+        self.stream.fail(
+            RegistryError(
+                f"no answer from the registry at {self.url} in time (its stream was silent "
+                f"for {STREAM_SILENCE_SECONDS:g} s)"
+            )
+        )
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if reason.check(ResponseDone) and not self.decoder.partial:
+            self.stream.end()
+        else:
+            self.stream.fail(RegistryError(f"the registry's stream from {self.url} was cut off"))
 
 
 class _BoundedBody(Protocol):
@@ -83,6 +222,22 @@ class _JSONBody:
         pass
 
 
+def _peers_path(since: int | None, epoch: str | None, wait: float, stream: bool = False) -> str:
+    query: dict[str, Any] = {}
+    if since is not None and epoch is not None:
+        query.update(since=since, epoch=epoch, wait=f"{wait:g}")
+    if stream:
+        query["stream"] = 1
+    return "/v1/peers" + (f"?{urlencode(query)}" if query else "")
+
+
+def _validated(document: Any) -> Answer:
+    try:
+        return parse_answer(document)
+    except InvalidValue as exc:
+        raise RegistryError(f"refused the registry's answer: {exc}") from None
+
+
 def base_url(address: IPAddress, port: int) -> str:
     host = f"[{address}]" if address.version == 6 else str(address)
     return f"http://{host}:{port}"
@@ -105,9 +260,15 @@ class RegistryClient:
             bindAddress=(bind_address, 0) if bind_address else None,
         )
 
-    @inlineCallbacks
-    def _request(self, method: bytes, path: str, timeout: float, body: Any = None) -> Any:
-        headers = Headers({b"accept": [b"application/json"]})
+    def _send(
+        self,
+        method: bytes,
+        path: str,
+        timeout: float,
+        body: Any = None,
+        accept: bytes = b"application/json",
+    ) -> Deferred[Any]:
+        headers = Headers({b"accept": [accept]})
         if body is not None:
             headers.addRawHeader(b"content-type", b"application/json")
         request = self.http.request(
@@ -117,13 +278,19 @@ class RegistryClient:
             _JSONBody(body) if body is not None else None,
         )
         request.addTimeout(timeout, self.reactor)
-        try:
-            response = yield request
-        except Exception as exc:
-            if _cancelled(exc):
+
+        def failed(failure: Failure) -> Any:
+            if _cancelled(failure.value):
                 # Our caller gave up (a resync, a shutdown): not a registry failure.
-                raise CancelledError() from None
-            raise RegistryError(_describe(exc, self.url)) from None
+                raise CancelledError()
+            raise RegistryError(_describe(failure.value, self.url))
+
+        return request.addErrback(failed)
+
+    @inlineCallbacks
+    def _document(self, response: Any, timeout: float) -> Any:
+        """A whole JSON answer: its body read within bounds, decoded, a refusal
+        (not HTTP 200) turned into a RegistryError saying why."""
         reader = _BoundedBody(MAX_ANSWER_BYTES)
         response.deliverBody(reader)
         reading = reader.done
@@ -149,17 +316,47 @@ class RegistryClient:
         return document
 
     @inlineCallbacks
+    def _request(self, method: bytes, path: str, timeout: float, body: Any = None) -> Any:
+        response = yield self._send(method, path, timeout, body)
+        document = yield self._document(response, timeout)
+        return document
+
+    @inlineCallbacks
     def fetch(self, since: int | None, epoch: str | None, wait: float) -> Any:
-        query: dict[str, Any] = {}
-        if since is not None and epoch is not None:
-            query.update(since=since, epoch=epoch, wait=f"{wait:g}")
-        path = "/v1/peers" + (f"?{urlencode(query)}" if query else "")
-        document = yield self._request(b"GET", path, wait + EXTRA_TIMEOUT)
-        try:
-            answer: Answer = parse_answer(document)
-        except InvalidValue as exc:
-            raise RegistryError(f"refused the registry's answer: {exc}") from None
-        return answer
+        """One answer: full, or (a long poll) the changes after `since`."""
+        document = yield self._request(
+            b"GET", _peers_path(since, epoch, wait), wait + EXTRA_TIMEOUT
+        )
+        return _validated(document)
+
+    def follow(self, since: int | None, epoch: str | None, wait: float) -> RegistryStream:
+        """The stream of answers: the first at once (full when `since` is None),
+        then one per change.  A registry without streams answers once, as a long
+        poll of `wait` seconds, and ends the stream (StreamEnded)."""
+        stream = RegistryStream()
+        path = _peers_path(since, epoch, wait, stream=True)
+        opening = self._send(
+            b"GET",
+            path,
+            wait + EXTRA_TIMEOUT,
+            accept=STREAM_CONTENT_TYPE.encode() + b", application/json",
+        )
+        stream.on_close = opening.cancel
+
+        def opened(response: Any) -> Any:
+            kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+            if response.code == 200 and kind.split(b";")[0].strip() == STREAM_CONTENT_TYPE.encode():
+                response.deliverBody(_StreamReader(stream, self.reactor, self.url))
+                return None
+            single = self._document(response, wait + EXTRA_TIMEOUT)
+            stream.on_close = single.cancel
+            return single.addCallback(
+                lambda document: (stream.put(_validated(document)), stream.end())
+            )
+
+        opening.addCallback(opened)
+        opening.addErrback(lambda failure: stream.fail(failure.value))
+        return stream
 
     def announce(self, announcement: Announcement) -> Deferred[Any]:
         return self._request(

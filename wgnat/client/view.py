@@ -6,6 +6,9 @@ answer is refused (the mesh stays as it is) with a message saying what was wrong
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +115,101 @@ def parse_answer(document: Any) -> Answer:
     if len(set(keys)) != len(keys):
         raise InvalidValue("the registry's answer lists a peer twice")
     return Answer(epoch, version, full, my_endpoint, peers, tuple(removed))
+
+
+class StreamDecoder:
+    """The lines of a stream (GET /v1/peers?stream=1) as answers.
+
+    The first line is the caller's own answer, naming it in "you".  Every later
+    line is shared by all callers at that version, so it has no "you" and may list
+    the caller itself: that record is taken out here, and its endpoint is our own
+    public endpoint (unchanged when the line does not list us).  An empty line is
+    a keep-alive (None).  A stream never changes epoch nor goes back in version.
+    """
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.me: PublicKey | None = None
+        self.epoch: str | None = None
+        self.version: int | None = None
+        self.my_endpoint: Endpoint | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def partial(self) -> bool:
+        """A line has begun and not ended."""
+        return self._size > 0
+
+    def feed(self, data: bytes) -> Iterator[Answer | None]:
+        """The lines `data` completes, decoded one by one: the answers before a
+        bad line are given before its InvalidValue."""
+        while data:
+            cut = data.find(b"\n")
+            piece = data if cut < 0 else data[:cut]
+            self._size += len(piece)
+            if self._size > self.max_line_bytes:
+                raise InvalidValue(
+                    f"a line of the registry's stream is over {self.max_line_bytes} bytes"
+                )
+            if cut < 0:
+                self._parts.append(piece)
+                break
+            line = b"".join(self._parts) + piece if self._parts else piece
+            self._parts, self._size = [], 0
+            data = data[cut + 1 :]
+            yield self.decode(line)
+
+    def decode(self, line: bytes) -> Answer | None:
+        if not line.strip():
+            return None
+        try:
+            document = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise InvalidValue("a line of the registry's stream is not JSON") from None
+        answer = parse_answer(document)
+        if self.me is None:
+            you = document.get("you")
+            try:
+                self.me = PublicKey.from_base64(
+                    you.get("public_key") if isinstance(you, dict) else None
+                )
+            except InvalidValue:
+                raise InvalidValue(
+                    "the first answer of the registry's stream does not name this peer in 'you'"
+                ) from None
+        else:
+            if answer.epoch != self.epoch:
+                raise InvalidValue(
+                    f"the registry's stream changed epoch from {self.epoch} to {answer.epoch}"
+                )
+            if self.version is not None and answer.version < self.version:
+                raise InvalidValue(
+                    f"the registry's stream went back from version {self.version} to "
+                    f"{answer.version}"
+                )
+        answer = self._without_me(answer, "you" in document)
+        self.epoch, self.version, self.my_endpoint = (
+            answer.epoch,
+            answer.version,
+            answer.my_endpoint,
+        )
+        return answer
+
+    def _without_me(self, answer: Answer, names_me: bool) -> Answer:
+        """Our own record taken out of any line (a shared one lists us; no other
+        should); a line without "you" gives our endpoint through that record."""
+        mine = [peer for peer in answer.peers if peer.public_key == self.me]
+        if names_me:
+            my_endpoint = answer.my_endpoint
+        else:
+            my_endpoint = mine[0].endpoint if mine else self.my_endpoint
+        return dataclasses.replace(
+            answer,
+            my_endpoint=my_endpoint,
+            peers=tuple(peer for peer in answer.peers if peer.public_key != self.me),
+            removed=tuple(key for key in answer.removed if key != self.me),
+        )
 
 
 @dataclass

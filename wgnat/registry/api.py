@@ -3,31 +3,42 @@
     GET  /v1/peers[?since=V&wait=S]   the caller's view: full, or the changes
                                       after version V, waiting up to S seconds
                                       for one (the push: a long poll)
+    GET  /v1/peers?stream=1[&since=V] the push as a stream: newline-delimited
+                                      JSON, the caller's own answer first, then
+                                      one line per change, the same bytes for
+                                      every caller; an empty line at least every
+                                      15 s when nothing changes
     POST /v1/announce                 {"session": "5f0c…", "lan_endpoints":
                                        ["192.168.1.7:51820"]}
     GET  /healthz                     "ok" when the device was read lately
 
 The caller is the peer whose allowed IPs hold the request's source address:
 WireGuard's cryptokey routing guarantees only that peer can send from it, so no
-identity the caller claims is trusted.  Bodies, waits and waiters are bounded.
+identity the caller claims is trusted.  Bodies, waits, waiters and streams are
+bounded: a peer holds at most MAX_STREAMS_PER_CALLER streams (a newer one replaces
+its oldest), and a stream whose reader falls MAX_STREAM_BACKLOG_BYTES behind is
+dropped rather than buffered.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from collections import Counter
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey
 from wgnat.logs import QuietSite
-from wgnat.registry.hub import Registry
+from wgnat.registry.hub import KEEPALIVE_LINE, KEEPALIVE_SECONDS, Registry, Stream
 
 log = Logger(namespace="wgnat.registry.api")
 
@@ -35,6 +46,14 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_WAIT_SECONDS = 60.0
 MAX_WAITERS_PER_CALLER = 4
 IDLE_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 15
+MAX_STREAMS_PER_CALLER = 2
+# Written to a stream while its connection's buffers are full (the transport
+# paused us); past this the reader is too slow and the stream is dropped.
+MAX_STREAM_BACKLOG_BYTES = 256 * 1024
+# Unacknowledged data on a stream's connection for this long ends it (Linux
+# TCP_USER_TIMEOUT): a client that vanished is noticed at the next keep-alive.
+STREAM_USER_TIMEOUT_SECONDS = 2 * KEEPALIVE_SECONDS + 5
+STREAM_CONTENT_TYPE = b"application/x-ndjson"
 
 
 class ApiError(Exception):
@@ -148,6 +167,15 @@ def _query_number(request: server.Request, name: str, kind: type) -> Any:
     return number
 
 
+def _query_flag(request: server.Request, name: str) -> bool:
+    values = request.args.get(name.encode())  # type: ignore[union-attr]
+    if not values or values[0] == b"0":
+        return False
+    if values[0] == b"1":
+        return True
+    raise ApiError(http.BAD_REQUEST, f"query parameter {name!r} must be 0 or 1")
+
+
 def _query_epoch(request: server.Request) -> str | None:
     values = request.args.get(b"epoch")  # type: ignore[union-attr]
     if not values:
@@ -158,11 +186,133 @@ def _query_epoch(request: server.Request) -> str | None:
     return text
 
 
+@implementer(IPushProducer)
+class StreamWriter:
+    """Writes one stream's lines to its HTTP response, never buffering without
+    bound: it is the response's producer, so the transport pauses it when the
+    connection's buffers are full; what is written while paused is counted, and
+    past MAX_STREAM_BACKLOG_BYTES the connection is dropped."""
+
+    def __init__(self, request: server.Request, caller: PublicKey, metrics: Any = None) -> None:
+        self.request = request
+        self.caller = caller
+        self.metrics = metrics
+        self.paused = False
+        self.backlog = 0
+        self.dropped = False
+        self.stream: Stream | None = None
+
+    @property
+    def gone(self) -> bool:
+        request = self.request
+        return bool(self.dropped or request.finished or request._disconnected)  # type: ignore[attr-defined]
+
+    def send(self, line: bytes) -> None:
+        if self.gone:
+            return
+        if self.paused:
+            if line == KEEPALIVE_LINE:
+                return  # data is waiting already: the reader sees no silence
+            self.backlog += len(line)
+            if self.backlog > MAX_STREAM_BACKLOG_BYTES:
+                if self.metrics is not None:
+                    self.metrics.streams_dropped.inc()
+                self.drop(
+                    f"it reads too slowly ({self.backlog} bytes waiting past the connection's "
+                    "buffers); it will reconnect and catch up"
+                )
+                return
+        if self.request.startedWriting and not self.paused and self._write_through(line):
+            return
+        self.request.write(line)
+
+    def _write_through(self, line: bytes) -> bool:
+        """Hand `line` to the socket at once when nothing waits before it: one
+        send() instead of Twisted's queue, two epoll changes and a writability
+        round trip per stream and change (most of a change's cost at 10,000
+        streams).  False (nothing written) where that is not possible: Twisted
+        then queues it as usual."""
+        request = self.request
+        transport = getattr(request.channel, "transport", None)
+        sock = getattr(transport, "socket", None)
+        try:
+            idle = (
+                sock is not None
+                and transport.connected  # type: ignore[union-attr]
+                and not transport.disconnecting  # type: ignore[union-attr]
+                and len(transport.dataBuffer) == transport.offset  # type: ignore[union-attr]
+                and not transport._tempDataBuffer  # type: ignore[union-attr]
+            )
+        except AttributeError:  # not Twisted's TCP transport
+            return False
+        if not idle:
+            return False
+        data = _chunk(line) if request.chunked else line  # type: ignore[attr-defined]
+        try:
+            sent = sock.send(data)  # type: ignore[union-attr]
+        except OSError:
+            return False  # would block, or broken: Twisted's write finds out
+        request.sentLength += len(line)  # type: ignore[attr-defined]
+        if sent < len(data):
+            transport.write(data[sent:])  # type: ignore[union-attr]
+        return True
+
+    def drop(self, why: str) -> None:
+        self.dropped = True
+        log.warn("{peer}: dropping its stream: {why}", peer=self.caller.short, why=why)
+        channel = self.request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    # IPushProducer, called by the connection.
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+_last_chunk: tuple[bytes, bytes] = (b"", b"")
+
+
+def _chunk(line: bytes) -> bytes:
+    """`line` as one chunk of a chunked response; the last one is kept, as the
+    same line goes to every stream."""
+    global _last_chunk
+    if _last_chunk[0] is not line:
+        _last_chunk = (line, b"%x\r\n%s\r\n" % (len(line), line))
+    return _last_chunk[1]
+
+
+def _stream_connection(request: server.Request) -> None:
+    """A stream's connection: no idle timeout (the stream writes keep-alives and
+    the client sends nothing), and unacknowledged data ends it."""
+    channel = request.channel
+    channel.setTimeout(None)  # type: ignore[union-attr]
+    handle = getattr(getattr(channel, "transport", None), "getHandle", lambda: None)()
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if handle is not None and option is not None:
+        try:
+            handle.setsockopt(socket.IPPROTO_TCP, option, int(STREAM_USER_TIMEOUT_SECONDS * 1000))
+        except OSError:
+            pass  # not TCP (a test's transport): the keep-alives still bound it
+
+
 class PeersResource(RegistryResource):
+    def __init__(self, registry: Registry, metrics: Any = None) -> None:
+        super().__init__(registry, metrics)
+        self.streams: dict[PublicKey, list[StreamWriter]] = {}
+
     def render_GET(self, request: server.Request) -> Any:
         since = _query_number(request, "since", int)
         epoch = _query_epoch(request)
         wait = min(_query_number(request, "wait", float) or 0.0, MAX_WAIT_SECONDS)
+        if _query_flag(request, "stream") and request.method != b"HEAD":
+            return self.render_stream(request, since, epoch)
         pending: list[Deferred[None]] = []
         request.notifyFinish().addErrback(lambda _: [waiter.cancel() for waiter in pending])
 
@@ -187,6 +337,58 @@ class PeersResource(RegistryResource):
         result = self.identify(request)
         result.addCallback(answer)
         result.addErrback(lambda failure: self.fail(request, failure))
+        return server.NOT_DONE_YET
+
+    def render_stream(self, request: server.Request, since: int | None, epoch: str | None) -> Any:
+        """One long-lived response: the caller's answer, then every change."""
+        writers: list[StreamWriter] = []
+
+        def start(caller: PublicKey) -> Deferred[None]:
+            if request._disconnected:  # type: ignore[attr-defined]
+                return None  # type: ignore[return-value]
+            writer = StreamWriter(request, caller, self.metrics)
+            writers.append(writer)
+            mine = self.streams.setdefault(caller, [])
+            mine.append(writer)
+            while len(mine) > MAX_STREAMS_PER_CALLER:
+                mine.pop(0).drop(
+                    f"replaced by a newer stream (at most {MAX_STREAMS_PER_CALLER} per peer)"
+                )
+            request.setResponseCode(http.OK)
+            request.setHeader(b"content-type", STREAM_CONTENT_TYPE)
+            request.setHeader(b"cache-control", b"no-store")
+            _stream_connection(request)
+            request.registerProducer(writer, True)
+            self.count("ok")
+            return self.registry.open_stream(caller, since, epoch, writer.send).addCallback(
+                opened, writer
+            )
+
+        def opened(stream: Stream, writer: StreamWriter) -> None:
+            writer.stream = stream
+            if writer.gone:  # the connection ended while the device was read
+                ended(None)
+
+        def ended(_: object) -> None:
+            for writer in writers:
+                if writer.stream is not None:
+                    self.registry.close_stream(writer.stream)
+                mine = self.streams.get(writer.caller, [])
+                if writer in mine:
+                    mine.remove(writer)
+                if not mine:
+                    self.streams.pop(writer.caller, None)
+            writers.clear()
+
+        def failed(failure: Failure) -> None:
+            if request.producer is not None:  # type: ignore[attr-defined]
+                request.unregisterProducer()
+            self.fail(request, failure)
+
+        request.notifyFinish().addBoth(ended)
+        result = self.identify(request)
+        result.addCallback(start)
+        result.addErrback(failed)
         return server.NOT_DONE_YET
 
 

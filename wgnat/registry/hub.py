@@ -1,11 +1,14 @@
 """The registry's moving parts around the pure model: reading the device (on a
-short interval and whenever a client needs a fresh view) and waking the clients
-that wait for a change (the push).
+short interval and whenever a client needs a fresh view) and telling the clients
+that wait for a change (the push): long polls are woken and answered one by one;
+open streams get each change as one line, encoded once and written to all.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -17,6 +20,29 @@ from wgnat.device import Device
 from wgnat.registry.model import RegistryModel
 
 log = Logger(namespace="wgnat.registry")
+
+# Every open stream is written to at least this often (a keep-alive line when
+# nothing changed), so both ends can tell a live stream from a dead one.
+KEEPALIVE_SECONDS = 15.0
+# Streams are looked at this often: a keep-alive goes out after 14 to 15 s of
+# silence (a coarser tick would send them sooner, so more of them).
+KEEPALIVE_TICK = 1.0
+KEEPALIVE_LINE = b"\n"
+
+
+def encode_line(document: dict[str, Any]) -> bytes:
+    """One line of a stream: compact JSON (never a newline inside) and a newline."""
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+@dataclass(eq=False)
+class Stream:
+    """One client's open stream: who it is, the version it holds, how to write to it."""
+
+    caller: PublicKey
+    send: Callable[[bytes], object]
+    version: int
+    last_sent: float
 
 
 class Registry:
@@ -32,6 +58,8 @@ class Registry:
         # handshake the caller just made); served by the next read, shared by all.
         self._next_readers: list[Deferred[None]] = []
         self._waiters: set[Deferred[None]] = set()
+        self._streams: dict[Stream, None] = {}  # insertion-ordered set
+        self._keepalive: Any = None
         self.last_read_error: str | None = None
 
     # -- reading the device -------------------------------------------------
@@ -100,20 +128,108 @@ class Registry:
         return waiter
 
     def waiting(self) -> int:
-        return len(self._waiters)
+        """Clients a change would reach now: long polls waiting and open streams."""
+        return len(self._waiters) + len(self._streams)
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, set()
-        if waiters:
+        if waiters or self._streams:
             log.debug(
-                "version {version}: pushing to {count} waiting clients",
+                "version {version}: pushing to {count} waiting clients and {streams} streams",
                 version=self.model.version,
                 count=len(waiters),
+                streams=len(self._streams),
             )
+        pushed = self._broadcast()
         if self.metrics is not None:
-            self.metrics.pushes.inc(len(waiters))
+            self.metrics.pushes.inc(len(waiters) + pushed)
         for waiter in waiters:
             waiter.callback(None)
+
+    # -- streams --------------------------------------------------------------
+    def open_stream(
+        self,
+        caller: PublicKey,
+        since: int | None,
+        epoch: str | None,
+        send: Callable[[bytes], object],
+    ) -> Deferred[Stream]:
+        """Start a stream: `send` gets the caller's own answer at once (full when
+        `since` is None, after a device read as for any full answer), then one
+        shared line per change and keep-alive lines; `close_stream` ends it."""
+        ready: Deferred[None] = self.refresh() if since is None else succeed(None)
+
+        def start(_: None) -> Stream:
+            now = self.clock.seconds()
+            document = self.model.answer(caller, since, now, epoch)
+            stream = Stream(caller, send, self.model.version, now)
+            self._streams[stream] = None
+            self._schedule_keepalive()
+            self._send(stream, encode_line(document))
+            return stream
+
+        return ready.addCallback(start)
+
+    def close_stream(self, stream: Stream) -> None:
+        self._streams.pop(stream, None)
+        if not self._streams and self._keepalive is not None:
+            if self._keepalive.active():
+                self._keepalive.cancel()
+            self._keepalive = None
+
+    def streams(self) -> int:
+        return len(self._streams)
+
+    def stop(self) -> None:
+        """Forget every stream (their connections end with the process)."""
+        for stream in list(self._streams):
+            self.close_stream(stream)
+
+    def _broadcast(self) -> int:
+        """Write what changed to every open stream; each distinct starting version
+        (normally one: every stream got the previous change) is encoded once."""
+        if not self._streams:
+            return 0
+        now = self.clock.seconds()
+        version = self.model.version
+        lines: dict[int, bytes] = {}
+        pushed = 0
+        for stream in list(self._streams):
+            if stream.version == version:
+                continue
+            line = lines.get(stream.version)
+            if line is None:
+                line = lines[stream.version] = encode_line(
+                    self.model.broadcast(stream.version, now)
+                )
+            stream.version = version
+            self._send(stream, line)
+            pushed += 1
+        return pushed
+
+    def _send(self, stream: Stream, line: bytes) -> None:
+        stream.last_sent = self.clock.seconds()
+        try:
+            stream.send(line)
+        except Exception:
+            log.failure(
+                "cannot write to the stream of {peer}; closing it", peer=stream.caller.short
+            )
+            self.close_stream(stream)
+
+    def _schedule_keepalive(self) -> None:
+        if self._keepalive is None and self._streams:
+            self._keepalive = self.clock.callLater(KEEPALIVE_TICK, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        """Every KEEPALIVE_TICK: a keep-alive line to the streams that would
+        otherwise go KEEPALIVE_SECONDS without one."""
+        self._keepalive = None
+        due = self.clock.seconds() - (KEEPALIVE_SECONDS - KEEPALIVE_TICK)
+        for stream in list(self._streams):
+            if stream.last_sent <= due:
+                self._send(stream, KEEPALIVE_LINE)
+        self._schedule_keepalive()
 
     # -- what a caller asks (the API and the in-memory registry share these) --
     def identify(self, address: IPAddress) -> Deferred[PublicKey | None]:

@@ -6,6 +6,8 @@ observed endpoint, its allowed IPs, its announced LAN endpoints) bumps one globa
 version and stamps the changed peer with it.  A client that says "I have version
 V" is answered with just the peers stamped after V plus the keys removed after V,
 so one endpoint change costs each client O(1) bytes however large the mesh is.
+For streams the delta is caller-independent (`broadcast`): one document per change,
+whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -203,22 +205,8 @@ class RegistryModel:
     ) -> dict[str, Any]:
         """The JSON answer for `caller`: full when `since` is None, too old or of
         another epoch."""
-        full = since is None or epoch != self.epoch or since < self.horizon or since > self.version
-        after = -1 if since is None else since  # with `full`, every stamp counts
-        if full:
-            peers = [_peer_json(r, now) for k, r in self.records.items() if k != caller]
-            removed: list[str] = []
-        else:
-            peers = [
-                _peer_json(record, now)
-                for record in _newer_than(self.records.values(), after, lambda r: r.version)
-                if record.public_key != caller
-            ]
-            removed = [
-                key.base64
-                for key, _ in _newer_than(self.tombstones.items(), after, lambda t: t[1])
-                if key != caller
-            ]
+        full = self._needs_full(since, epoch)
+        peers, removed = self._changes(None if full else since, now, leave_out=caller)
         me = self.known.get(caller)
         return {
             "epoch": self.epoch,
@@ -232,6 +220,39 @@ class RegistryModel:
             "peers": peers,
             "removed": removed,
         }
+
+    def broadcast(self, since: int, now: float) -> dict[str, Any]:
+        """What changed after `since`, the same document for every caller: no
+        "you", and no caller is left out (each client drops its own record, whose
+        endpoint is its own public endpoint).  Encoded once per change and written
+        to every open stream.  Full when `since` is too old (or ahead)."""
+        full = self._needs_full(since, self.epoch)
+        peers, removed = self._changes(None if full else since, now, leave_out=None)
+        return {
+            "epoch": self.epoch,
+            "version": self.version,
+            "full": full,
+            "peers": peers,
+            "removed": removed,
+        }
+
+    def _needs_full(self, since: int | None, epoch: str | None) -> bool:
+        return since is None or epoch != self.epoch or since < self.horizon or since > self.version
+
+    def _changes(
+        self, since: int | None, now: float, leave_out: PublicKey | None
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The peers stamped after `since` and the keys removed after it (every
+        live peer and no removal when `since` is None), without `leave_out`."""
+        if since is None:
+            records: Any = self.records.values()
+            gone: list[tuple[PublicKey, int]] = []
+        else:
+            records = _newer_than(self.records.values(), since, lambda r: r.version)
+            gone = _newer_than(self.tombstones.items(), since, lambda t: t[1])
+        peers = [_peer_json(record, now) for record in records if record.public_key != leave_out]
+        removed = [key.base64 for key, _ in gone if key != leave_out]
+        return peers, removed
 
     def live_count(self) -> int:
         return len(self.records)

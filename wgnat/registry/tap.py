@@ -185,6 +185,7 @@ class RegistryDaemon(service.Service):
         super().stopService()
         if self.poller is not None and self.poller.running:
             self.poller.stop()
+        self.hub.stop()
         ports, self.ports = self.ports, []
         from twisted.internet.defer import gatherResults
 
