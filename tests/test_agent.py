@@ -311,3 +311,34 @@ def test_a_cut_stream_is_reopened_after_the_first_backoff_step(net):
     net.clock.advance(1)  # the first backoff step
     assert a.registry_up is True and len(client.streams) == 1
     assert net.hub.streams() == 2 and a.view.version == version
+
+
+def test_a_device_that_vanishes_is_retried_every_second_and_logged_once(net):
+    """The interface deleted under a running client (seen in the testbed: 20
+    failed reads and error lines a second while a probe was under way)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from wgnat.device import DeviceNotFound
+
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    a = net.agent("a")
+    net.agent("b")
+    assert a.paths() == {net.hosts["b"]["key"]: Path.PROBING}  # polled every 50 ms
+    device = net.hosts["a"]["device"]
+    reads = []
+    original_read = device.read
+    device.read = lambda: (reads.append(1), original_read())[1]
+    device.failure = DeviceNotFound("interface wg0 not found")
+    with capturedLogs() as events:
+        for _ in range(50):
+            net.clock.advance(0.1)
+    lines = [formatEvent(event) for event in events]
+    assert len(reads) <= 6, len(reads)  # every second, not every 50 ms
+    assert len([line for line in lines if "cannot read" in line]) == 1, lines
+    assert a.read_error == "interface wg0 not found"
+    device.failure = None
+    with capturedLogs() as events:
+        net.clock.advance(1.0)
+    assert any("works again" in formatEvent(event) for event in events)
+    assert a.read_error is None

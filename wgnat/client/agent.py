@@ -27,6 +27,8 @@ log = Logger(namespace="wgnat.client")
 
 LONG_POLL_WAIT = 25.0  # asked of a registry without streams (it long-polls instead)
 REGISTRY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# A device that cannot be read (its interface deleted, say) is tried this often.
+READ_RETRY_SECONDS = 1.0
 
 
 class StartupError(Exception):
@@ -81,6 +83,7 @@ class MeshAgent(service.Service):
         self._force_full = True
         self._wakeup: Any = None
         self._reconciling = False
+        self.read_error: str | None = None  # the last device read's, until one works
         self._again = False
         self._resync: Any = None
         self._poll_loop: Deferred[None] | None = None
@@ -310,13 +313,11 @@ class MeshAgent(service.Service):
                 try:
                     state = yield self.device.read()
                 except DeviceError as exc:
-                    self.metrics.device_errors.labels(operation="read").inc()
-                    log.error(
-                        "cannot read {ifname}: {error}; retrying",
-                        ifname=self.device.ifname,
-                        error=str(exc),
-                    )
+                    self._read_failed(str(exc))
                     break
+                if self.read_error is not None:
+                    log.info("reading {ifname} works again", ifname=self.device.ifname)
+                    self.read_error = None
                 now = self.reactor.seconds()
                 actions = self.mesh.plan(self.view, state, now)
                 self._count_events()
@@ -335,7 +336,23 @@ class MeshAgent(service.Service):
                 if self.view.version is not None
                 else self.config.settings.health_interval
             )
+            if self.read_error is not None:
+                # The plan's moments (a probe's 50 ms poll) assume a device to
+                # read: without one, try again every second, not in a busy loop.
+                delay = max(delay, READ_RETRY_SECONDS)
             self._wakeup = self.reactor.callLater(delay, self.reconcile_soon)
+
+    def _read_failed(self, error: str) -> None:
+        self.metrics.device_errors.labels(operation="read").inc()
+        if error != self.read_error:  # once, not once a retry
+            log.error(
+                "cannot read {ifname}: {error}; keeping the mesh as it is and retrying "
+                "every {retry:g} s",
+                ifname=self.device.ifname,
+                error=error,
+                retry=READ_RETRY_SECONDS,
+            )
+        self.read_error = error
 
     def _count_events(self) -> None:
         assert self.mesh is not None
