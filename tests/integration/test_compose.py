@@ -345,9 +345,11 @@ def test_interface_deleted_and_recreated_under_a_running_client(bed):
     check("(its entry vanished from the device)" in log, bed, "c re-added its peers")
     check(bed.container("c").status == "running", bed, "c's daemon kept running")
     check("Traceback" not in bed.logs("c"), bed, "no traceback in c's log")
-    # Once for each different error (gone, then not answering yet), not once a retry.
-    check(1 <= log.count("cannot read wg0") <= 3, bed, "the missing interface logged once")
-    check("reading wg0 works again" in log, bed, "and its return")
+    # A read may or may not fall in the 2 s without an interface; if any does, the
+    # error is logged once for each different error, not once a retry.
+    failures = log.count("cannot read wg0")
+    check(failures <= 3, bed, f"the missing interface logged {failures} times")
+    check(not failures or "reading wg0 works again" in log, bed, "and its return")
     known = {bed.keys[name] for name in ("registry", *CLIENTS)}
     check(set(bed.peers("c")) <= known, bed, "c has no stranger after the re-creation")
     # The health check reads the device every 15 s; then a probe and a handshake.
