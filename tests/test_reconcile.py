@@ -460,3 +460,15 @@ def test_a_path_cut_under_traffic_is_given_up_within_twenty_seconds():
         if any(a.kind == "remove" for a in world.step(view, now)):
             fell_back = now
     assert fell_back is not None and fell_back - cut <= 15 + 5 + 2, fell_back - cut
+
+
+def test_our_own_endpoint_moving_retries_relayed_peers_at_once():
+    world, b, view = direct_world()
+    world.device.traffic(b, tx=640)
+    world.step(view, T0 + 17)
+    assert [a.kind for a in world.step(view, T0 + 19)] == ["remove"]
+    assert world.mesh.paths[b].retry_at > T0 + 20
+    world.mesh.retry_relayed_now(T0 + 20)
+    moved = view_of(remote(b), me="203.0.113.21:40000")
+    actions = world.step(moved, T0 + 20)
+    assert [a.kind for a in actions] == ["probe"]

@@ -309,12 +309,14 @@ def test_nat_rebinding_is_followed(bed):
         "a to follow c's new mapping",
         interval=0.5,
     )
-    check(bed.ping("a", CLIENTS["c"][0], count=3), bed, "a pings c after the rebinding")
+    # c may have given up the path meanwhile (its data unanswered since its
+    # mapping moved) and comes back when it sees its own endpoint move.
+    wait(bed, lambda: bed.ping("a", CLIENTS["c"][0], count=1), 10, "a to ping c again")
     elapsed = time.monotonic() - started
     print(f"\nrebinding followed in {elapsed:.1f} s")
     # c's next keepalive (25 s) at the latest moves its mapping; then the registry
     # sees it (1 s poll) and a follows.
-    check(elapsed <= 25 + 2 + 3, bed, f"rebinding took {elapsed:.1f} s")
+    check(elapsed <= 25 + 2 + 3 + 5, bed, f"rebinding took {elapsed:.1f} s")
 
 
 def test_interface_deleted_and_recreated_under_a_running_client(bed):

@@ -254,11 +254,12 @@ class MeshAgent(service.Service):
             ):
                 log.info(
                     "this host's public endpoint moved from {old} to {new}: refreshing "
-                    "every direct path",
+                    "every direct path, retrying every relayed one",
                     old=previous_endpoint,
                     new=self.view.my_endpoint,
                 )
                 yield self._apply_all(self.mesh.kick_all("our own NAT mapping changed"))
+                self.mesh.retry_relayed_now(self.reactor.seconds())
             if changed or full:
                 self.reconcile_soon()
 

@@ -411,6 +411,15 @@ class Mesh:
         # change alone sends nothing until the next keepalive.
         return Action("kick", key, why, keepalive=self.settings.keepalive)
 
+    def retry_relayed_now(self, now: float) -> None:
+        """Our own public endpoint moved: whatever failed through the old mapping
+        may work through the new one (and a peer we gave up on while the mapping
+        moved under us may still hold us as direct): every relayed peer is
+        retried at the next plan instead of at its backoff moment."""
+        for peer_path in self.paths.values():
+            if peer_path.path is Path.RELAYED:
+                peer_path.retry_at = min(peer_path.retry_at, now)
+
     def kick_all(self, why: str) -> list[Action]:
         return [
             self._kick(key, why)
