@@ -309,13 +309,15 @@ def log_changes(changes: list[Change]) -> None:
     the read time is the moment the registry learned it."""
     for change in changes[:MAX_CHANGES_LOGGED]:
         if change.kind == "live":
-            log.info("{peer} live at {endpoint}", peer=describe(change), endpoint=change.endpoint)
+            log.info(
+                "{peer} live at {endpoint}", peer=describe(change), endpoint=str(change.endpoint)
+            )
         elif change.kind == "moved":
             log.info(
                 "{peer} endpoint moved from {old} to {endpoint}",
                 peer=describe(change),
-                old=change.old_endpoint,
-                endpoint=change.endpoint,
+                old=str(change.old_endpoint),
+                endpoint=str(change.endpoint),
             )
         elif change.kind == "gone":
             log.info(
