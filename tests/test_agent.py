@@ -378,3 +378,16 @@ def test_the_state_file_is_written_once_a_batch_and_before_the_peers_exist(net):
     assert all(path is Path.RELAYED for path in agent.paths().values())
     assert store.saves == 2 and store.managed == set()
     assert not any(key in device.peers for key in others)
+
+
+def test_an_unchanged_full_resync_reads_nothing_a_changed_one_plans(net):
+    a, _ = net.direct_pair()
+    client, device = net.hosts["a"]["client"], net.hosts["a"]["device"]
+    fetches, reads = client.fetches, device.reads
+    a._full_resync()  # the -t timer: a full answer, the same view
+    assert client.fetches > fetches
+    assert device.reads == reads  # the health check's timer reads the device, not this
+    # The view had drifted from the registry's (what the safety net is for): plans.
+    a.view.peers.clear()
+    a._full_resync()
+    assert device.reads > reads and net.hosts["b"]["key"] in a.view.peers

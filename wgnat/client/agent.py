@@ -84,6 +84,7 @@ class MeshAgent(service.Service):
         self._wakeup: Any = None
         self._reconciling = False
         self.read_error: str | None = None  # the last device read's, until one works
+        self._planned = False  # set once a plan ran: the health timer runs from then
         self._again = False
         self._resync: Any = None
         self._poll_loop: Deferred[None] | None = None
@@ -259,7 +260,11 @@ class MeshAgent(service.Service):
                     new=self.view.my_endpoint,
                 )
                 yield self._apply_all(self.mesh.kick_all("our own NAT mapping changed"))
-            if changed or full:
+            # An unchanged full answer (the -t safety net, a reconnection) needs no
+            # new plan: the health check reads the device on its own timer, and a
+            # read and plan of every peer a minute for nothing was a fifth of an
+            # idle client's CPU.  Only the first answer must start that timer.
+            if changed or (full and not self._planned):
                 self.reconcile_soon()
 
     @inlineCallbacks
@@ -320,6 +325,7 @@ class MeshAgent(service.Service):
                     self.read_error = None
                 now = self.reactor.seconds()
                 actions = self.mesh.plan(self.view, state, now)
+                self._planned = True
                 self._count_events()
                 yield self._apply_all(actions)
                 if not self._again:
