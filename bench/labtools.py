@@ -207,3 +207,73 @@ def process_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+# -- counting a device's UAPI operations ------------------------------------------
+class UAPICounter:
+    """Counts and times every UAPI request a process makes to a wireguard-go
+    device, without touching that process: this proxy listens on `socket_path`
+    and passes each request, unchanged, to the device's own socket `real_path`.
+
+    wireguard-go stops as soon as anything happens to its socket's inode (a
+    link, a rename), so the proxy cannot take its place; instead the caller
+    renames the *interface* and points the measured process at the new name,
+    whose socket is this proxy (see client_cost.py).  Requests are classified by
+    their first line (`get=1`, `set=1`)."""
+
+    def __init__(self, socket_path: str, real_path: str) -> None:
+        import threading
+
+        self.socket_path = socket_path
+        self.real_path = real_path
+        self.lock = threading.Lock()
+        self.operations: list[tuple[str, float, float]] = []  # (kind, start, seconds)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(socket_path)
+        os.chmod(socket_path, 0o600)
+        self.listener.listen(64)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        started = time.time()
+        with conn, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
+            request = b""
+            while not request.endswith(b"\n\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            upstream.connect(self.real_path)
+            upstream.sendall(request)
+            tail = b""
+            while True:
+                chunk = upstream.recv(1 << 20)
+                if not chunk:
+                    break
+                conn.sendall(chunk)
+                tail = (tail + chunk)[-2:]
+                if tail == b"\n\n":
+                    break
+        kind = request.split(b"\n", 1)[0].decode("ascii", "replace")
+        with self.lock:
+            self.operations.append((kind, started, time.time() - started))
+
+    def count(self, kind: str, since: float = 0.0, until: float = float("inf")) -> int:
+        with self.lock:
+            return sum(1 for k, t, _ in self.operations if k == kind and since <= t < until)
+
+    def close(self) -> None:
+        self.listener.close()
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
