@@ -12,7 +12,7 @@ import pytest
 
 from wgnat.client.lan import lan_addresses
 from wgnat.device import DeviceNotFound, interface_addresses
-from wgnat.device.rtnetlink import (
+from wgnat.rtnetlink import (
     IFA_ADDRESS,
     NLMSG_DONE,
     NLMSG_ERROR,

@@ -13,7 +13,7 @@ def usable_lan_interface(address: IPInterface) -> bool:
 
 def lan_addresses(exclude_ifname: str) -> list[IPInterface]:
     """Addresses of every link but the WireGuard one and loopback (blocking)."""
-    from wgnat.device.rtnetlink import named_addresses
+    from wgnat.rtnetlink import named_addresses
 
     return [
         address

@@ -100,7 +100,7 @@ def interface_addresses(ifname: str) -> list[IPInterface]:
     """The addresses configured on a link (blocking: call it from a thread)."""
     import socket
 
-    from wgnat.device.rtnetlink import dump_addresses
+    from wgnat.rtnetlink import dump_addresses
 
     try:
         index = socket.if_nametoindex(ifname)
