@@ -35,8 +35,9 @@ and the parts, each from the first source that sees it:
                              line (0.25 s by design: both ends derive the moment)
 
 A ping c -> n every 20 ms runs through the formation (loss counted).  Then the
-NAT of a client alone behind its router rebinds every mapping, at a random
-moment (0-25 s later: unrelated to that client's keepalives); per other client:
+NAT of a client alone behind its router rebinds every mapping, at a moment
+unrelated to that client's keepalives (0-25 s later, spread evenly over the
+runs); per other client:
 rebinding -> the registry's log "endpoint moved" (bounded by the moved client's
 next keepalive to the hub, up to 25 s), -> the peer's log "endpoint moved", ->
 the peer's device using the new endpoint (polled every 10 ms over UAPI once
@@ -156,7 +157,7 @@ class Devices:
         )
 
 
-def one_run(clients: int) -> dict[str, Any]:
+def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
     with Lab() as lab:
         mesh = build(lab, clients)
         devices = Devices(mesh)
@@ -221,7 +222,7 @@ def one_run(clients: int) -> dict[str, Any]:
                 mesh, started, hub_entry.latest_handshake, handshakes, endpoints, packets
             )
             formation["ping"] = ping_counts(output)
-            formation["rebinding"] = rebinding(mesh, devices)
+            formation["rebinding"] = rebinding(mesh, devices, run_index, runs)
             return formation
         finally:
             for capture in captures.values():
@@ -327,14 +328,16 @@ def since_or_none(t: float | None, origin: float | None) -> float | None:
     return t - origin if t is not None and origin is not None else None
 
 
-def rebinding(mesh: MeshLab, devices: Devices) -> dict[str, Any]:
+def rebinding(mesh: MeshLab, devices: Devices, stratum: int, strata: int) -> dict[str, Any]:
     """c's router moves every mapping: how long until each other client uses c's new one."""
     moved = mesh.clients[REBOUND]
     others = [name for name in mesh.clients if name != REBOUND]
     # A NAT rebinds at a moment unrelated to the moved client's keepalives, which
-    # alone tell the hub the new mapping; without a random wait the benchmark's
-    # own rhythm would fix that phase (and the figure) run after run.
-    phase = random.uniform(0, KEEPALIVE)
+    # alone tell the hub the new mapping; without a wait the benchmark's own
+    # rhythm would fix that phase (and the figure) run after run.  The waits are
+    # spread evenly over the keepalive period across the runs (stratified), so
+    # a few runs sample the whole of it.
+    phase = (stratum + random.random()) / strata * KEEPALIVE
     time.sleep(phase)
     before = {p: str(devices.peer(p, REBOUND).endpoint) for p in others}
     router = moved.host.router
@@ -445,7 +448,7 @@ def main() -> None:
     print(f"load average before: {load_average()}", flush=True)
     runs = []
     for index in range(args.runs):
-        result = one_run(args.clients)
+        result = one_run(args.clients, index, args.runs)
         print(f"run {index + 1}: {json.dumps(result)}", flush=True)
         runs.append(result)
     print(summarise(runs, args.clients))
