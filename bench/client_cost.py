@@ -365,6 +365,11 @@ def run(peers: int, rest: float, settle: float, profile: str | None = None) -> d
                 "wireguard_cpu_per_minute": (cpu_after[1] - cpu[1]) / minutes,
                 "uapi_sets_per_minute": counter.count("set=1", rest_started, rest_ended) / minutes,
                 "uapi_gets_per_minute": counter.count("get=1", rest_started, rest_ended) / minutes,
+                "uapi_get_times": [
+                    round(t - rest_started, 2)
+                    for kind, t, _ in counter.operations
+                    if kind == "get=1" and rest_started <= t < rest_ended
+                ],
                 "log_lines": len(lines_rest),
                 "log_sample": [ln.text for ln in lines_rest[:5]],
                 "registry_version_moved": farm_after["version"] != farm_before["version"],

@@ -300,20 +300,17 @@ def analyse_formation(
         direct = max(switched) if all(switched) else None
         both_sent = max(initiation, initiation_back) if initiation and initiation_back else None
 
-        def since(t: float | None, origin: float | None) -> float | None:
-            return t - origin if t is not None and origin is not None else None
-
         peers[p] = {
-            "to_handshake": since(handshake, started),
-            "to_direct": since(direct, started),
-            "known_to_handshake": since(handshake, known),
-            "known_to_direct": since(direct, known),
-            "push_delivery": since(received, known),
-            "device_update": since(initiation, received),
-            "receipt_to_probe_logged": since(probe, received),
-            "new_client_ready_to_probe_logged": since(probe_back, ready),
-            "handshake": since(handshake, both_sent),
-            "switch": since(direct, handshake),
+            "to_handshake": since_or_none(handshake, started),
+            "to_direct": since_or_none(direct, started),
+            "known_to_handshake": since_or_none(handshake, known),
+            "known_to_direct": since_or_none(direct, known),
+            "push_delivery": since_or_none(received, known),
+            "device_update": since_or_none(initiation, received),
+            "receipt_to_probe_logged": since_or_none(probe, received),
+            "new_client_ready_to_probe_logged": since_or_none(probe_back, ready),
+            "handshake": since_or_none(handshake, both_sent),
+            "switch": since_or_none(direct, handshake),
         }
     return {
         "startup": since_or_none(ready, started),
