@@ -55,7 +55,7 @@ lint: venv
 
 # Figures (README "Figures"): real wireguard-go devices behind NAT routers in
 # network namespaces; needs root.  Medians and p95 over runs, never unit tests.
-# About 7 minutes: formation with eight clients (5 runs, ~35 s each), then one
+# About 6 minutes: formation with eight clients (5 runs, ~40 s each), then one
 # client with 1,000 peers (apply, then 2 minutes at rest).
 bench: system-deps venv install
 	$(PY) bench/formation.py --clients 8 --runs 5
