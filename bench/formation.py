@@ -24,8 +24,9 @@ and the parts, each from the first source that sees it:
   start -> daemon ready      n's log ("wgnat-client on ...")
   registry learns endpoint   n's first handshake with the hub (the hub device's
                              handshake time) -> the registry's log "... live at"
-  push delivery              registry knows n -> the first HTTP answer from the
-                             registry reaching each peer (tcpdump on its tunnel)
+  push delivery              registry knows n -> the first line of the registry's
+                             stream (or answer) reaching each peer, keep-alives
+                             aside (tcpdump on its tunnel)
   device update              that answer -> the peer's wireguard-go sending its
                              first handshake initiation to n (tcpdump on its LAN
                              link; the probe's log line lies between)
@@ -74,6 +75,8 @@ from netns import Lab, cleanup_leftovers  # noqa: E402
 
 NEW = "n"
 KEEPALIVE = 25  # the clients' keepalive to the hub (MeshLab.add_client)
+# A stream's keep-alive (an empty line, as an HTTP chunk) is not a push.
+KEEPALIVE_CHUNK = 16
 REBOUND = "c"  # alone behind its router
 REGISTRY_TUNNEL_IP = "198.51.100.1"
 API_PORT = 51820
@@ -281,7 +284,7 @@ def analyse_formation(
                     for packet in packets[p]
                     if packet.proto == "tcp"
                     and packet.direction == "In"
-                    and packet.length > 0
+                    and packet.length > KEEPALIVE_CHUNK
                     and packet.time >= known
                 ),
                 None,
