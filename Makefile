@@ -55,8 +55,11 @@ lint: venv
 
 # Figures (README "Figures"): real wireguard-go devices behind NAT routers in
 # network namespaces; needs root.  Medians and p95 over runs, never unit tests.
+# About 6 minutes: formation with eight clients (5 runs, ~40 s each), then one
+# client with 1,000 peers (apply, then 2 minutes at rest).
 bench: system-deps venv install
-	$(PY) bench/formation.py --runs 5
+	$(PY) bench/formation.py --clients 8 --runs 5
+	$(PY) bench/client_cost.py --peers 1000 --rest 120
 
 # The image (python:3.11-slim, or a local Debian base where no registry answers).
 image: venv

@@ -1,14 +1,48 @@
-"""How fast the mesh forms, whether a packet is lost on the way, and how fast a
-NAT rebinding is followed: real wireguard-go devices in network namespaces behind
-NAT routers, the daemons run as installed.  Needs root.
+"""How fast a new client gets direct paths to every other client, split into the
+parts that make it up, whether a packet is lost on the way, and how fast a NAT
+rebinding is followed: real wireguard-go devices in network namespaces behind
+NAT routers, the daemons run as installed.  Needs root and tcpdump.
 
-    python bench/formation.py [--runs 5] [--json results.json]
+    python bench/formation.py [--clients 8] [--runs 5] [--json results.json]
 
-Topology per run: a registry; a and b behind one home NAT, c behind another,
-three clients already meshed; then a new client n (behind its own home NAT) is
-started and timed.  Reported: medians and p95 over runs, split into parts from
-the new client's JSON log (process start -> daemon ready -> first probe ->
-direct).
+Topology per run: a registry (public); clients a and b behind one home NAT
+(their pair uses LAN endpoints), every further client behind a home NAT of its
+own.  All clients but the last are started and meshed; then the new client n
+(behind its own NAT) is brought up as a host boots: its registry peer is
+configured on its device and, at once, `wgnat-client` is started ("process
+start": the moment before both, about 1 ms apart).  Reported, medians and p95
+over every (run, peer) pair:
+
+  to handshake / to direct   n's process start -> the pair's first direct
+                             handshake (from the devices' handshake times) /
+                             -> both ends switched to the direct path (their logs)
+  from registry knows n      the moment the registry has n live *and* announced
+                             (the later of its two log lines) -> the same
+
+and the parts, each from the first source that sees it:
+
+  start -> daemon ready      n's log ("wgnat-client on ...")
+  registry learns endpoint   n's first handshake with the hub (the hub device's
+                             handshake time) -> the registry's log "... live at"
+  push delivery              registry knows n -> the first line of the registry's
+                             stream (or answer) reaching each peer, keep-alives
+                             aside (tcpdump on its tunnel)
+  device update              that answer -> the peer's wireguard-go sending its
+                             first handshake initiation to n (tcpdump on its LAN
+                             link; the probe's log line lies between)
+  handshake                  the later of the two ends' first initiations -> the
+                             first handshake on either device
+  coordinated switch         that handshake -> the later end's "direct at" log
+                             line (0.25 s by design: both ends derive the moment)
+
+A ping c -> n every 20 ms runs through the formation (loss counted).  Then the
+NAT of a client alone behind its router rebinds every mapping, at a moment
+unrelated to that client's keepalives (0-25 s later, spread evenly over the
+runs); per other client:
+rebinding -> the registry's log "endpoint moved" (bounded by the moved client's
+next keepalive to the hub, up to 25 s), -> the peer's log "endpoint moved", ->
+the peer's device using the new endpoint (polled every 10 ms over UAPI once
+the registry has seen the move).
 """
 
 from __future__ import annotations
@@ -16,167 +50,408 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
-import statistics
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "integration")]
+sys.path.insert(0, HERE)
 
-from meshlab import MeshLab, wait_until  # noqa: E402
+from labtools import (  # noqa: E402
+    Capture,
+    about,
+    first_time,
+    key_of,
+    load_average,
+    log_lines,
+    stat,
+    uapi_get,
+    uapi_set,
+)
+from meshlab import REGISTRY_PUBLIC, TUNNEL, MeshLab, Node, wait_until  # noqa: E402
 from netns import Lab, cleanup_leftovers  # noqa: E402
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def log_events(path: str) -> list[dict]:
-    events = []
-    with open(path, errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    pass
-    return events
+NEW = "n"
+KEEPALIVE = 25  # the clients' keepalive to the hub (MeshLab.add_client)
+# A stream's keep-alive (an empty line, as an HTTP chunk) is not a push.
+KEEPALIVE_CHUNK = 16
+REBOUND = "c"  # alone behind its router
+REGISTRY_TUNNEL_IP = "198.51.100.1"
+API_PORT = 51820
+# What each client's capture keeps: HTTP answers from the registry (over the
+# tunnel) and WireGuard handshake initiations (message type 1, 148 bytes).
+CAPTURE_FILTER = (
+    f"(tcp and src host {REGISTRY_TUNNEL_IP} and src port {API_PORT}) "
+    "or (udp and udp[8] = 1 and udp[9] = 0 and udp[10] = 0 and udp[11] = 0)"
+)
 
 
-def first_time(events: list[dict], pattern: str) -> float | None:
-    regex = re.compile(pattern)
-    for event in events:
-        text = event.get("log_format", "")
-        try:
-            text = text.format(**event)
-        except (KeyError, IndexError, ValueError):
-            pass
-        if regex.search(text):
-            return float(event["log_time"])
-    return None
-
-
-def build(lab: Lab) -> MeshLab:
+def build(lab: Lab, clients: int) -> MeshLab:
+    """a and b behind r1, every other client behind its own home NAT; n last."""
     mesh = MeshLab(lab)
     mesh.build_registry()
-    r1 = lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")
-    r2 = lab.router("r2", "203.0.113.22/24", "192.168.2.0/24", "home")
-    r4 = lab.router("r4", "203.0.113.24/24", "192.168.4.0/24", "home")
-    mesh.add_client("a", lab.lan_host(r1, "a", "192.168.1.10/24"))
-    mesh.add_client("b", lab.lan_host(r1, "b", "192.168.1.11/24"))
-    mesh.add_client("c", lab.lan_host(r2, "c", "192.168.2.10/24"))
-    mesh.add_client("n", lab.lan_host(r4, "n", "192.168.4.10/24"))
-    for node in mesh.clients.values():
-        assert node.host.ping("198.51.100.1", count=3, timeout=2), node.name
+    names = [chr(ord("a") + i) for i in range(clients - 1)] + [NEW]
+    routers = [lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")]
+    for index, name in enumerate(names):
+        if index < 2:
+            router = routers[0]
+            address = f"192.168.1.{10 + index}/24"
+        else:
+            k = len(routers) + 1
+            router = lab.router(f"r{k}", f"203.0.113.{20 + k}/24", f"192.168.{k}.0/24", "home")
+            routers.append(router)
+            address = f"192.168.{k}.10/24"
+        host = lab.lan_host(router, name, address)
+        if name == NEW:
+            add_unconfigured(mesh, name, host)
+        else:
+            mesh.add_client(name, host)
+            assert host.ping(REGISTRY_TUNNEL_IP, count=3, timeout=2), name
     return mesh
 
 
-def one_run() -> dict:
+def add_unconfigured(mesh: MeshLab, name: str, host: Any) -> Node:
+    """Like MeshLab.add_client, but the client's device gets its registry peer only
+    when the run starts it (`configure_registry_peer`): the hub knows the client,
+    the client has not yet spoken to the hub."""
+    assert mesh.registry is not None
+    address = f"198.51.100.{mesh._next_tunnel}"
+    mesh._next_tunnel += 1
+    wg = mesh.lab.wireguard(host, f"{address}/24", 51820)
+    mesh.registry.wg.set_peer(wg.public_key, allowed_ips=[f"{address}/32"])
+    node = Node(name, host, wg, state_dir=os.path.join(mesh.lab.tmpdir, f"state-{name}"))
+    mesh.clients[name] = node
+    return node
+
+
+def configure_registry_peer(mesh: MeshLab, node: Node) -> None:
+    assert mesh.registry is not None
+    uapi_set(
+        node.wg.socket_path,
+        [
+            f"public_key={key_of(mesh.registry.wg.public_key).hex}",
+            f"endpoint={REGISTRY_PUBLIC}:51820",
+            "persistent_keepalive_interval=25",
+            "replace_allowed_ips=true",
+            f"allowed_ip={TUNNEL}",
+        ],
+    )
+
+
+class Devices:
+    """Every client's device, read over UAPI from this process."""
+
+    def __init__(self, mesh: MeshLab) -> None:
+        self.mesh = mesh
+
+    def peer(self, a: str, b: str) -> Any:
+        mine, theirs = self.mesh.clients[a], self.mesh.clients[b]
+        return uapi_get(mine.wg.socket_path).peer(key_of(theirs.wg.public_key))
+
+    def direct(self, a: str, b: str) -> bool:
+        entry = self.peer(a, b)
+        ip = self.mesh.clients[b].tunnel_ip
+        return bool(
+            entry
+            and entry.latest_handshake
+            and any(str(net) == f"{ip}/32" for net in entry.allowed_ips)
+        )
+
+
+def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
     with Lab() as lab:
-        mesh = build(lab)
+        mesh = build(lab, clients)
+        devices = Devices(mesh)
+        captures: dict[str, Capture] = {}
         try:
-            mesh.start_registry()
-            for name in "abc":
+            mesh.start_registry(extra=("--log-format", "json"))
+            others = [name for name in mesh.clients if name != NEW]
+            for name in others:
                 mesh.start_client(name, extra=("--log-format", "json"))
-            for x, y in (("a", "b"), ("a", "c"), ("b", "c")):
-                wait_until(
-                    lambda x=x, y=y: mesh.direct(x, y) and mesh.direct(y, x),
-                    20,
-                    what=f"{x}-{y} direct",
+            pairs = [(x, y) for i, x in enumerate(others) for y in others[i + 1 :]]
+            wait_until(
+                lambda: all(devices.direct(x, y) and devices.direct(y, x) for x, y in pairs),
+                60,
+                interval=0.1,
+                what=f"the {len(others)} clients to mesh",
+            )
+            for name, node in mesh.clients.items():
+                captures[name] = Capture(
+                    node.host, CAPTURE_FILTER, os.path.join(lab.tmpdir, f"capture-{name}.txt")
                 )
+            new = mesh.clients[NEW]
             # Traffic from c to the new client starts before it runs: relayed first.
             ping = mesh.clients["c"].host.popen(
-                ["ping", "-n", "-q", "-c", 200, "-i", 0.02, "-W", 2, "198.51.100.5"],
+                ["ping", "-n", "-q", "-c", 150, "-i", 0.02, "-W", 2, new.tunnel_ip],
                 stdout=-1,
                 stderr=-2,
                 text=True,
             )
             time.sleep(0.3)
-            started_wall = time.time()
-            started = time.monotonic()
-            mesh.start_client("n", extra=("--log-format", "json"))
-            per_peer = {}
-            pending = set("abc")
-            while pending and time.monotonic() - started < 20:
-                for peer in list(pending):
-                    if mesh.direct("n", peer) and mesh.direct(peer, "n"):
-                        per_peer[peer] = time.monotonic() - started
-                        pending.discard(peer)
-                time.sleep(0.01)
-            output, _ = ping.communicate(timeout=60)
-            match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-            sent, received = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-            events = log_events(mesh.clients["n"].daemon.log_path)
-            ready = first_time(events, r"wgnat-client on")
-            probe = first_time(events, r"probing")
-            direct = first_time(events, r"direct at")
-            # Rebinding: c's router moves every mapping; how long until a uses c's new one.
-            router = mesh.clients["c"].host.router
-            before = mesh.direct("a", "c")
-            router.rebind()
-            rebind_started = time.monotonic()
-            wait_until(
-                lambda: (mesh.direct("a", "c") or before) != before,
-                60,
-                interval=0.05,
-                what="a to follow c's new mapping",
-            )
-            rebinding = time.monotonic() - rebind_started
-            return {
-                "to_direct": per_peer,
-                "startup": (ready - started_wall) if ready else None,
-                "ready_to_first_probe": (probe - ready) if probe and ready else None,
-                "first_probe_to_direct": (direct - probe) if direct and probe else None,
-                "ping_sent": sent,
-                "ping_lost": sent - received,
-                "rebinding": rebinding,
+            started = time.time()
+            configure_registry_peer(mesh, new)  # about 1 ms
+            mesh.start_client(NEW, extra=("--log-format", "json"))
+            assert mesh.clients[NEW].daemon is not None
+
+            def formed() -> bool:
+                text = mesh.clients[NEW].daemon.log()  # type: ignore[union-attr]
+                return text.count("direct at") >= len(others) and all(
+                    devices.direct(NEW, p) and devices.direct(p, NEW) for p in others
+                )
+
+            wait_until(formed, 30, interval=0.05, what="n to be direct with every peer")
+            # Handshake times now, before anything re-handshakes (rekey is 120 s away).
+            hub_entry = uapi_get(mesh.registry.wg.socket_path).peer(key_of(new.wg.public_key))  # type: ignore[union-attr]
+            handshakes = {
+                p: [
+                    devices.peer(p, NEW).latest_handshake,
+                    devices.peer(NEW, p).latest_handshake,
+                ]
+                for p in others
             }
+            endpoints = {
+                p: str(
+                    uapi_get(mesh.registry.wg.socket_path).peer(key_of(node.wg.public_key)).endpoint
+                )  # type: ignore[union-attr]
+                for p, node in mesh.clients.items()
+            }
+            time.sleep(0.3)  # the captures catch up
+            packets = {name: capture.stop() for name, capture in captures.items()}
+            captures.clear()
+            output, _ = ping.communicate(timeout=30)
+            formation = analyse_formation(
+                mesh, started, hub_entry.latest_handshake, handshakes, endpoints, packets
+            )
+            formation["ping"] = ping_counts(output)
+            formation["rebinding"] = rebinding(mesh, devices, run_index, runs)
+            return formation
         finally:
+            for capture in captures.values():
+                capture.stop()
             mesh.stop_all()
 
 
-def summarise(runs: list[dict]) -> str:
-    all_peers = [t for run in runs for t in run["to_direct"].values()]
-    slowest = [max(run["to_direct"].values()) for run in runs if run["to_direct"]]
+def ping_counts(output: str) -> dict[str, int]:
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    sent, received = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return {"sent": sent, "lost": sent - received}
 
-    def stat(values: list[float]) -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "n/a"
-        return f"median {statistics.median(values):.3f} s, p95 {percentile(values, 0.95):.3f} s"
 
+def analyse_formation(
+    mesh: MeshLab,
+    started: float,
+    hub_handshake: float | None,
+    handshakes: dict[str, list[float | None]],
+    endpoints: dict[str, str],
+    packets: dict[str, list[Any]],
+) -> dict[str, Any]:
+    new = mesh.clients[NEW]
+    assert mesh.registry is not None and mesh.registry.daemon is not None
+    registry_log = log_lines(mesh.registry.daemon.log_path)
+    logs = {name: log_lines(node.daemon.log_path) for name, node in mesh.clients.items()}  # type: ignore[union-attr]
+    ready = first_time(logs[NEW], r"wgnat-client on")
+    live = first_time(registry_log, about(new.tunnel_ip) + r".*\) live at", started - 1)
+    announced = first_time(
+        registry_log,
+        rf"^{re.escape(key_of(new.wg.public_key).short)} announced LAN endpoints",
+        started - 1,
+    )
+    known = max(live, announced) if live and announced else None
+    n_endpoint = endpoints[NEW]
+
+    def first_initiation(name: str, to: str, after: float) -> float | None:
+        for packet in packets[name]:
+            if (
+                packet.proto == "udp"
+                and packet.direction == "Out"
+                and packet.time >= after
+                and packet.destination == to
+            ):
+                return packet.time
+        return None
+
+    peers: dict[str, dict[str, float | None]] = {}
+    for p, node in mesh.clients.items():
+        if p == NEW:
+            continue
+        received = None
+        if known is not None:
+            received = next(
+                (
+                    packet.time
+                    for packet in packets[p]
+                    if packet.proto == "tcp"
+                    and packet.direction == "In"
+                    and packet.length > KEEPALIVE_CHUNK
+                    and packet.time >= known
+                ),
+                None,
+            )
+        probe = first_time(logs[p], about(new.tunnel_ip) + r".*probing", started)
+        probe_back = first_time(logs[NEW], about(node.tunnel_ip) + r".*probing", started)
+        initiation = first_initiation(p, n_endpoint, known or started)
+        # n reaches a and b... at their public endpoints (n is alone behind its NAT).
+        initiation_back = first_initiation(NEW, endpoints[p], started)
+        present = [t for t in handshakes[p] if t]
+        handshake = min(present) if present else None
+        switched = [
+            first_time(logs[p], about(new.tunnel_ip) + r".*direct at", started),
+            first_time(logs[NEW], about(node.tunnel_ip) + r".*direct at", started),
+        ]
+        direct = max(switched) if all(switched) else None
+        both_sent = max(initiation, initiation_back) if initiation and initiation_back else None
+
+        peers[p] = {
+            "to_handshake": since_or_none(handshake, started),
+            "to_direct": since_or_none(direct, started),
+            "known_to_handshake": since_or_none(handshake, known),
+            "known_to_direct": since_or_none(direct, known),
+            "push_delivery": since_or_none(received, known),
+            "device_update": since_or_none(initiation, received),
+            "receipt_to_probe_logged": since_or_none(probe, received),
+            "new_client_ready_to_probe_logged": since_or_none(probe_back, ready),
+            "handshake": since_or_none(handshake, both_sent),
+            "switch": since_or_none(direct, handshake),
+        }
+    return {
+        "startup": since_or_none(ready, started),
+        "hub_handshake": since_or_none(hub_handshake, started),
+        "registry_learns_endpoint": since_or_none(live, hub_handshake),
+        "registry_knows": since_or_none(known, started),
+        "peers": peers,
+    }
+
+
+def since_or_none(t: float | None, origin: float | None) -> float | None:
+    return t - origin if t is not None and origin is not None else None
+
+
+def rebinding(mesh: MeshLab, devices: Devices, stratum: int, strata: int) -> dict[str, Any]:
+    """c's router moves every mapping: how long until each other client uses c's new one."""
+    moved = mesh.clients[REBOUND]
+    others = [name for name in mesh.clients if name != REBOUND]
+    # A NAT rebinds at a moment unrelated to the moved client's keepalives, which
+    # alone tell the hub the new mapping; without a wait the benchmark's own
+    # rhythm would fix that phase (and the figure) run after run.  The waits are
+    # spread evenly over the keepalive period across the runs (stratified), so
+    # a few runs sample the whole of it.
+    phase = (stratum + random.random()) / strata * KEEPALIVE
+    time.sleep(phase)
+    before = {p: str(devices.peer(p, REBOUND).endpoint) for p in others}
+    router = moved.host.router
+    assert router is not None
+    started = time.time()
+    router.rebind()
+    assert mesh.registry is not None and mesh.registry.daemon is not None
+    registry_log_path = mesh.registry.daemon.log_path
+    moved_line = about(moved.tunnel_ip) + r".*endpoint moved"
+    used: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    # Until the registry has seen the move (up to 25 s) its log is watched, which
+    # costs little; then the devices are polled every 10 ms.
+    while time.monotonic() < deadline:
+        if first_time(log_lines(registry_log_path), moved_line, started) is not None:
+            break
+        time.sleep(0.05)
+    while len(used) < len(others) and time.monotonic() < deadline:
+        for p in others:
+            if p not in used and str(devices.peer(p, REBOUND).endpoint) != before[p]:
+                used[p] = time.time()
+        time.sleep(0.01)
+    seen = first_time(log_lines(registry_log_path), moved_line, started)
+    result: dict[str, Any] = {
+        "waited_before": phase,
+        "registry_sees": since_or_none(seen, started),
+        "peers": {},
+    }
+    for p in others:
+        follow = first_time(
+            log_lines(mesh.clients[p].daemon.log_path),  # type: ignore[union-attr]
+            about(moved.tunnel_ip) + r".*endpoint moved",
+            started,
+        )
+        result["peers"][p] = {
+            "used": since_or_none(used.get(p), started),
+            "registry_to_follow": since_or_none(follow, seen),
+            "follow_to_used": since_or_none(used.get(p), follow),
+        }
+    return result
+
+
+def summarise(runs: list[dict[str, Any]], clients: int) -> str:
+    def per_peer(name: str) -> list[float | None]:
+        return [peer[name] for run in runs for peer in run["peers"].values()]
+
+    def slowest(name: str) -> list[float | None]:
+        values = []
+        for run in runs:
+            got = [peer[name] for peer in run["peers"].values()]
+            values.append(max(got) if got and None not in got else None)
+        return values
+
+    def run_values(name: str) -> list[float | None]:
+        return [run[name] for run in runs]
+
+    rebind = [run["rebinding"] for run in runs]
     lines = [
-        f"runs: {len(runs)}",
-        f"new client -> direct with each peer (process start): {stat(all_peers)}",
-        f"new client -> direct with all 3 peers: {stat(slowest)}",
-        f"  part: process start -> daemon ready: {stat([r['startup'] for r in runs])}",
-        f"  part: ready -> first probe (registry + push): "
-        f"{stat([r['ready_to_first_probe'] for r in runs])}",
-        f"  part: first probe -> direct (handshake + 0.25 s switch): "
-        f"{stat([r['first_probe_to_direct'] for r in runs])}",
-        f"ping c->n every 20 ms during formation: "
-        f"{sum(r['ping_lost'] for r in runs)} lost of {sum(r['ping_sent'] for r in runs)}",
-        f"NAT rebinding followed: {stat([r['rebinding'] for r in runs])}",
+        f"runs: {len(runs)}, {clients} clients (the new one and {clients - 1} peers); "
+        f"load average now {load_average()}",
+        f"new client's process start -> direct handshake, each peer: "
+        f"{stat(per_peer('to_handshake'))}",
+        f"new client's process start -> direct (both ends switched), each peer: "
+        f"{stat(per_peer('to_direct'))}",
+        f"  ... with all {clients - 1} peers: {stat(slowest('to_direct'))}",
+        f"registry knows the new client -> direct handshake, each peer: "
+        f"{stat(per_peer('known_to_handshake'))}",
+        f"registry knows the new client -> direct, each peer: {stat(per_peer('known_to_direct'))}",
+        "parts:",
+        f"  process start -> daemon ready: {stat(run_values('startup'))}",
+        f"  process start -> first handshake with the hub: {stat(run_values('hub_handshake'))}",
+        f"  registry learns the endpoint (hub handshake -> registry read sees it): "
+        f"{stat(run_values('registry_learns_endpoint'))}",
+        f"  process start -> registry knows the new client (live and announced): "
+        f"{stat(run_values('registry_knows'))}",
+        f"  push delivery (registry knows -> answer at each peer): "
+        f"{stat(per_peer('push_delivery'))}",
+        f"  device update (answer -> peer's first initiation to the new client): "
+        f"{stat(per_peer('device_update'))}",
+        f"    of which answer -> probe logged: {stat(per_peer('receipt_to_probe_logged'))}",
+        f"  (new client: ready -> its probe of each peer logged: "
+        f"{stat(per_peer('new_client_ready_to_probe_logged'))})",
+        f"  handshake (both ends' initiations sent -> handshake): {stat(per_peer('handshake'))}",
+        f"  coordinated switch (handshake -> both ends direct): {stat(per_peer('switch'))}",
+        f"ping c -> n every 20 ms during formation: "
+        f"{sum(r['ping']['lost'] for r in runs)} lost of {sum(r['ping']['sent'] for r in runs)}",
+        f"NAT rebinding of {REBOUND} -> each peer uses the new endpoint: "
+        f"{stat([p['used'] for r in rebind for p in r['peers'].values()])}",
+        f"  rebinding -> registry sees the new endpoint (waits for {REBOUND}'s keepalive): "
+        f"{stat([r['registry_sees'] for r in rebind])}",
+        f"  registry -> each peer follows (push, plan): "
+        f"{stat([p['registry_to_follow'] for r in rebind for p in r['peers'].values()])}",
+        f"  follows -> the device uses it (UAPI set; observed by a 10 ms poll): "
+        f"{stat([p['follow_to_used'] for r in rebind for p in r['peers'].values()])}",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8, help="clients, the new one included")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
+    if args.clients < 4:
+        parser.error("--clients: at least 4 (a and b share a NAT, c is rebound, n is new)")
     cleanup_leftovers()
+    print(f"load average before: {load_average()}", flush=True)
     runs = []
     for index in range(args.runs):
-        result = one_run()
+        result = one_run(args.clients, index, args.runs)
         print(f"run {index + 1}: {json.dumps(result)}", flush=True)
         runs.append(result)
-    print(summarise(runs))
+    print(summarise(runs, args.clients))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(runs, handle, indent=1)

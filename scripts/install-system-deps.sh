@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs, only when missing:
-# wireguard-go (the kernel here has no WireGuard module), wg, iptables, ip, conntrack.
+# wireguard-go (the kernel here has no WireGuard module), wg, iptables, ip, conntrack,
+# ping, and tcpdump for the benchmarks.
 # promtool is fetched by scripts/fetch-promtool.sh instead (not installed here).
 set -euo pipefail
 need=()
@@ -10,6 +11,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v tcpdump >/dev/null || need+=(tcpdump)  # make bench: bench/formation.py
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing ${need[*]}: run as root, or: sudo apt-get install ${need[*]}" >&2

@@ -691,8 +691,13 @@ class Lab:
         host.router = router
         return host
 
-    def wireguard(self, host: Host, address: str, listen_port: int = 51820) -> WireGuard:
-        """Start `wireguard-go -f` in `host` with fresh keys, address it and bring it up."""
+    def wireguard(
+        self, host: Host, address: str, listen_port: int = 51820, verbose: bool = True
+    ) -> WireGuard:
+        """Start `wireguard-go -f` in `host` with fresh keys, address it and bring it up.
+
+        `verbose`: wireguard-go logs every packet (for failing tests); a benchmark
+        measuring wireguard-go's CPU runs it as deployed, errors only."""
         iface = ipaddress.IPv4Interface(address)
         ifname = f"{self.prefix}g{next(self._wg_counter)}"
         assert len(ifname) <= 15
@@ -701,6 +706,8 @@ class Lab:
         public_key = _run_root(["wg", "pubkey"], input=private_key + "\n").stdout.strip()
         log_path = os.path.join(self.tmpdir, f"{ifname}.log")
         env = dict(os.environ, **WIREGUARD_ENV)
+        if not verbose:
+            env.pop("LOG_LEVEL", None)
         with open(log_path, "wb") as log:
             proc = host.popen(
                 ["wireguard-go", "-f", ifname],

@@ -342,3 +342,52 @@ def test_a_device_that_vanishes_is_retried_every_second_and_logged_once(net):
         net.clock.advance(1.0)
     assert any("works again" in formatEvent(event) for event in events)
     assert a.read_error is None
+
+
+def test_the_state_file_is_written_once_a_batch_and_before_the_peers_exist(net):
+    """Each write holds every key and ends with an fsync: one per peer made
+    applying N new peers O(N^2) (bench/client_cost.py: 17 s for 1,000)."""
+    from wgnat._types import Announcement
+
+    a = net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    others = []
+    for index in range(40):
+        key = new_key()
+        net.registry_device.add_peer(
+            peer(key, f"203.0.113.99:{1000 + index}", (f"198.51.100.{100 + index}/32",), START)
+        )
+        others.append(key)
+    net.hub.refresh()
+    for key in others:
+        net.hub.model.announce(key, Announcement(key.raw[:8].hex(), ()))
+    store, device = a["store"], a["device"]
+    on_device_at_save = []
+    original = store.save
+
+    def save(managed):
+        on_device_at_save.append(sum(1 for key in others if key in device.peers))
+        original(managed)
+
+    store.save = save
+    agent = net.agent("a")
+    assert set(agent.paths()) == set(others)
+    assert store.saves == 1 and store.managed == set(others)
+    assert on_device_at_save == [0]  # written before any was created
+    # No handshake comes: all 40 fall back together, one write again.
+    net.clock.advance(6.1)
+    assert all(path is Path.RELAYED for path in agent.paths().values())
+    assert store.saves == 2 and store.managed == set()
+    assert not any(key in device.peers for key in others)
+
+
+def test_an_unchanged_full_resync_reads_nothing_a_changed_one_plans(net):
+    a, _ = net.direct_pair()
+    client, device = net.hosts["a"]["client"], net.hosts["a"]["device"]
+    fetches, reads = client.fetches, device.reads
+    a._full_resync()  # the -t timer: a full answer, the same view
+    assert client.fetches > fetches
+    assert device.reads == reads  # the health check's timer reads the device, not this
+    # The view had drifted from the registry's (what the safety net is for): plans.
+    a.view.peers.clear()
+    a._full_resync()
+    assert device.reads > reads and net.hosts["b"]["key"] in a.view.peers

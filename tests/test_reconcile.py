@@ -472,3 +472,25 @@ def test_our_own_endpoint_moving_retries_relayed_peers_at_once():
     moved = view_of(remote(b), me="203.0.113.21:40000")
     actions = world.step(moved, T0 + 20)
     assert [a.kind for a in actions] == ["probe"]
+
+
+def test_a_rekey_is_not_data():
+    """Every direct path re-handshakes every two minutes; its initiation and the
+    keepalive after it must not put an idle path on the 5 s read or under
+    suspicion (in a mesh of hundreds some peer always has just rekeyed, or is
+    rekeying: the client read every 5 s)."""
+    world, b, view = direct_world(health_interval=15.0, active_health_interval=5.0)
+    world.device.handshake(b, T0 + 10)
+    world.device.traffic(b, rx=92 + 32, tx=148 + 32)
+    world.step(view, T0 + 17)
+    assert world.mesh.next_wakeup(T0 + 17) == T0 + 32  # idle: the health interval
+    # A rekey on its way (initiation sent, the answer not back at the read): idle too.
+    world.device.traffic(b, tx=148)
+    assert world.step(view, T0 + 20) == []
+    assert world.mesh.paths[b].unanswered_since is None
+    assert world.mesh.next_wakeup(T0 + 20) == T0 + 35
+    # Data on top of a rekey still counts.
+    world.device.handshake(b, T0 + 25)
+    world.device.traffic(b, rx=2000, tx=32 + 500)
+    world.step(view, T0 + 32)
+    assert world.mesh.next_wakeup(T0 + 32) == T0 + 37

@@ -90,3 +90,37 @@ def test_serves_on_the_interface_address_and_port(logged):
     assert response.code == 200 and (yield readBody(response)) == b"ok\n"
     assert any("wgnat-server on lo (memory): API on 127.0.0.1 port" in line for line in logged)
     yield daemon.stopService()
+
+
+def test_logs_each_peer_that_comes_moves_or_goes_and_caps_a_flood(logged):
+    from twisted.internet.task import Clock
+
+    from tests.helpers import peer
+    from wgnat.registry.hub import MAX_CHANGES_LOGGED, Registry
+
+    clock = Clock()
+    clock.advance(1000)
+    device = MemoryDevice("wg0", public_key=new_key())
+    a = new_key()
+    device.add_peer(peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), 1000))
+    hub = Registry(device, clock)
+    hub.refresh()
+    assert f"198.51.100.2 ({a.short}) live at 203.0.113.21:51820" in logged
+    device.add_peer(peer(a, "203.0.113.21:40000", ("198.51.100.2/32",), 1000))
+    hub.refresh()
+    assert (
+        f"198.51.100.2 ({a.short}) endpoint moved from 203.0.113.21:51820 to 203.0.113.21:40000"
+        in logged
+    )
+    clock.advance(181)
+    hub.refresh()
+    assert any(line.startswith(f"198.51.100.2 ({a.short}) gone") for line in logged)
+    # A read that changes many peers at once: a bounded number of lines.
+    del logged[:]
+    for index in range(MAX_CHANGES_LOGGED + 5):
+        device.add_peer(
+            peer(new_key(), "203.0.113.30:51820", (f"198.51.100.{100 + index}/32",), 1181)
+        )
+    hub.refresh()
+    assert len(logged) == MAX_CHANGES_LOGGED + 1
+    assert logged[-1] == "and 5 more peers changed in the same device read"

@@ -83,6 +83,47 @@ def test_delta_carries_only_changes_and_removals():
     assert empty["peers"] == [] and empty["removed"] == []
 
 
+def test_observe_says_what_changed_for_the_log():
+    a, b = new_key(), new_key()
+    model = RegistryModel()
+    came = model.observe(
+        device(
+            peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW),
+        ),
+        NOW,
+    )
+    assert [(c.kind, c.public_key, str(c.endpoint)) for c in came] == [
+        ("live", a, "203.0.113.21:51820"),
+        ("live", b, "203.0.113.22:51820"),
+    ]
+    # Nothing clients act on: nothing to log.
+    assert (
+        model.observe(
+            device(
+                peer(a, "203.0.113.21:51820", ("198.51.100.2/32",), NOW + 5),
+                peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW + 5),
+            ),
+            NOW + 5,
+        )
+        == []
+    )
+    later = model.observe(
+        device(
+            peer(a, "203.0.113.21:40000", ("198.51.100.2/32",), NOW + 9),
+            peer(b, "203.0.113.22:51820", ("198.51.100.3/32", "198.51.100.33/32"), NOW + 9),
+        ),
+        NOW + 9,
+    )
+    assert [(c.kind, str(c.old_endpoint), str(c.endpoint)) for c in later] == [
+        ("moved", "203.0.113.21:51820", "203.0.113.21:40000"),
+        ("allowed_ips", "None", "203.0.113.22:51820"),
+    ]
+    gone = model.observe(device(peer(b, "203.0.113.22:51820", ("198.51.100.3/32",), NOW)), NOW + 9)
+    assert [(c.kind, c.public_key) for c in gone] == [("gone", a), ("allowed_ips", b)]
+    assert [str(n) for n in gone[0].allowed_ips] == ["198.51.100.2/32"]
+
+
 def test_full_answer_for_other_epoch_or_forgotten_history():
     a, b = new_key(), new_key()
     model = RegistryModel(max_tombstones=1)

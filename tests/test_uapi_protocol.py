@@ -248,6 +248,22 @@ def test_no_private_or_preshared_key_survives_parsing() -> None:
         assert base64.b64encode(secret) not in everything
 
 
+def test_reads_share_the_parsed_keys_endpoints_and_networks() -> None:
+    """A device is read every few seconds and its peers rarely change: the parsed
+    values are immutable and reused (parsing them was most of a read's cost)."""
+    first, _ = parse_get_answer(GET_ANSWER.decode())
+    second, _ = parse_get_answer(GET_ANSWER.decode())
+    assert first == second
+    for a, b in zip(first.peers, second.peers, strict=True):
+        assert a.public_key is b.public_key and a.endpoint is b.endpoint
+        assert all(x is y for x, y in zip(a.allowed_ips, b.allowed_ips, strict=True))
+    # A refused value is refused every time (failures are not remembered as values).
+    bad = GET_ANSWER.decode().replace("allowed_ip=198.51.100.2/32", "allowed_ip=198.51.100.2/33")
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            parse_get_answer(bad)
+
+
 def test_a_device_without_private_key_or_port() -> None:
     state, code = parse_get_answer("errno=0\n")
     assert (state.public_key, state.listen_port, state.peers, code) == (None, 0, (), 0)

@@ -115,10 +115,10 @@ class MeshLab:
         node.daemon = Daemon(node.name, process, log_path)
         return node.daemon
 
-    def start_registry(self, twistd: bool = False) -> Daemon:
+    def start_registry(self, twistd: bool = False, extra: tuple[str, ...] = ()) -> Daemon:
         node = self.registry
         assert node is not None
-        args = ["-i", node.wg.ifname, "--poll-interval", "1s"]
+        args = ["-i", node.wg.ifname, "--poll-interval", "1s", *extra]
         if twistd:
             argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "wgnat-server", *args]
         else:

@@ -84,6 +84,7 @@ class MeshAgent(service.Service):
         self._wakeup: Any = None
         self._reconciling = False
         self.read_error: str | None = None  # the last device read's, until one works
+        self._planned = False  # set once a plan ran: the health timer runs from then
         self._again = False
         self._resync: Any = None
         self._poll_loop: Deferred[None] | None = None
@@ -260,7 +261,12 @@ class MeshAgent(service.Service):
                 )
                 yield self._apply_all(self.mesh.kick_all("our own NAT mapping changed"))
                 self.mesh.retry_relayed_now(self.reactor.seconds())
-            if changed or full:
+                changed = True  # the next plan retries the relayed peers
+            # An unchanged full answer (the -t safety net, a reconnection) needs no
+            # new plan: the health check reads the device on its own timer, and a
+            # read and plan of every peer a minute for nothing was a fifth of an
+            # idle client's CPU.  Only the first answer must start that timer.
+            if changed or (full and not self._planned):
                 self.reconcile_soon()
 
     @inlineCallbacks
@@ -321,6 +327,7 @@ class MeshAgent(service.Service):
                     self.read_error = None
                 now = self.reactor.seconds()
                 actions = self.mesh.plan(self.view, state, now)
+                self._planned = True
                 self._count_events()
                 yield self._apply_all(actions)
                 if not self._again:
@@ -388,8 +395,20 @@ class MeshAgent(service.Service):
 
     @inlineCallbacks
     def _apply_all(self, actions: list[Action]) -> Any:
+        # The state file is written once a batch, not once a peer: each write
+        # holds every managed key and ends with an fsync, so a write per peer made
+        # applying N new peers O(N^2) (1,000 peers: 17 s, mostly fsync).  The keys
+        # of the peers about to be created are written before any is created; the
+        # removed ones are dropped once they are gone.
+        self._manage({action.public_key for action in actions if action.kind == "probe"}, True)
+        removed: set[PublicKey] = set()
         for action in actions:
-            yield self._apply(action)
+            done = yield self._apply(action)
+            if action.kind == "probe":
+                removed.discard(action.public_key)
+            elif action.kind == "remove" and done:
+                removed.add(action.public_key)
+        self._manage(removed, False)
 
     @inlineCallbacks
     def _apply(self, action: Action) -> Any:
@@ -399,7 +418,6 @@ class MeshAgent(service.Service):
         started = self.reactor.seconds()
         try:
             if action.kind == "probe":
-                self._manage(key, True)
                 yield self.device.set_peer(
                     PeerUpdate(
                         key,
@@ -431,7 +449,7 @@ class MeshAgent(service.Service):
                 )
             elif action.kind == "remove":
                 yield self.device.remove_peer(key)
-                self._manage(key, False)
+            return True
         except DeviceError as exc:
             self.metrics.device_errors.labels(operation=action.kind).inc()
             log.error(
@@ -440,19 +458,22 @@ class MeshAgent(service.Service):
                 kind=action.kind,
                 error=str(exc),
             )
+            return False
         finally:
             self.metrics.device_operation_seconds.labels(operation=action.kind).observe(
                 self.reactor.seconds() - started
             )
 
-    def _manage(self, key: PublicKey, managed: bool) -> None:
+    def _manage(self, keys: set[PublicKey], managed: bool) -> None:
         assert self.mesh is not None
-        before = set(self.mesh.managed)
+        changed = keys - self.mesh.managed if managed else keys & self.mesh.managed
+        if not changed:
+            return
         if managed:
-            self.mesh.managed.add(key)
+            self.mesh.managed |= changed
         else:
-            self.mesh.managed.discard(key)
-        if self.state_store is not None and before != self.mesh.managed:
+            self.mesh.managed -= changed
+        if self.state_store is not None:
             self.state_store.save(self.mesh.managed)
 
     # -- for status and tests --------------------------------------------

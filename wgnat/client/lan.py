@@ -3,8 +3,6 @@ us at (Linux NATs do not hairpin), each with our one WireGuard listen port."""
 
 from __future__ import annotations
 
-import ipaddress
-
 from wgnat._types import Endpoint, IPInterface
 
 
@@ -15,21 +13,13 @@ def usable_lan_interface(address: IPInterface) -> bool:
 
 def lan_addresses(exclude_ifname: str) -> list[IPInterface]:
     """Addresses of every link but the WireGuard one and loopback (blocking)."""
-    from pyroute2 import IPRoute
+    from wgnat.rtnetlink import named_addresses
 
-    result: list[IPInterface] = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for message in ipr.get_addr():
-            if names.get(message["index"]) in (exclude_ifname, "lo"):
-                continue
-            address = message.get_attr("IFA_ADDRESS")
-            if address is None:
-                continue
-            interface = ipaddress.ip_interface(f"{address}/{message['prefixlen']}")
-            if usable_lan_interface(interface):
-                result.append(interface)
-    return result
+    return [
+        address
+        for name, address in named_addresses()
+        if name not in (exclude_ifname, "lo") and usable_lan_interface(address)
+    ]
 
 
 def lan_endpoints(addresses: list[IPInterface], listen_port: int, limit: int = 8) -> list[Endpoint]:

@@ -99,6 +99,14 @@ class PeerPath:
 # empty payload (16 + 16 bytes); anything more in a peer's tx_bytes is data
 # (or a handshake), which the other end answers within seconds.
 KEEPALIVE_PACKET_BYTES = 32
+# A handshake initiation (148 bytes), and what one completed handshake adds to
+# tx_bytes at most: our initiation and the keepalive that confirms the session.
+# Every direct path re-handshakes every two minutes, so in a mesh of hundreds
+# some peer always has just rekeyed, or has an initiation on the way whose
+# answer has not yet come back: counted as data, that kept an idle client on
+# the 5 s read (and suspecting paths) for good.
+INITIATION_PACKET_BYTES = 148
+HANDSHAKE_PACKET_BYTES = INITIATION_PACKET_BYTES + KEEPALIVE_PACKET_BYTES
 
 # Every kind of device operation an Action can be (metrics label values).
 ACTION_KINDS = ("probe", "promote", "endpoint", "kick", "remove")
@@ -480,11 +488,17 @@ class Mesh:
                 )
             ]
         # Our own persistent keepalives are not answered (the other end sends its
-        # own on its own schedule): only more than they could be is data.
+        # own on its own schedule), nor is a rekey, completed or on its way: only
+        # more than they could be is data.
         keepalives = 1 + int((now - peer_path.tx_read_at) // max(1, self.settings.keepalive))
-        data_sent = (
-            peer_path.last_tx >= 0
-            and device_peer.tx_bytes - peer_path.last_tx > KEEPALIVE_PACKET_BYTES * keepalives
+        rekeyed = (
+            device_peer.latest_handshake is not None
+            and device_peer.latest_handshake > peer_path.tx_read_at
+        )
+        data_sent = peer_path.last_tx >= 0 and device_peer.tx_bytes - peer_path.last_tx > (
+            KEEPALIVE_PACKET_BYTES * keepalives
+            + HANDSHAKE_PACKET_BYTES * rekeyed
+            + INITIATION_PACKET_BYTES
         )
         if data_sent:
             peer_path.data_sent_at = now

@@ -98,21 +98,15 @@ def open_device_or_exit(program: str, ifname: str, reactor: Any = None) -> Devic
 
 def interface_addresses(ifname: str) -> list[IPInterface]:
     """The addresses configured on a link (blocking: call it from a thread)."""
-    import ipaddress
+    import socket
 
-    from pyroute2 import IPRoute
+    from wgnat.rtnetlink import dump_addresses
 
-    with IPRoute() as ipr:
-        indexes = ipr.link_lookup(ifname=ifname)
-        if not indexes:
-            raise DeviceNotFound(f"interface {ifname} has no link in this network namespace")
-        result: list[IPInterface] = []
-        for msg in ipr.get_addr(index=indexes[0]):
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr is None:
-                continue
-            result.append(ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"))
-        return result
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        raise DeviceNotFound(f"interface {ifname} has no link in this network namespace") from None
+    return [address for link, address in dump_addresses() if link == index]
 
 
 def link_is_up(ifname: str) -> bool:

@@ -14,6 +14,7 @@ module ever holds them.
 from __future__ import annotations
 
 import errno as errno_module
+import functools
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -29,6 +30,7 @@ from wgnat._types import (
     Endpoint,
     InvalidValue,
     IPInterface,
+    IPNetwork,
     PeerState,
     PeerUpdate,
     PublicKey,
@@ -68,6 +70,33 @@ def public_key_from_private_hex(private_hex: str) -> PublicKey | None:
     return PublicKey(public)
 
 
+# A device is read every few seconds (the client's health check, the registry's
+# poll) and its peers' keys, endpoints and allowed IPs rarely change, while
+# parsing them (ipaddress) was most of the cost of a read: 1,000 peers, ~45 ms.
+# The parsed values are immutable, so they are shared between reads.
+PARSE_CACHE_SIZE = 16384
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _key(hex_text: str) -> PublicKey:
+    return PublicKey.from_hex(hex_text)
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _endpoint(text: str) -> Endpoint | None:
+    # An endpoint we could not use (0.0.0.0, multicast) is no endpoint; one odd
+    # peer must not make the whole device unreadable.
+    try:
+        return Endpoint.parse(text)
+    except InvalidValue:
+        return None
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _network(text: str) -> IPNetwork:
+    return parse_network(text)
+
+
 def parse_get_answer(text: str) -> tuple[DeviceState, int]:
     """Parse the lines of a `get=1` answer into a DeviceState and its errno."""
     device_public: PublicKey | None = None
@@ -99,18 +128,13 @@ def parse_get_answer(text: str) -> tuple[DeviceState, int]:
             listen_port = int(value)
         elif key == "public_key":
             finish_peer()
-            current = {"public_key": PublicKey.from_hex(value), "allowed_ips": []}
+            current = {"public_key": _key(value), "allowed_ips": []}
         elif current is None:
             continue  # device-level fields we do not use (fwmark)
         elif key == "endpoint":
-            # An endpoint we could not use (0.0.0.0, multicast) is no endpoint;
-            # one odd peer must not make the whole device unreadable.
-            try:
-                current["endpoint"] = Endpoint.parse(value)
-            except InvalidValue:
-                current["endpoint"] = None
+            current["endpoint"] = _endpoint(value)
         elif key == "allowed_ip":
-            current["allowed_ips"].append(parse_network(value))
+            current["allowed_ips"].append(_network(value))
         elif key in (
             "last_handshake_time_sec",
             "last_handshake_time_nsec",

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from wgnat._types import Announcement, IPAddress, PublicKey
 from wgnat.device import Device
-from wgnat.registry.model import RegistryModel
+from wgnat.registry.model import LIVE_WINDOW, Change, RegistryModel
 
 log = Logger(namespace="wgnat.registry")
 
@@ -43,6 +43,11 @@ class Stream:
     send: Callable[[bytes], object]
     version: int
     last_sent: float
+
+
+# One read can change every peer (the hub's own network came back, say): past
+# this many, the rest of a read's changes are counted in one line.
+MAX_CHANGES_LOGGED = 20
 
 
 class Registry:
@@ -95,7 +100,9 @@ class Registry:
                 if self.last_read_error is not None:
                     log.info("reading the WireGuard device works again")
                 self.last_read_error = None
-                if self.model.observe(result, self.clock.seconds()):
+                changes = self.model.observe(result, self.clock.seconds())
+                if changes:
+                    log_changes(changes)
                     self.notify()
             for reader in readers:
                 reader.callback(None)
@@ -288,3 +295,44 @@ class Registry:
     def poll(self) -> Deferred[None]:
         """One periodic tick; never raises (a TimerService whose call fails stops)."""
         return self.refresh()
+
+
+def describe(change: Change) -> str:
+    """How an operator recognises a peer: its tunnel address and key prefix."""
+    if change.allowed_ips:
+        return f"{change.allowed_ips[0].network_address} ({change.public_key.short})"
+    return change.public_key.short
+
+
+def log_changes(changes: list[Change]) -> None:
+    """A line for each peer that came, moved or went (what clients are pushed);
+    the read time is the moment the registry learned it."""
+    for change in changes[:MAX_CHANGES_LOGGED]:
+        if change.kind == "live":
+            log.info(
+                "{peer} live at {endpoint}", peer=describe(change), endpoint=str(change.endpoint)
+            )
+        elif change.kind == "moved":
+            log.info(
+                "{peer} endpoint moved from {old} to {endpoint}",
+                peer=describe(change),
+                old=str(change.old_endpoint),
+                endpoint=str(change.endpoint),
+            )
+        elif change.kind == "gone":
+            log.info(
+                "{peer} gone: no handshake for {window:g} s, or removed from the interface",
+                peer=describe(change),
+                window=LIVE_WINDOW,
+            )
+        else:
+            log.info(
+                "{peer} allowed IPs now {ips}",
+                peer=describe(change),
+                ips=", ".join(map(str, change.allowed_ips)),
+            )
+    if len(changes) > MAX_CHANGES_LOGGED:
+        log.info(
+            "and {count} more peers changed in the same device read",
+            count=len(changes) - MAX_CHANGES_LOGGED,
+        )

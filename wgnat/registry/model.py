@@ -52,6 +52,20 @@ class PeerRecord:
         )
 
 
+@dataclass(frozen=True)
+class Change:
+    """One thing `observe` saw change, for the registry's log: a peer that became
+    live ("live"), whose observed endpoint moved ("moved", `old_endpoint` set),
+    whose allowed IPs changed ("allowed_ips"), or that went away ("gone": no
+    handshake in the live window, or removed from the interface)."""
+
+    kind: str
+    public_key: PublicKey
+    endpoint: Endpoint | None = None
+    old_endpoint: Endpoint | None = None
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+
 def is_live(peer: PeerState, now: float, live_window: float = LIVE_WINDOW) -> bool:
     return (
         peer.endpoint is not None
@@ -62,7 +76,8 @@ def is_live(peer: PeerState, now: float, live_window: float = LIVE_WINDOW) -> bo
 
 @dataclass
 class RegistryModel:
-    """What the registry knows; `observe` and `announce` return whether it changed."""
+    """What the registry knows; `announce` returns whether it changed, `observe`
+    what changed (an empty list: nothing clients act on)."""
 
     # Versions count from this registry's start: a client holding a version of
     # another epoch (the registry restarted) gets a full answer.
@@ -86,22 +101,25 @@ class RegistryModel:
     _routes: list[tuple[IPNetwork, PublicKey]] = field(default_factory=list)
 
     # -- inputs -----------------------------------------------------------
-    def observe(self, state: DeviceState, now: float) -> bool:
+    def observe(self, state: DeviceState, now: float) -> list[Change]:
         self.known = state.by_key()
         self._index_callers()
         live = {
             key: peer for key, peer in self.known.items() if is_live(peer, now, self.live_window)
         }
-        changed = False
+        changes: list[Change] = []
         for key in [key for key in self.records if key not in live]:
+            gone = self.records[key]
             self._remove(key)
-            changed = True
+            changes.append(Change("gone", key, gone.endpoint, allowed_ips=gone.allowed_ips))
         for peer in live.values():
-            changed |= self._upsert(peer)
+            change = self._upsert(peer)
+            if change is not None:
+                changes.append(change)
         # Announcements of peers no longer on the device are forgotten.
         for key in [key for key in self.announcements if key not in self.known]:
             del self.announcements[key]
-        return changed
+        return changes
 
     def announce(self, key: PublicKey, announcement: Announcement) -> bool:
         announcement = Announcement(
@@ -147,7 +165,7 @@ class RegistryModel:
         self.version += 1
         return self.version
 
-    def _upsert(self, peer: PeerState) -> bool:
+    def _upsert(self, peer: PeerState) -> Change | None:
         key = peer.public_key
         old = self.records.get(key)
         candidate = PeerRecord(
@@ -161,9 +179,18 @@ class RegistryModel:
         if old is not None and old.same_for_clients(candidate):
             if old.latest_handshake != candidate.latest_handshake:
                 self.records[key] = candidate  # fresher "last seen", no new version
-            return False
-        if old is not None and old.endpoint != candidate.endpoint:
+            return None
+        if old is None:
+            change = Change("live", key, candidate.endpoint, allowed_ips=candidate.allowed_ips)
+        elif old.endpoint != candidate.endpoint:
             self.endpoint_changes += 1
+            change = Change(
+                "moved", key, candidate.endpoint, old.endpoint, allowed_ips=candidate.allowed_ips
+            )
+        else:
+            change = Change(
+                "allowed_ips", key, candidate.endpoint, allowed_ips=candidate.allowed_ips
+            )
         self._bump()
         self.tombstones.pop(key, None)
         self._stamp(
@@ -176,7 +203,7 @@ class RegistryModel:
                 self.version,
             )
         )
-        return True
+        return change
 
     def _remove(self, key: PublicKey) -> None:
         del self.records[key]
