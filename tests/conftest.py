@@ -12,6 +12,21 @@ import pytest
 pytest_plugins = ["leakcheck"]  # tests/leakcheck.py: no key may leak anywhere
 
 
+@pytest.fixture
+def logged():
+    """Every log line emitted during the test, formatted as a reader sees it."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[str] = []
+
+    def observe(event):
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
 def real_network_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces)"

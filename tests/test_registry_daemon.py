@@ -6,11 +6,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, readBody
 
 from tests.helpers import new_key
@@ -40,20 +38,6 @@ def daemon_on_loopback(port: int) -> tap.RegistryDaemon:
     daemon = tap.RegistryDaemon(device, reactor, options)
     daemon.stop_reactor_on_failure = False
     return daemon
-
-
-@pytest.fixture
-def logged():
-    events: list[str] = []
-
-    def observe(event):
-        from twisted.logger import formatEvent
-
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.inlineCallbacks

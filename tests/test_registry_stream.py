@@ -11,7 +11,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.helpers import ep, new_key, peer
 from wgnat._types import InvalidValue
@@ -70,18 +69,6 @@ def body_lines(transport: StringTransport) -> list[bytes]:
         length = int(size, 16)
         body, rest = body + rest[:length], rest[length + 2 :]
     return body.split(b"\n")[:-1]
-
-
-@pytest.fixture
-def logged():
-    events: list[str] = []
-
-    def observe(event):
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_each_change_is_encoded_once_and_written_to_every_stream():

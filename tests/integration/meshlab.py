@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from netns import Host, Lab, WireGuard, leakcheck
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "compose"))
+from testbed import wait_until as testbed_wait_until
 
 TUNNEL = "198.51.100.0/24"
 REGISTRY_TUNNEL = "198.51.100.1"
@@ -28,14 +30,8 @@ BIN = os.path.dirname(sys.executable)
 def wait_until(
     predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition"
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """compose/testbed.py's wait, polled more often (timings here are figures)."""
+    return testbed_wait_until(predicate, timeout, interval=interval, what=what)
 
 
 @dataclass
