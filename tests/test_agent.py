@@ -1,88 +1,22 @@
-"""The client agent end to end in memory: a real Registry (hub + model) over a
-MemoryDevice, MeshAgents over their own MemoryDevices, all on one Clock."""
+"""The client agent end to end in memory (wgnat.testing.SimulatedNetwork): a real
+Registry (hub + model) over a MemoryDevice, MeshAgents over their own
+MemoryDevices, all on one Clock."""
 
 from __future__ import annotations
 
 import pytest
-from twisted.internet.task import Clock
 
-from tests.helpers import ep, ip, nets, new_key, peer
-from wgnat.client.agent import AgentConfig, MeshAgent
-from wgnat.client.reconcile import Path, Settings
+from tests.helpers import ep, nets, new_key, peer
+from wgnat.client.agent import MeshAgent
+from wgnat.client.reconcile import Path
 from wgnat.client.registry_client import RegistryError, RegistryStream
-from wgnat.device.memory import MemoryDevice
-from wgnat.registry.hub import Registry
-from wgnat.testing import MemoryRegistryClient
+from wgnat.testing import SimulatedNetwork
 
 START = 1_700_000_000.0
 
 
-class MemoryStore:
-    def __init__(self) -> None:
-        self.managed: set = set()
-        self.saves = 0
-
-    def load(self):
-        return set(self.managed)
-
-    def save(self, managed):
-        self.saves += 1
-        self.managed = set(managed)
-
-
-class Net:
-    def __init__(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.registry_key = new_key()
-        self.registry_device = MemoryDevice(public_key=self.registry_key)
-        self.hub = Registry(self.registry_device, self.clock)
-        self.hosts: dict[str, dict] = {}
-        self.streams = True  # False: the registry answers long polls only
-
-    def add_host(self, name: str, tunnel: str, public: str, lan: str = "192.168.1.10"):
-        key = new_key()
-        dev = MemoryDevice(
-            public_key=key, addresses=[__import__("ipaddress").ip_interface(f"{tunnel}/24")]
-        )
-        dev.add_peer(
-            peer(
-                self.registry_key,
-                "203.0.113.10:51820",
-                ("198.51.100.0/24",),
-                self.clock.seconds(),
-                keepalive=25,
-            )
-        )
-        self.registry_device.add_peer(peer(key, public, (f"{tunnel}/32",), self.clock.seconds()))
-        host = {"key": key, "device": dev, "tunnel": tunnel, "store": MemoryStore(), "lan": lan}
-        self.hosts[name] = host
-        return host
-
-    def agent(self, name: str, **settings) -> MeshAgent:
-        host = self.hosts[name]
-        client = MemoryRegistryClient(self.hub, ip(host["tunnel"]), streams=self.streams)
-        host["client"] = client
-        agent = MeshAgent(
-            host["device"],
-            self.clock,
-            AgentConfig(registry_key=self.registry_key, settings=Settings(**settings)),
-            lan_addresses=lambda ifname: [
-                __import__("ipaddress").ip_interface(f"{host['lan']}/24")
-            ],
-            client_factory=lambda reactor, address, port: client,
-            state_store=host["store"],
-        )
-        agent.startService()
-        host["agent"] = agent
-        return agent
-
-    def handshake(self, a: str, b: str) -> None:
-        """a and b completed a direct handshake (both devices record it)."""
-        ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
-        now = self.clock.seconds()
-        self.hosts[a]["device"].handshake(kb, now)
-        self.hosts[b]["device"].handshake(ka, now)
+class Net(SimulatedNetwork):
+    """The shipped simulated network, with the scenes these tests start from."""
 
     def direct_pair(self) -> tuple[MeshAgent, MeshAgent]:
         """a and b, two clients behind two NATs, direct with each other."""
@@ -91,37 +25,25 @@ class Net:
         a, b = self.agent("a"), self.agent("b")
         self.handshake("a", "b")
         self.clock.advance(0.3)
-        assert a.paths() == {self.hosts["b"]["key"]: Path.DIRECT}
+        assert a.paths() == {self.key("b"): Path.DIRECT}
         return a, b
-
-    def alive(self, a: str, b: str) -> None:
-        """Time passes normally: handshakes renew, keepalives arrive, everywhere."""
-        ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
-        now = self.clock.seconds()
-        self.handshake(a, b)
-        self.hosts[a]["device"].traffic(kb, rx=100)
-        self.hosts[b]["device"].traffic(ka, rx=100)
-        self.registry_device.handshake(ka, now)
-        self.registry_device.handshake(kb, now)
 
 
 @pytest.fixture
 def net():
     n = Net()
     yield n
-    for host in n.hosts.values():
-        if "agent" in host and host["agent"].running:
-            host["agent"].stopService()
+    n.stop()
 
 
 def test_mesh_forms_by_push_and_switches_together(net):
     net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
     a, b = net.agent("a"), net.agent("b")
-    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
+    ka, kb = net.hosts["a"].key, net.hosts["b"].key
     # Each learned of the other at once, with no time passing: probing.
     assert a.paths() == {kb: Path.PROBING} and b.paths() == {ka: Path.PROBING}
-    da, db = net.hosts["a"]["device"], net.hosts["b"]["device"]
+    da, db = net.hosts["a"].device, net.hosts["b"].device
     assert da.peers[kb].allowed_ips == () and str(da.peers[kb].endpoint) == "203.0.113.22:51820"
     net.handshake("a", "b")
     net.clock.advance(0.05)
@@ -133,7 +55,7 @@ def test_mesh_forms_by_push_and_switches_together(net):
     assert ("set", net.registry_key) not in [
         (k, u.public_key) for k, u in da.operations if k == "set"
     ]
-    assert net.hosts["a"]["store"].managed == {kb}
+    assert net.hosts["a"].store.managed == {kb}
 
 
 def test_a_new_peer_is_pushed_to_waiting_clients_without_any_time_passing(net):
@@ -144,21 +66,21 @@ def test_a_new_peer_is_pushed_to_waiting_clients_without_any_time_passing(net):
     net.hub.refresh()  # the registry's periodic read sees c, live...
     assert a.paths() == {}  # ...but no wgnat client runs there to punch back
     net.agent("c")  # c's client announces itself: pushed to a at once
-    assert a.paths() == {c["key"]: Path.PROBING}
+    assert a.paths() == {c.key: Path.PROBING}
 
 
 def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
     a, _ = net.direct_pair()
-    kb = net.hosts["b"]["key"]
+    kb = net.hosts["b"].key
     assert a.paths() == {kb: Path.DIRECT}
-    client = net.hosts["a"]["client"]
+    client = net.hosts["a"].client
     client.down = "cannot reach the registry at http://198.51.100.1:51820: connection refused"
     for _ in range(30):  # past the -t resync, which cancels the long poll and fails
         net.clock.advance(10)
         net.alive("a", "b")
     assert a.registry_up is False
     assert a.paths() == {kb: Path.DIRECT}  # kept, well past the removal grace
-    assert kb in net.hosts["a"]["device"].peers
+    assert kb in net.hosts["a"].device.peers
     fetches = client.fetches
     client.down = None
     net.clock.advance(30)
@@ -169,11 +91,11 @@ def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
 def test_restart_keeps_peers_without_duplicates_or_orphans(net):
     a, _ = net.direct_pair()
     a.stopService()
-    device = net.hosts["a"]["device"]
+    device = net.hosts["a"].device
     before = dict(device.peers)
     operations = len(device.operations)
     again = net.agent("a")
-    kb = net.hosts["b"]["key"]
+    kb = net.hosts["b"].key
     assert again.paths() == {kb: Path.DIRECT}
     net.clock.advance(1)
     assert device.peers == before
@@ -184,22 +106,22 @@ def test_peer_that_leaves_the_registry_is_removed_after_grace(net):
     net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
     a, _ = net.agent("a"), net.agent("b")
-    kb = net.hosts["b"]["key"]
-    assert kb in net.hosts["a"]["device"].peers
-    net.hosts["b"]["agent"].stopService()
+    kb = net.hosts["b"].key
+    assert kb in net.hosts["a"].device.peers
+    net.hosts["b"].agent.stopService()
     del net.registry_device.peers[kb]
     net.hub.refresh()
     net.clock.advance(29)
-    assert kb in net.hosts["a"]["device"].peers
+    assert kb in net.hosts["a"].device.peers
     net.clock.advance(16)  # the next health tick after the 30 s grace
-    assert kb not in net.hosts["a"]["device"].peers
-    assert a.paths() == {} and net.hosts["a"]["store"].managed == set()
+    assert kb not in net.hosts["a"].device.peers
+    assert a.paths() == {} and net.hosts["a"].store.managed == set()
 
 
 def test_own_endpoint_change_kicks_direct_peers(net):
     net.direct_pair()
-    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
-    dev_a = net.hosts["a"]["device"]
+    ka, kb = net.hosts["a"].key, net.hosts["b"].key
+    dev_a = net.hosts["a"].device
     before = len(dev_a.operations)
     # a's NAT rebinds: the registry sees a's new mapping.
     net.registry_device.handshake(ka, net.clock.seconds(), endpoint=ep("203.0.113.21:40001"))
@@ -208,12 +130,12 @@ def test_own_endpoint_change_kicks_direct_peers(net):
     assert [u.persistent_keepalive for u in kicks] == [0, 25]
     assert all(u.public_key == kb for u in kicks)
     # And b follows a's new endpoint.
-    assert str(net.hosts["b"]["device"].peers[ka].endpoint) == "203.0.113.21:40001"
+    assert str(net.hosts["b"].device.peers[ka].endpoint) == "203.0.113.21:40001"
 
 
 def test_missing_registry_peer_is_a_clear_startup_error(net):
     net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
-    net.hosts["a"]["device"].peers.clear()
+    net.hosts["a"].device.peers.clear()
     agent = net.agent("a")
     assert agent.failed
     failures = []
@@ -223,11 +145,11 @@ def test_missing_registry_peer_is_a_clear_startup_error(net):
 
 def test_refused_registry_answer_changes_nothing(net):
     a, _ = net.direct_pair()
-    kb = net.hosts["b"]["key"]
+    kb = net.hosts["b"].key
     assert a.paths() == {kb: Path.DIRECT}
-    device = net.hosts["a"]["device"]
+    device = net.hosts["a"].device
     before = dict(device.peers)
-    client = net.hosts["a"]["client"]
+    client = net.hosts["a"].client
     original = client.follow
 
     def bad_follow(*args):
@@ -236,7 +158,7 @@ def test_refused_registry_answer_changes_nothing(net):
         return stream
 
     client.follow = bad_follow
-    a._stream.fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
+    a.follower._stream.fail(RegistryError("refused the registry's answer: peers[0]: malformed key"))
     for _ in range(20):  # past the -t resync: every answer is refused
         net.clock.advance(5)
         net.alive("a", "b")
@@ -262,48 +184,34 @@ def test_an_unexpected_error_does_not_stop_the_agent(net):
     assert len(calls) >= 2  # still woken by its health timer after the failure
     a.mesh.plan = original
     net.clock.advance(16)
-    assert a.paths() == {net.hosts["b"]["key"]: Path.DIRECT}
+    assert a.paths() == {net.hosts["b"].key: Path.DIRECT}
 
 
 def test_changes_arrive_on_one_stream_and_keepalives_count_as_contact(net):
     a, _ = net.direct_pair()
-    ka, kb = net.hosts["a"]["key"], net.hosts["b"]["key"]
-    client = net.hosts["a"]["client"]
+    ka, kb = net.hosts["a"].key, net.hosts["b"].key
+    client = net.hosts["a"].client
     opened = client.fetches
     assert net.hub.streams() == 2
     # b's NAT rebinds, then a's: both pushed on the open streams, nothing re-asked.
     net.registry_device.handshake(kb, net.clock.seconds(), endpoint=ep("203.0.113.22:40000"))
     net.hub.refresh()
-    assert str(net.hosts["a"]["device"].peers[kb].endpoint) == "203.0.113.22:40000"
+    assert str(net.hosts["a"].device.peers[kb].endpoint) == "203.0.113.22:40000"
     net.registry_device.handshake(ka, net.clock.seconds(), endpoint=ep("203.0.113.21:40001"))
     net.hub.refresh()
     assert a.view.my_endpoint == ep("203.0.113.21:40001")
     assert ka not in a.view.peers  # its own record, on the shared line, is dropped
     assert client.fetches == opened
     # Nothing changes for 15 s: a keep-alive line, which counts as hearing from it.
-    heard = a.last_sync
+    heard = a.follower.last_sync
     net.clock.advance(15)
-    assert a.last_sync == heard + 15 and a.registry_up is True
+    assert a.follower.last_sync == heard + 15 and a.registry_up is True
     assert client.fetches == opened
-
-
-def test_a_registry_without_streams_is_followed_by_long_polls(net):
-    net.streams = False
-    a, _ = net.direct_pair()
-    kb = net.hosts["b"]["key"]
-    assert net.hub.streams() == 0 and net.hub.waiting() == 2  # two long polls
-    client = net.hosts["a"]["client"]
-    asked = client.fetches
-    net.registry_device.handshake(kb, net.clock.seconds(), endpoint=ep("203.0.113.22:40000"))
-    net.hub.refresh()
-    assert str(net.hosts["a"]["device"].peers[kb].endpoint) == "203.0.113.22:40000"
-    assert client.fetches == asked + 1 and net.hub.waiting() == 2  # asked again at once
-    assert a.paths() == {kb: Path.DIRECT}
 
 
 def test_a_cut_stream_is_reopened_after_the_first_backoff_step(net):
     a, _ = net.direct_pair()
-    client = net.hosts["a"]["client"]
+    client = net.hosts["a"].client
     version = a.view.version
     [stream] = client.streams
     stream.fail(RegistryError("the registry's stream from http://198.51.100.1:51820 was cut off"))
@@ -324,8 +232,8 @@ def test_a_device_that_vanishes_is_retried_every_second_and_logged_once(net):
     net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
     a = net.agent("a")
     net.agent("b")
-    assert a.paths() == {net.hosts["b"]["key"]: Path.PROBING}  # polled every 50 ms
-    device = net.hosts["a"]["device"]
+    assert a.paths() == {net.hosts["b"].key: Path.PROBING}  # polled every 50 ms
+    device = net.hosts["a"].device
     reads = []
     original_read = device.read
     device.read = lambda: (reads.append(1), original_read())[1]
@@ -360,7 +268,7 @@ def test_the_state_file_is_written_once_a_batch_and_before_the_peers_exist(net):
     net.hub.refresh()
     for key in others:
         net.hub.model.announce(key, Announcement(key.raw[:8].hex(), ()))
-    store, device = a["store"], a["device"]
+    store, device = a.store, a.device
     on_device_at_save = []
     original = store.save
 
@@ -382,12 +290,12 @@ def test_the_state_file_is_written_once_a_batch_and_before_the_peers_exist(net):
 
 def test_an_unchanged_full_resync_reads_nothing_a_changed_one_plans(net):
     a, _ = net.direct_pair()
-    client, device = net.hosts["a"]["client"], net.hosts["a"]["device"]
+    client, device = net.hosts["a"].client, net.hosts["a"].device
     fetches, reads = client.fetches, device.reads
-    a._full_resync()  # the -t timer: a full answer, the same view
+    a.follower.resync()  # the -t timer: a full answer, the same view
     assert client.fetches > fetches
     assert device.reads == reads  # the health check's timer reads the device, not this
     # The view had drifted from the registry's (what the safety net is for): plans.
     a.view.peers.clear()
-    a._full_resync()
-    assert device.reads > reads and net.hosts["b"]["key"] in a.view.peers
+    a.follower.resync()
+    assert device.reads > reads and net.hosts["b"].key in a.view.peers

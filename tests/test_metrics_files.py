@@ -24,9 +24,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
+from wgnat.client.metrics import ClientMetrics
 from wgnat.device.memory import MemoryDevice
-from wgnat.metrics import ClientMetrics, RegistryMetrics
 from wgnat.registry.hub import Registry
+from wgnat.registry.metrics import RegistryMetrics
 
 METRICS = Path(__file__).resolve().parent.parent / "metrics"
 ALERTS = METRICS / "alerts.yml"

@@ -12,8 +12,9 @@ from wgnat.client.reconcile import (
     registry_address_of,
     retry_moment,
 )
-from wgnat.client.view import RegistryView, RemotePeer
+from wgnat.client.view import RegistryView
 from wgnat.device.memory import MemoryDevice
+from wgnat.wire import RemotePeer
 
 T0 = 1_000_000.0
 ME, REGISTRY = new_key(), new_key()
@@ -57,37 +58,14 @@ class World:
         )
 
     def step(self, view, now):
+        """What the agent does: plan, then carry out each action's updates."""
         actions = self.mesh.plan(view, self.device.snapshot(), now)
         for action in actions:
-            from wgnat._types import PeerUpdate
-
-            if action.kind == "probe":
-                self.mesh.managed.add(action.public_key)
-                self.device.apply(
-                    PeerUpdate(
-                        action.public_key,
-                        endpoint=action.endpoint,
-                        allowed_ips=(),
-                        replace_allowed_ips=True,
-                        persistent_keepalive=action.keepalive,
-                    )
-                )
-            elif action.kind == "promote":
-                self.device.apply(
-                    PeerUpdate(
-                        action.public_key,
-                        allowed_ips=action.allowed_ips,
-                        replace_allowed_ips=True,
-                        update_only=True,
-                    )
-                )
-            elif action.kind == "endpoint":
-                self.device.apply(
-                    PeerUpdate(action.public_key, endpoint=action.endpoint, update_only=True)
-                )
-            elif action.kind == "remove":
+            if action.kind == "remove":
                 self.device.peers.pop(action.public_key, None)
-                self.mesh.managed.discard(action.public_key)
+                self.mesh.forget({action.public_key})
+            for update in action.updates():
+                self.device.apply(update)
         return actions
 
 
@@ -468,10 +446,26 @@ def test_our_own_endpoint_moving_retries_relayed_peers_at_once():
     world.step(view, T0 + 17)
     assert [a.kind for a in world.step(view, T0 + 19)] == ["remove"]
     assert world.mesh.paths[b].retry_at > T0 + 20
-    world.mesh.retry_relayed_now(T0 + 20)
+    assert world.step(view, T0 + 20) == []  # not before its retry moment...
     moved = view_of(remote(b), me="203.0.113.21:40000")
     actions = world.step(moved, T0 + 20)
-    assert [a.kind for a in actions] == ["probe"]
+    assert [a.kind for a in actions] == ["probe"]  # ...unless our own endpoint moved
+    [own] = [e for e in world.mesh.take_events() if e.kind == "own_endpoint"]
+    assert own.detail == "203.0.113.21:51820 -> 203.0.113.21:40000"
+
+
+def test_our_own_endpoint_moving_kicks_every_path_through_the_old_mapping():
+    world, b, _ = direct_world()
+    c = new_key()
+    both = view_of(remote(b), remote(c, "203.0.113.23:51820", ("198.51.100.4/32",)))
+    world.step(both, T0 + 1)  # c: probing
+    assert world.mesh.paths[c].path is Path.PROBING
+    moved = view_of(*both.peers.values(), me="203.0.113.21:40000")
+    actions = world.step(moved, T0 + 2)
+    kicks = [a for a in actions if a.kind == "kick"]
+    assert sorted(a.public_key.raw for a in kicks) == sorted([b.raw, c.raw])
+    assert [u.persistent_keepalive for u in kicks[0].updates()] == [0, 25]
+    assert world.step(moved, T0 + 3) == []  # once, not at every plan
 
 
 def test_a_rekey_is_not_data():

@@ -4,7 +4,6 @@ daemons serve, and the `wgnat status` command end to end on a real reactor."""
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import os
 import socket
@@ -15,98 +14,35 @@ from pathlib import Path as FilePath
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as real_reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.helpers import ep, ip, nets, new_key, peer
 from wgnat._types import Announcement
+from wgnat.cli.tables import format_status
+from wgnat.cli.wgnat import main
 from wgnat.client import tap as client_tap
-from wgnat.client.agent import AgentConfig, MeshAgent
 from wgnat.client.reconcile import Mesh, Path, PeerPath, Policy, retry_moment
-from wgnat.client.view import RegistryView, RemotePeer
+from wgnat.client.status import ClientInfo, client_info, client_status
+from wgnat.client.status import status_provider as client_status_provider
+from wgnat.client.view import RegistryView
 from wgnat.device.memory import MemoryDevice
+from wgnat.formatting import duration, size
 from wgnat.registry import tap as registry_tap
-from wgnat.registry.hub import Registry
 from wgnat.registry.model import RegistryModel
-from wgnat.status import (
-    ClientInfo,
-    client_info,
-    client_status,
-    default_socket_path,
-    duration,
-    format_status,
-    main,
-    registry_status,
-    size,
-)
-from wgnat.status_server import (
-    StatusSocket,
-    client_status_provider,
-    prepare_socket_path,
-    registry_status_provider,
-)
-from wgnat.testing import MemoryRegistryClient
+from wgnat.registry.status import registry_status
+from wgnat.registry.status import status_provider as registry_status_provider
+from wgnat.status_socket import StatusSocket, default_socket_path, prepare_socket_path
+from wgnat.testing import SimulatedNetwork
+from wgnat.wire import RemotePeer
 
 START = 1_700_000_000.0
 ROOT = FilePath(__file__).resolve().parent.parent
 
 
-class Lab:
-    """A registry (Registry over a MemoryDevice) and client agents over their own
-    MemoryDevices, all on one clock (a Clock, or the real reactor)."""
-
-    def __init__(self, clock) -> None:
-        self.clock = clock
-        self.registry_key = new_key()
-        self.registry_device = MemoryDevice(public_key=self.registry_key)
-        self.hub = Registry(self.registry_device, clock)
-        self.hosts: dict[str, dict] = {}
-
-    def add_host(self, name: str, tunnel: str, public: str) -> dict:
-        key = new_key()
-        device = MemoryDevice(
-            ifname="wg0", public_key=key, addresses=[ipaddress.ip_interface(f"{tunnel}/24")]
-        )
-        now = self.clock.seconds()
-        device.add_peer(
-            peer(self.registry_key, "203.0.113.10:51820", ("198.51.100.0/24",), now, keepalive=25)
-        )
-        self.registry_device.add_peer(peer(key, public, (f"{tunnel}/32",), now))
-        host = {"key": key, "device": device, "tunnel": tunnel}
-        self.hosts[name] = host
-        return host
-
-    def agent(self, name: str) -> MeshAgent:
-        host = self.hosts[name]
-        client = MemoryRegistryClient(self.hub, ip(host["tunnel"]))
-        agent = MeshAgent(
-            host["device"],
-            self.clock,
-            AgentConfig(registry_key=self.registry_key),
-            lan_addresses=lambda ifname: [ipaddress.ip_interface("192.168.1.10/24")],
-            client_factory=lambda reactor, address, port: client,
-        )
-        host["agent"] = agent
-        return agent
-
-    def handshake(self, a: str, b: str) -> None:
-        ka, kb = self.hosts[a]["key"], self.hosts[b]["key"]
-        now = self.clock.seconds()
-        self.hosts[a]["device"].handshake(kb, now)
-        self.hosts[b]["device"].handshake(ka, now)
-
-    def stop(self) -> None:
-        for host in self.hosts.values():
-            agent = host.get("agent")
-            if agent is not None and agent.running:
-                agent.stopService()
-
-
 @pytest.fixture
 def lab():
-    clock = Clock()
-    clock.advance(START)
-    built = Lab(clock)
+    built = SimulatedNetwork(start=START)
     yield built
     built.stop()
 
@@ -134,11 +70,11 @@ def test_client_status_tells_each_path_and_why(lab):
     ]:
         lab.add_host(name, tunnel, public)
     a = lab.agent("a")
-    for name in "abc":
-        (a if name == "a" else lab.agent(name)).startService()
-    ka, kb, kc, kd = (lab.hosts[n]["key"] for n in "abcd")
+    lab.agent("b")
+    lab.agent("c")
+    ka, kb, kc, kd = (lab.hosts[n].key for n in "abcd")
     manual = new_key()
-    da = lab.hosts["a"]["device"]
+    da = lab.hosts["a"].device
     da.add_peer(peer(manual, "192.0.2.9:51820", ("10.99.0.9/32",), START - 5, rx=10, tx=20))
     lab.hub.refresh()  # d is live at the registry, but no client runs there
     lab.handshake("a", "b")
@@ -343,7 +279,7 @@ def test_status_socket_flags_default_per_interface():
 
 def test_wgnat_console_script_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["wgnat"] == "wgnat.status:main"
+    assert project["project"]["scripts"]["wgnat"] == "wgnat.cli.wgnat:main"
 
 
 # -- the command's errors -------------------------------------------------------
@@ -356,7 +292,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_no_daemon_running_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr("wgnat.status.STATUS_DIR", str(tmp_path))
+    monkeypatch.setattr("wgnat.status_socket.STATUS_DIR", str(tmp_path))
     code, out, err = run_cli("status")
     assert code == 1 and out == ""
     assert err == (
@@ -388,7 +324,7 @@ def test_left_over_socket_and_permission_denied(tmp_path, monkeypatch):
     def denied(self):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("wgnat.status._UnixHTTPConnection.connect", denied)
+    monkeypatch.setattr("wgnat.cli.wgnat._UnixHTTPConnection.connect", denied)
     code, _, err = run_cli("status", "--socket", path)
     assert code == 1
     assert err == (
@@ -440,7 +376,7 @@ def free_port() -> int:
 def test_client_daemon_serves_wgnat_status_end_to_end(tmp_path):
     """A ClientDaemon (agent on a MemoryDevice, MemoryRegistryClient) on the real
     reactor: its socket answers `wgnat status`, and goes away at stop."""
-    lab = Lab(real_reactor)
+    lab = SimulatedNetwork(real_reactor)
     lab.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     lab.add_host("b", "198.51.100.3", "203.0.113.22:51820")
     path = str(tmp_path / "run" / "client-wg0.sock")
@@ -450,18 +386,17 @@ def test_client_daemon_serves_wgnat_status_end_to_end(tmp_path):
     stale.bind(path)
     stale.close()
     daemon = client_tap.ClientDaemon(
-        lab.agent("a"), real_reactor, f"127.0.0.1:{free_port()}", status_socket=path
+        lab.agent("a", start=False), real_reactor, f"127.0.0.1:{free_port()}", status_socket=path
     )
     daemon.startService()
     b = lab.agent("b")
-    b.startService()
     try:
         yield daemon.agent.ready
         yield b.ready
         yield deferLater(real_reactor, 0.05, lambda: None)  # b's announcement is pushed
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert stat.S_ISSOCK(os.stat(path).st_mode)
-        kb = lab.hosts["b"]["key"]
+        kb = lab.hosts["b"].key
 
         code, out, err = yield deferToThread(run_cli, "status", "--json", "--socket", path)
         assert (code, err) == (0, "")
@@ -488,14 +423,14 @@ def test_client_daemon_serves_wgnat_status_end_to_end(tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_registry_status_socket_end_to_end(tmp_path):
-    lab = Lab(real_reactor)
+    lab = SimulatedNetwork(real_reactor)
     lab.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     yield lab.hub.refresh()
     path = str(tmp_path / "server-wg0.sock")
     status = StatusSocket(
         real_reactor,
         path,
-        registry_status_provider(lab.registry_device, lab.hub, real_reactor),
+        lambda: registry_status_provider(lab.registry_device, lab.hub, real_reactor),
         "wgnat-server",
     )
     yield status.start()
@@ -534,11 +469,10 @@ def test_a_failing_provider_answers_500_and_the_command_says_so(tmp_path):
 def test_client_status_provider_reports_a_device_error(lab):
     lab.add_host("a", "198.51.100.2", "203.0.113.21:51820")
     agent = lab.agent("a")
-    agent.startService()
     from wgnat.device import DeviceError
 
-    lab.hosts["a"]["device"].failure = DeviceError("wg0 vanished")
+    lab.hosts["a"].device.failure = DeviceError("wg0 vanished")
     results = []
-    client_status_provider(agent)().addCallback(results.append)
+    client_status_provider(agent).addCallback(results.append)
     [status] = results
     assert status["device_error"] == "wg0 vanished" and status["listen_port"] is None

@@ -24,10 +24,11 @@ from wgnat._types import (
     PublicKey,
     parse_network,
 )
-from wgnat.cli import client_main, server_main
+from wgnat.cli.daemons import client_main, server_main
 from wgnat.client import tap as client_tap
 from wgnat.duration import format_go_duration, parse_go_duration
 from wgnat.metrics import DEFAULT_CLIENT_METRICS, DEFAULT_SERVER_METRICS
+from wgnat.options import parse_listen
 from wgnat.registry import tap as server_tap
 
 HUGE = "A" * 100_000
@@ -441,7 +442,7 @@ class TestServerOptions:
         options = server_options()
         assert options["interface"] == "wg0"
         assert options["api-port"] is None
-        assert options["metrics-listen"] == DEFAULT_SERVER_METRICS
+        assert options["metrics-listen"] == parse_listen(DEFAULT_SERVER_METRICS)
         assert options["poll-interval"] == 1.0
         assert options["log-format"] == "text"
 
@@ -452,7 +453,7 @@ class TestServerOptions:
         )  # fmt: skip
         assert options["interface"] == "wg-hub"
         assert options["api-port"] == 8080
-        assert options["metrics-listen"] == "[::1]:9999"
+        assert options["metrics-listen"] == ("::1", 9999)
         assert options["poll-interval"] == 0.25
         assert options["log-format"] == "json"
         assert server_options("--interface=wg1")["interface"] == "wg1"
@@ -495,7 +496,7 @@ class TestClientOptions:
         assert options["interval"] == 60.0  # -t 1m0s
         assert options["registry-address"] is None
         assert options["registry-port"] is None
-        assert options["metrics-listen"] == DEFAULT_CLIENT_METRICS
+        assert options["metrics-listen"] == parse_listen(DEFAULT_CLIENT_METRICS)
         assert options["state-dir"] == "/var/lib/wgnat"
         assert options["keepalive"] == 25
         assert options["log-format"] == "text"

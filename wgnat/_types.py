@@ -213,3 +213,11 @@ class PeerUpdate:
             raise InvalidValue(
                 f"persistent keepalive {self.persistent_keepalive} is outside 0-65535 seconds"
             )
+
+
+def peer_label(key: PublicKey, allowed_ips: tuple[IPNetwork, ...] = ()) -> str:
+    """How an operator recognises a peer in a log line: its tunnel address (the
+    first allowed IP) and the start of its key, as `wg show` users know it."""
+    if allowed_ips:
+        return f"{allowed_ips[0].network_address} ({key.short})"
+    return key.short

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     globalLogBeginner,
     jsonFileLogObserver,
     textFileLogObserver,
 )
 from twisted.web import server
+from zope.interface import implementer
 
 LOG_FORMATS = ("text", "json")
+# What Twisted's factories say at every connection (the HTTP client opens one per
+# registry stream): noise that would drown the decisions.
+_FACTORY_NOISE = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+
+
+@implementer(ILogFilterPredicate)
+def quiet_factories(event: LogEvent) -> PredicateResult:
+    if event.get("log_format") in _FACTORY_NOISE:
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 class QuietSite(server.Site):
@@ -26,7 +39,7 @@ class QuietSite(server.Site):
 
     noisy = False
 
-    def log(self, request: Any) -> None:
+    def log(self, request: server.Request) -> None:
         pass
 
 
@@ -37,5 +50,5 @@ def start_logging(log_format: str = "text", level: LogLevel = LogLevel.info) -> 
         observer = textFileLogObserver(sys.stdout)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False
+        [FilteringLogObserver(observer, [predicate, quiet_factories])], redirectStandardIO=False
     )

@@ -1,30 +1,57 @@
-"""Fakes that ship with the product (as treq ships StubTreq): an in-memory
-registry connection that runs the registry's real request logic (`Registry`)
-without sockets, for tests, simulations and benchmarks of the client."""
+"""Fakes that ship with the product (as treq ships StubTreq), for tests,
+simulations and benchmarks of the client, all in memory and on one clock:
+
+- `MemoryRegistryClient`: a registry connection that runs the registry's real
+  request logic (`Registry`) without sockets, its lines through the same
+  decoding as the wire's;
+- `SimulatedNetwork`: a hub (a Registry over a MemoryDevice) and client hosts,
+  each a MemoryDevice with the hub as its peer, whose agents follow the hub
+  through MemoryRegistryClients; the test plays the network (`handshake`,
+  `alive`);
+- `ScriptedRegistryClient`: a registry connection that says exactly what a test
+  scripts (any JSON, valid or not), to see what the agent does with it.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
 
-from wgnat._types import Announcement, InvalidValue, IPAddress
-from wgnat.client.registry_client import MAX_ANSWER_BYTES, RegistryError, RegistryStream
-from wgnat.client.view import Answer, StreamDecoder, parse_answer
-from wgnat.registry.hub import Registry
+from wgnat._types import (
+    Announcement,
+    Endpoint,
+    InvalidValue,
+    IPAddress,
+    PeerState,
+    PublicKey,
+    parse_network,
+)
+from wgnat.client.agent import AgentConfig, MeshAgent
+from wgnat.client.reconcile import Settings
+from wgnat.client.registry_client import RegistryError, RegistryStream
+from wgnat.device.memory import MemoryDevice
+from wgnat.registry.hub import Registry, Stream
+from wgnat.wire import StreamDecoder, encode_line
+
+# -- a registry connection in memory --------------------------------------------
 
 
 class MemoryRegistryClient:
     """Same interface as client.registry_client.RegistryClient; the caller is
     identified by `address` exactly as the API identifies a source address."""
 
-    def __init__(self, hub: Registry, address: IPAddress, streams: bool = True) -> None:
+    def __init__(self, hub: Registry, address: IPAddress) -> None:
         self.hub = hub
         self.address = address
-        self.streams_supported = streams  # False: a registry of before streams (long polls)
         self._down: str | None = None
-        self.fetches = 0
+        self.fetches = 0  # streams opened
         self.announced: list[Announcement] = []
         self.streams: list[RegistryStream] = []  # open ones
 
@@ -42,11 +69,11 @@ class MemoryRegistryClient:
                 stream.fail(RegistryError(message))
                 stream.close()
 
-    def _caller(self) -> Deferred[Any]:
+    def _caller(self) -> Deferred[PublicKey]:
         if self.down is not None:
             return fail(RegistryError(self.down))
 
-        def known(caller: Any) -> Any:
+        def known(caller: PublicKey | None) -> PublicKey:
             if caller is None:
                 raise RegistryError(
                     f"the registry refused the request: HTTP 403: {self.address} "
@@ -56,43 +83,15 @@ class MemoryRegistryClient:
 
         return self.hub.identify(self.address).addCallback(known)
 
-    def fetch(self, since: int | None, epoch: str | None, wait: float) -> Deferred[Answer]:
-        self.fetches += 1
-        if since is None or epoch is None:
-            since, epoch, wait = None, None, 0.0
-
-        def ask(caller: Any) -> Deferred[Any]:
-            return self.hub.answer(caller, since, epoch, wait)
-
-        def decode(document: dict[str, Any]) -> Answer:
-            if self.down is not None:
-                raise RegistryError(self.down)
-            try:  # the same JSON round trip the wire makes
-                return parse_answer(json.loads(json.dumps(document)))
-            except InvalidValue as exc:
-                raise RegistryError(f"refused the registry's answer: {exc}") from None
-
-        return self._caller().addCallback(ask).addCallback(decode)
-
-    def follow(self, since: int | None, epoch: str | None, wait: float) -> RegistryStream:
+    def follow(self, since: int | None, epoch: str | None) -> RegistryStream:
         """A stream from the hub: its lines go through the same decoding as the
-        wire's (StreamDecoder), keep-alives included.  From a registry without
-        streams: one answer (a long poll of `wait`), then the stream ends."""
-        if not self.streams_supported:
-            single = RegistryStream()
-            asking = self.fetch(since, epoch, wait)
-            asking.addCallbacks(
-                lambda answer: (single.put(answer), single.end()),
-                lambda failure: single.fail(failure.value),
-            )
-            single.on_close = asking.cancel
-            return single
+        wire's (StreamDecoder), keep-alives included."""
         self.fetches += 1
         if since is None or epoch is None:
             since, epoch = None, None
         stream = RegistryStream()
-        decoder = StreamDecoder(MAX_ANSWER_BYTES)
-        subscription: list[Any] = []
+        decoder = StreamDecoder()
+        subscription: list[Stream] = []
 
         def receive(line: bytes) -> None:
             try:
@@ -102,7 +101,7 @@ class MemoryRegistryClient:
                 stream.fail(RegistryError(f"refused the registry's answer: {exc}"))
                 stream.close()
 
-        def opened(hub_stream: Any) -> None:
+        def opened(hub_stream: Stream) -> None:
             if stream in self.streams:
                 subscription.append(hub_stream)
             else:  # closed while opening
@@ -123,11 +122,196 @@ class MemoryRegistryClient:
         opening.addErrback(lambda failure: (stream.fail(failure.value), stream.close()))
         return stream
 
-    def announce(self, announcement: Announcement) -> Deferred[Any]:
+    def announce(self, announcement: Announcement) -> Deferred[object]:
         self.announced.append(announcement)
         return self._caller().addCallback(lambda caller: self.hub.announce(caller, announcement))
 
     def close(self) -> Deferred[None]:
-        from twisted.internet.defer import succeed
-
         return succeed(None)
+
+
+# -- a registry that says what it is told -----------------------------------------
+
+
+class ScriptedRegistryClient:
+    """A registry connection answering with the given JSON documents (anything:
+    the client must survive it), through the wire's decoding.
+
+    `per_stream=False`: one stream, whose first line names this peer, then each
+    document as a shared line.  `per_stream=True`: each document is the first
+    line of a new stream (this peer named in its "you" when it has none).  Once
+    the documents are used up, a stream stays open and silent."""
+
+    def __init__(self, me: PublicKey, documents: list[Any], per_stream: bool = False) -> None:
+        self.me = me
+        self.documents = list(documents)
+        self.per_stream = per_stream
+        self.refused: list[str] = []
+        self.accepted = 0
+
+    def _feed(self, stream: RegistryStream, decoder: StreamDecoder, document: Any) -> bool:
+        try:
+            answers = list(decoder.feed(encode_line(document) if _encodable(document) else b"?\n"))
+        except InvalidValue as exc:
+            self.refused.append(str(exc))
+            stream.fail(RegistryError(f"refused the registry's answer: {exc}"))
+            return False
+        self.accepted += 1
+        for answer in answers:
+            stream.put(answer)
+        return True
+
+    def follow(self, since: int | None, epoch: str | None) -> RegistryStream:
+        stream = RegistryStream()
+        if not self.documents:
+            return stream  # nothing more to say
+        decoder = StreamDecoder()
+        if self.per_stream:
+            document = self.documents.pop(0)
+            if isinstance(document, dict):
+                you = document.get("you")
+                if you is None or (isinstance(you, dict) and "public_key" not in you):
+                    document = {**document, "you": {**(you or {}), "public_key": self.me.base64}}
+            self._feed(stream, decoder, document)
+            return stream
+        first = {"epoch": "e1", "version": 0, "full": True, "you": {"public_key": self.me.base64}}
+        for answer in decoder.feed(encode_line(first)):
+            stream.put(answer)
+        while self.documents:
+            if not self._feed(stream, decoder, self.documents.pop(0)):
+                break
+        return stream
+
+    def announce(self, announcement: Announcement) -> Deferred[object]:
+        return succeed({"version": 0})
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def _encodable(document: Any) -> bool:
+    try:
+        json.dumps(document)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# -- a hub and its clients, all in memory -----------------------------------------
+
+HUB_ENDPOINT = "203.0.113.10:51820"
+TUNNEL_NETWORK = "198.51.100.0/24"
+
+
+class MemoryStateStore:
+    """The state file, in memory: what was saved, and how often."""
+
+    def __init__(self) -> None:
+        self.managed: set[PublicKey] = set()
+        self.saves = 0
+
+    def load(self) -> set[PublicKey]:
+        return set(self.managed)
+
+    def save(self, managed: set[PublicKey]) -> None:
+        self.saves += 1
+        self.managed = set(managed)
+
+
+@dataclass
+class Host:
+    """One client host of a SimulatedNetwork."""
+
+    name: str
+    key: PublicKey
+    device: MemoryDevice
+    tunnel: str
+    lan: str
+    store: MemoryStateStore = field(default_factory=MemoryStateStore)
+    client: MemoryRegistryClient | None = None
+    agent: MeshAgent | None = None
+
+
+class SimulatedNetwork:
+    """A hub and client hosts on one clock (a Clock by default, or the real
+    reactor).  Each host's device has the hub as its peer (tunnel network as
+    allowed IPs, keepalive 25 s); the hub's device has each host at its public
+    endpoint with its tunnel address, just handshaken."""
+
+    def __init__(self, clock: IReactorTime | None = None, start: float = 1_700_000_000.0):
+        if clock is None:
+            clock = Clock()
+            clock.advance(start)
+        self.clock = clock
+        self.registry_key = PublicKey(os.urandom(32))
+        self.registry_device = MemoryDevice(public_key=self.registry_key)
+        self.hub = Registry(self.registry_device, clock)
+        self.hosts: dict[str, Host] = {}
+
+    def add_host(
+        self, name: str, tunnel: str, public: str, lan: str = "192.168.1.10", ifname: str = "wg0"
+    ) -> Host:
+        key = PublicKey(os.urandom(32))
+        now = self.clock.seconds()
+        device = MemoryDevice(
+            ifname=ifname, public_key=key, addresses=[ipaddress.ip_interface(f"{tunnel}/24")]
+        )
+        device.add_peer(
+            PeerState(
+                self.registry_key,
+                Endpoint.parse(HUB_ENDPOINT),
+                (parse_network(TUNNEL_NETWORK),),
+                now,
+                persistent_keepalive=25,
+            )
+        )
+        self.registry_device.add_peer(
+            PeerState(key, Endpoint.parse(public), (parse_network(f"{tunnel}/32"),), now)
+        )
+        host = Host(name, key, device, tunnel, lan)
+        self.hosts[name] = host
+        return host
+
+    def agent(self, name: str, start: bool = True, **settings: Any) -> MeshAgent:
+        """A MeshAgent for host `name`, following the hub (started unless told)."""
+        host = self.hosts[name]
+        client = MemoryRegistryClient(self.hub, ipaddress.ip_address(host.tunnel))
+        host.client = client
+        lan = ipaddress.ip_interface(f"{host.lan}/24")
+        agent = MeshAgent(
+            host.device,
+            self.clock,
+            AgentConfig(registry_key=self.registry_key, settings=Settings(**settings)),
+            lan_addresses=lambda ifname: [lan],
+            client_factory=lambda reactor, address, port: client,
+            state_store=host.store,
+        )
+        host.agent = agent
+        if start:
+            agent.startService()
+        return agent
+
+    def key(self, name: str) -> PublicKey:
+        return self.hosts[name].key
+
+    def handshake(self, a: str, b: str) -> None:
+        """a and b completed a direct handshake (both devices record it)."""
+        ka, kb = self.key(a), self.key(b)
+        now = self.clock.seconds()
+        self.hosts[a].device.handshake(kb, now)
+        self.hosts[b].device.handshake(ka, now)
+
+    def alive(self, a: str, b: str) -> None:
+        """Time passes normally: handshakes renew, keepalives arrive, everywhere."""
+        ka, kb = self.key(a), self.key(b)
+        now = self.clock.seconds()
+        self.handshake(a, b)
+        self.hosts[a].device.traffic(kb, rx=100)
+        self.hosts[b].device.traffic(ka, rx=100)
+        self.registry_device.handshake(ka, now)
+        self.registry_device.handshake(kb, now)
+
+    def stop(self) -> None:
+        for host in self.hosts.values():
+            if host.agent is not None and host.agent.running:
+                host.agent.stopService()

@@ -28,8 +28,17 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from wgnat._types import DeviceState, Endpoint, IPAddress, IPNetwork, PeerState, PublicKey
-from wgnat.client.view import RegistryView, RemotePeer
+from wgnat._types import (
+    DeviceState,
+    Endpoint,
+    IPAddress,
+    IPNetwork,
+    PeerState,
+    PeerUpdate,
+    PublicKey,
+)
+from wgnat.client.view import RegistryView
+from wgnat.wire import RemotePeer
 
 
 class Path(enum.Enum):
@@ -93,6 +102,7 @@ class PeerPath:
     gone_since: float | None = None
     allowed_ips: tuple[IPNetwork, ...] = ()
     session: str | None = None  # the remote client's, when we last probed
+    probed_at: float | None = None  # the start of the last direct attempt
 
 
 # A WireGuard keepalive on the wire: a transport header and the tag of an
@@ -123,13 +133,47 @@ class Action:
     allowed_ips: tuple[IPNetwork, ...] = ()
     keepalive: int | None = None
 
+    def updates(self) -> tuple[PeerUpdate, ...]:
+        """The device updates that carry the action out, in order (none for a
+        removal, which is `remove_peer`)."""
+        key = self.public_key
+        if self.kind == "probe":
+            # No allowed IPs: traffic stays relayed until the handshake proves the path.
+            return (
+                PeerUpdate(
+                    key,
+                    endpoint=self.endpoint,
+                    allowed_ips=(),
+                    replace_allowed_ips=True,
+                    persistent_keepalive=self.keepalive,
+                ),
+            )
+        if self.kind == "promote":
+            return (
+                PeerUpdate(
+                    key, allowed_ips=self.allowed_ips, replace_allowed_ips=True, update_only=True
+                ),
+            )
+        if self.kind == "endpoint":
+            return (PeerUpdate(key, endpoint=self.endpoint, update_only=True),)
+        if self.kind == "kick":
+            # Keepalive 0 -> N makes WireGuard send a packet at once; an endpoint
+            # change alone sends nothing until the next keepalive.
+            return (
+                PeerUpdate(key, persistent_keepalive=0, update_only=True),
+                PeerUpdate(key, persistent_keepalive=self.keepalive, update_only=True),
+            )
+        return ()
+
 
 @dataclass(frozen=True)
 class Event:
-    """Something metrics count: "probe", "direct", "fallback", "rebinding", "removed"."""
+    """Something the agent counts or logs: "probe", "direct", "fallback",
+    "rebinding", "removed", "rejected" (allowed IPs refused), "own_endpoint"
+    (our public endpoint moved)."""
 
     kind: str
-    public_key: PublicKey
+    public_key: PublicKey | None  # None: about this host itself
     detail: str = ""
     seconds: float = 0.0
 
@@ -186,10 +230,16 @@ class Mesh:
     lan_networks: tuple[IPNetwork, ...] = ()
     paths: dict[PublicKey, PeerPath] = field(default_factory=dict)
     # Keys this client created on the device (persisted by the agent): the only
-    # peers it may ever change or remove.
+    # peers it may ever change or remove.  A key enters when plan() decides to
+    # probe it (before the device is touched) and leaves once its peer is gone.
     managed: set[PublicKey] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     rejected_logged: dict[PublicKey, tuple[str, ...]] = field(default_factory=dict)
+    # Why plan() left a peer the registry lists without a path (so it stays
+    # relayed through the registry): what `wgnat status` shows for it.
+    unplanned: dict[PublicKey, str] = field(default_factory=dict)
+    # Our own public endpoint as the last plan saw it.
+    my_endpoint: Endpoint | None = None
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
@@ -217,8 +267,19 @@ class Mesh:
             result[name] += 1
         return result
 
-    def adopt(self, device: DeviceState, now: float) -> None:
-        """After a restart: take back the managed peers the device still has."""
+    def adopt(
+        self, device: DeviceState, now: float, remembered: set[PublicKey] | None = None
+    ) -> bool:
+        """After a restart: take back the managed peers the device still has.
+        `remembered` is what the state file lists; a key whose peer the device
+        no longer has is forgotten.  Returns whether the managed set changed
+        (so that the state file is written again)."""
+        changed = False
+        if remembered is not None:
+            on_device = device.by_key()
+            kept = {key for key in remembered if key in on_device}
+            changed = kept != remembered
+            self.managed = kept
         for peer in device.peers:
             if peer.public_key not in self.managed:
                 continue
@@ -249,6 +310,7 @@ class Mesh:
                     learned_at=now,
                     reason="kept from before the restart, probing again",
                 )
+        return changed
 
     def next_wakeup(self, now: float) -> float:
         """When plan() or promote_due() next has something to decide without new
@@ -297,8 +359,19 @@ class Mesh:
             allowed_ips=peer_path.allowed_ips,
         )
 
+    def take_events(self) -> list[Event]:
+        """What happened since the last call, for the agent's metrics and logs."""
+        events, self.events = self.events, []
+        return events
+
+    def forget(self, keys: set[PublicKey]) -> None:
+        """These peers are gone from the device (their removal was applied):
+        they are no longer ours to manage."""
+        self.managed -= keys
+
     # -- the decisions ----------------------------------------------------
     def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
+        kicks = self._follow_own_endpoint(view.my_endpoint, now)
         actions: list[Action] = []
         on_device = device.by_key()
         unmanaged = {key: peer for key, peer in on_device.items() if key not in self.managed}
@@ -324,8 +397,11 @@ class Mesh:
             if peer_path is not None:
                 peer_path.gone_since = None
                 peer_path.allowed_ips = allowed
-            if target is None or not allowed or remote.session is None:
+            skipped = _why_not_probed(remote, target, allowed, rejected)
+            if skipped is not None:
+                self.unplanned[key] = skipped
                 continue  # nothing to punch with (yet): traffic stays relayed
+            self.unplanned.pop(key, None)
             if peer_path is None:
                 self.paths[key] = peer_path = PeerPath(
                     Path.RELAYED, now, None, learned_at=now, allowed_ips=allowed
@@ -350,6 +426,8 @@ class Mesh:
                 actions.extend(self._follow(key, peer_path, target, now))
             peer_path.session = remote.session
 
+        for key in [key for key in self.unplanned if key not in view.peers or key in unmanaged]:
+            del self.unplanned[key]
         acted = {action.public_key for action in actions}
         for key, peer_path in list(self.paths.items()):
             if key in acted:
@@ -381,7 +459,26 @@ class Mesh:
                     actions.append(self._promote(key, peer_path, now))
             elif peer_path.path is Path.DIRECT:
                 actions.extend(self._watch_direct(key, peer_path, device_peer, now))
-        return actions
+        return kicks + actions
+
+    def _follow_own_endpoint(self, endpoint: Endpoint | None, now: float) -> list[Action]:
+        """Our own public endpoint moved (our NAT rebound): every path through
+        the old mapping is refreshed at once, and whatever failed through it may
+        work through the new one (a peer we gave up on while the mapping moved
+        under us may still hold us as direct), so every relayed peer is retried
+        at this plan instead of at its backoff moment."""
+        old, self.my_endpoint = self.my_endpoint, endpoint
+        if old is None or endpoint is None or old == endpoint:
+            return []
+        self.events.append(Event("own_endpoint", None, f"{old} -> {endpoint}"))
+        for peer_path in self.paths.values():
+            if peer_path.path is Path.RELAYED:
+                peer_path.retry_at = min(peer_path.retry_at, now)
+        return [
+            self._kick(key, "our own NAT mapping changed")
+            for key, peer_path in sorted(self.paths.items(), key=lambda item: item[0].raw)
+            if peer_path.path in (Path.PROBING, Path.SWITCHING, Path.DIRECT)
+        ]
 
     def _probe(
         self, key: PublicKey, peer_path: PeerPath, target: Endpoint | None, now: float, why: str
@@ -392,6 +489,8 @@ class Mesh:
         peer_path.attempts += 1
         peer_path.deadline = now + self.settings.probe_timeout
         peer_path.reason = why
+        peer_path.probed_at = now
+        self.managed.add(key)  # ours from now on: the agent saves it before the probe
         self.events.append(Event("probe", key))
         return Action(
             "probe",
@@ -415,25 +514,7 @@ class Mesh:
         ]
 
     def _kick(self, key: PublicKey, why: str) -> Action:
-        # keepalive 0 -> N makes WireGuard send a packet at once; an endpoint
-        # change alone sends nothing until the next keepalive.
         return Action("kick", key, why, keepalive=self.settings.keepalive)
-
-    def retry_relayed_now(self, now: float) -> None:
-        """Our own public endpoint moved: whatever failed through the old mapping
-        may work through the new one (and a peer we gave up on while the mapping
-        moved under us may still hold us as direct): every relayed peer is
-        retried at the next plan instead of at its backoff moment."""
-        for peer_path in self.paths.values():
-            if peer_path.path is Path.RELAYED:
-                peer_path.retry_at = min(peer_path.retry_at, now)
-
-    def kick_all(self, why: str) -> list[Action]:
-        return [
-            self._kick(key, why)
-            for key, peer_path in sorted(self.paths.items(), key=lambda item: item[0].raw)
-            if peer_path.path in (Path.PROBING, Path.SWITCHING, Path.DIRECT)
-        ]
 
     def _fall_back(
         self, key: PublicKey, peer_path: PeerPath, now: float, why: str, kind: str
@@ -572,6 +653,28 @@ class Mesh:
                 )
             ]
         return []
+
+
+def _why_not_probed(
+    remote: RemotePeer,
+    target: Endpoint | None,
+    allowed: tuple[IPNetwork, ...],
+    rejected: list[str],
+) -> str | None:
+    """Why a peer the registry lists is not probed (and so stays relayed), or
+    None when it can be."""
+    if remote.session is None:
+        return (
+            "no wgnat client has announced itself there, so nothing would punch back; "
+            "relayed through the registry"
+        )
+    if target is None:
+        return "the registry knows no endpoint for it; relayed through the registry"
+    if not allowed and rejected:
+        return f"none of its allowed IPs is accepted ({'; '.join(rejected)}); relayed"
+    if not allowed:
+        return "it has no allowed IPs at the registry; relayed"
+    return None
 
 
 def retry_moment(mine: PublicKey, theirs: PublicKey, now: float, step: float) -> float:

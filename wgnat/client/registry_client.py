@@ -1,43 +1,46 @@
-"""Talking to the registry over the tunnel: the stream of changes (or, from a
-registry without streams, the long poll), single answers and the announcement.
+"""Talking to the registry over the tunnel: the stream of changes and the
+announcement, on Twisted's HTTP client.
 
-Answers are bounded in size and time and validated whole (client.view) before
+Answers are bounded in size and time and validated whole (wgnat.wire) before
 anything uses them.
 """
 
 from __future__ import annotations
 
-import json
+from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from wgnat._types import Announcement, InvalidValue, IPAddress
-from wgnat.client.view import Answer, StreamDecoder, parse_answer
+from wgnat.wire import (
+    JSON_CONTENT_TYPE,
+    MAX_ANSWER_BYTES,
+    STREAM_CONTENT_TYPE,
+    Answer,
+    StreamDecoder,
+    decode_json,
+    encode_announcement,
+    encode_body,
+)
 
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT = 5.0
-EXTRA_TIMEOUT = 10.0  # on top of the long poll's own wait
+# A request's answer (the announcement's, a stream's first line) within this.
+REQUEST_TIMEOUT = 15.0
 # The registry writes to a stream at least every 15 s (a keep-alive line); this
 # long without a byte and the stream is taken for dead.
 STREAM_SILENCE_SECONDS = 35.0
 # Answers read from a stream and not yet taken by the agent: past this, the
 # stream fails (and the agent, as after any failure, opens a new one, whole).
 MAX_PENDING_ANSWERS = 64
-STREAM_CONTENT_TYPE = "application/x-ndjson"
-
-
-class _QuietHTTPFactory(_HTTP11ClientFactory):
-    """Twisted logs "Starting factory" for every connection otherwise."""
-
-    noisy = False
 
 
 class RegistryError(Exception):
@@ -45,8 +48,7 @@ class RegistryError(Exception):
 
 
 class StreamEnded(Exception):
-    """The registry ended a stream cleanly after answering (a registry without
-    streams answers each request once, as a long poll): ask again at once."""
+    """The registry ended a stream cleanly after answering: ask again at once."""
 
 
 class RegistryStream:
@@ -203,39 +205,11 @@ class _BoundedBody(Protocol):
             self.done.errback(Failure(RegistryError("the registry's answer was cut off")))
 
 
-@implementer(IBodyProducer)
-class _JSONBody:
-    def __init__(self, document: Any) -> None:
-        self.body = json.dumps(document).encode("utf-8")
-        self.length = len(self.body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        from twisted.internet.defer import succeed
-
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _peers_path(since: int | None, epoch: str | None, wait: float, stream: bool = False) -> str:
-    query: dict[str, Any] = {}
+def _peers_path(since: int | None, epoch: str | None) -> str:
+    query: dict[str, Any] = {"stream": 1}
     if since is not None and epoch is not None:
-        query.update(since=since, epoch=epoch, wait=f"{wait:g}")
-    if stream:
-        query["stream"] = 1
-    return "/v1/peers" + (f"?{urlencode(query)}" if query else "")
-
-
-def _validated(document: Any) -> Answer:
-    try:
-        return parse_answer(document)
-    except InvalidValue as exc:
-        raise RegistryError(f"refused the registry's answer: {exc}") from None
+        query.update(since=since, epoch=epoch)
+    return f"/v1/peers?{urlencode(query)}"
 
 
 def base_url(address: IPAddress, port: int) -> str:
@@ -247,37 +221,40 @@ class RegistryClient:
     def __init__(
         self, reactor: Any, address: IPAddress, port: int, bind_address: str | None = None
     ) -> None:
-        self.reactor = reactor
+        self.reactor: IReactorTime = reactor
         self.url = base_url(address, port)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 2
         self.pool.retryAutomatically = False
-        self.pool._factory = _QuietHTTPFactory
         self.http = Agent(
             reactor,
             connectTimeout=CONNECT_TIMEOUT,
             pool=self.pool,
             bindAddress=(bind_address, 0) if bind_address else None,
         )
+        # Request bodies are written on this reactor (the default cooperator
+        # would use the global one).
+        self._cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
 
     def _send(
         self,
         method: bytes,
         path: str,
-        timeout: float,
-        body: Any = None,
-        accept: bytes = b"application/json",
-    ) -> Deferred[Any]:
-        headers = Headers({b"accept": [accept]})
+        body: bytes | None = None,
+        accept: str = JSON_CONTENT_TYPE,
+    ) -> Deferred[IResponse]:
+        headers = Headers({b"accept": [accept.encode()]})
         if body is not None:
-            headers.addRawHeader(b"content-type", b"application/json")
+            headers.addRawHeader(b"content-type", JSON_CONTENT_TYPE.encode())
         request = self.http.request(
             method,
             (self.url + path).encode("ascii"),
             headers,
-            _JSONBody(body) if body is not None else None,
+            FileBodyProducer(BytesIO(body), cooperator=self._cooperator)
+            if body is not None
+            else None,
         )
-        request.addTimeout(timeout, self.reactor)
+        request.addTimeout(REQUEST_TIMEOUT, self.reactor)
 
         def failed(failure: Failure) -> Any:
             if _cancelled(failure.value):
@@ -288,13 +265,13 @@ class RegistryClient:
         return request.addErrback(failed)
 
     @inlineCallbacks
-    def _document(self, response: Any, timeout: float) -> Any:
+    def _document(self, response: IResponse):  # type: ignore[no-untyped-def]
         """A whole JSON answer: its body read within bounds, decoded, a refusal
         (not HTTP 200) turned into a RegistryError saying why."""
         reader = _BoundedBody(MAX_ANSWER_BYTES)
         response.deliverBody(reader)
         reading = reader.done
-        reading.addTimeout(timeout, self.reactor)
+        reading.addTimeout(REQUEST_TIMEOUT, self.reactor)
         try:
             raw = yield reading
         except (RegistryError, CancelledError):
@@ -302,11 +279,9 @@ class RegistryClient:
         except Exception as exc:
             raise RegistryError(_describe(exc, self.url)) from None
         try:
-            document = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # too deeply nested
-            raise RegistryError(
-                f"the registry answered HTTP {response.code} with a body that is not JSON"
-            ) from None
+            document = decode_json(raw, f"the registry's answer (HTTP {response.code})")
+        except InvalidValue as exc:
+            raise RegistryError(str(exc)) from None
         if response.code != 200:
             message = document.get("error") if isinstance(document, dict) else None
             raise RegistryError(
@@ -315,59 +290,41 @@ class RegistryClient:
             )
         return document
 
-    @inlineCallbacks
-    def _request(self, method: bytes, path: str, timeout: float, body: Any = None) -> Any:
-        response = yield self._send(method, path, timeout, body)
-        document = yield self._document(response, timeout)
-        return document
-
-    @inlineCallbacks
-    def fetch(self, since: int | None, epoch: str | None, wait: float) -> Any:
-        """One answer: full, or (a long poll) the changes after `since`."""
-        document = yield self._request(
-            b"GET", _peers_path(since, epoch, wait), wait + EXTRA_TIMEOUT
-        )
-        return _validated(document)
-
-    def follow(self, since: int | None, epoch: str | None, wait: float) -> RegistryStream:
+    def follow(self, since: int | None, epoch: str | None) -> RegistryStream:
         """The stream of answers: the first at once (full when `since` is None),
-        then one per change.  A registry without streams answers once, as a long
-        poll of `wait` seconds, and ends the stream (StreamEnded)."""
+        then one per change."""
         stream = RegistryStream()
-        path = _peers_path(since, epoch, wait, stream=True)
-        opening = self._send(
-            b"GET",
-            path,
-            wait + EXTRA_TIMEOUT,
-            accept=STREAM_CONTENT_TYPE.encode() + b", application/json",
-        )
+        opening = self._send(b"GET", _peers_path(since, epoch), accept=STREAM_CONTENT_TYPE)
         stream.on_close = opening.cancel
 
-        def opened(response: Any) -> Any:
+        def opened(response: IResponse) -> Deferred[None] | None:
             kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
             if response.code == 200 and kind.split(b";")[0].strip() == STREAM_CONTENT_TYPE.encode():
                 response.deliverBody(_StreamReader(stream, self.reactor, self.url))
                 return None
-            single = self._document(response, wait + EXTRA_TIMEOUT)
-            stream.on_close = single.cancel
-            return single.addCallback(
-                lambda document: (stream.put(_validated(document)), stream.end())
-            )
+            # A refusal (403, 429, ...) says why in a JSON body.
+            refusal = self._document(response)
+            stream.on_close = refusal.cancel
+
+            def not_a_stream(_: object) -> None:
+                raise RegistryError(
+                    f"the registry at {self.url} answered without a stream "
+                    f"(content type {kind.decode('ascii', 'replace')!r})"
+                )
+
+            return refusal.addCallback(not_a_stream)
 
         opening.addCallback(opened)
         opening.addErrback(lambda failure: stream.fail(failure.value))
         return stream
 
-    def announce(self, announcement: Announcement) -> Deferred[Any]:
-        return self._request(
-            b"POST",
-            "/v1/announce",
-            EXTRA_TIMEOUT,
-            {
-                "session": announcement.session,
-                "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
-            },
+    @inlineCallbacks
+    def announce(self, announcement: Announcement):  # type: ignore[no-untyped-def]
+        response = yield self._send(
+            b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
         )
+        document = yield self._document(response)
+        return document
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()

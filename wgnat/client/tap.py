@@ -6,29 +6,27 @@ import ipaddress
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from wgnat._types import InvalidValue, PublicKey, parse_network
+from wgnat._types import InvalidValue, IPInterface, PublicKey, parse_network
 from wgnat.client.agent import AgentConfig, MeshAgent
 from wgnat.client.lan import lan_addresses
+from wgnat.client.metrics import ClientMetrics
 from wgnat.client.reconcile import Settings
 from wgnat.client.state_file import StateStore, default_state_path
+from wgnat.client.status import status_provider
 from wgnat.device import open_device_or_exit
 from wgnat.duration import parse_go_duration
 from wgnat.logs import QuietSite
-from wgnat.metrics import (
-    DEFAULT_CLIENT_METRICS,
-    ClientMetrics,
-    MetricsResource,
-    metrics_endpoint_description,
-)
-from wgnat.options import CommonOptions, port_number
-from wgnat.status import default_socket_path
-from wgnat.status_server import StatusSocket, client_status_provider
+from wgnat.metrics import DEFAULT_CLIENT_METRICS, MetricsResource
+from wgnat.options import CommonOptions, parse_listen, port_number, tcp_endpoint
+from wgnat.status_socket import StatusSocket, default_socket_path
 
 log = Logger(namespace="wgnat.client")
 
@@ -127,15 +125,21 @@ class ClientDaemon(service.MultiService):
     """The agent plus its metrics listener and status socket."""
 
     def __init__(
-        self, agent: MeshAgent, reactor: Any, metrics_listen: str, status_socket: str | None = None
+        self,
+        agent: MeshAgent,
+        reactor: Any,
+        metrics_listen: tuple[str, int] | str,
+        status_socket: str | None = None,
     ) -> None:
         super().__init__()
         self.agent = agent
         self.reactor = reactor
-        self.metrics_listen = metrics_listen
-        self.port: Any = None
+        self.metrics_listen = (
+            parse_listen(metrics_listen) if isinstance(metrics_listen, str) else metrics_listen
+        )
+        self.port: IListeningPort | None = None
         self.status = (
-            StatusSocket(reactor, status_socket, client_status_provider(agent), "wgnat-client")
+            StatusSocket(reactor, status_socket, lambda: status_provider(agent), "wgnat-client")
             if status_socket
             else None
         )
@@ -146,13 +150,13 @@ class ClientDaemon(service.MultiService):
         return self.agent.failed
 
     def startService(self) -> None:
-        endpoint = serverFromString(self.reactor, metrics_endpoint_description(self.metrics_listen))
+        endpoint = serverFromString(self.reactor, tcp_endpoint(self.metrics_listen))
         site = QuietSite(MetricsResource(self.agent.metrics.registry))
 
-        def listening(port: Any) -> None:
+        def listening(port: IListeningPort) -> None:
             self.port = port
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self.agent._fatal(failure)
 
         endpoint.listen(site).addCallbacks(listening, failed)
@@ -160,13 +164,14 @@ class ClientDaemon(service.MultiService):
             self.status.start()
         super().startService()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[object]:
+        stopping: list[Deferred[object]] = []
         if self.port is not None:
-            self.port.stopListening()
-        stopped = super().stopService()
+            stopping.append(maybeDeferred(self.port.stopListening))
+        stopping.append(maybeDeferred(super().stopService))
         if self.status is not None:
-            return gatherResults([stopped, self.status.stop()])
-        return stopped
+            stopping.append(self.status.stop())
+        return gatherResults(stopping)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -185,7 +190,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         settings=Settings(keepalive=options["keepalive"]),
     )
 
-    def find_lan(name: str) -> Any:
+    def find_lan(name: str) -> Deferred[list[IPInterface]]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), lan_addresses, name)
 
     agent = MeshAgent(

@@ -23,7 +23,6 @@ dropped rather than buffered.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from collections import Counter
 from typing import Any
@@ -36,13 +35,23 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey
+from wgnat._types import Announcement, InvalidValue, PublicKey
 from wgnat.logs import QuietSite
-from wgnat.registry.hub import KEEPALIVE_LINE, KEEPALIVE_SECONDS, Registry, Stream
+from wgnat.registry.hub import KEEPALIVE_SECONDS, Registry, Stream
+from wgnat.registry.metrics import RegistryMetrics
+from wgnat.wire import (
+    JSON_CONTENT_TYPE,
+    KEEPALIVE_LINE,
+    MAX_BODY_BYTES,
+    MAX_EPOCH_CHARS,
+    STREAM_CONTENT_TYPE,
+    decode_json,
+    encode_body,
+    parse_announcement,
+)
 
 log = Logger(namespace="wgnat.registry.api")
 
-MAX_BODY_BYTES = 16 * 1024
 MAX_WAIT_SECONDS = 60.0
 MAX_WAITERS_PER_CALLER = 4
 IDLE_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 15
@@ -53,7 +62,6 @@ MAX_STREAM_BACKLOG_BYTES = 256 * 1024
 # Unacknowledged data on a stream's connection for this long ends it (Linux
 # TCP_USER_TIMEOUT): a client that vanished is noticed at the next keep-alive.
 STREAM_USER_TIMEOUT_SECONDS = 2 * KEEPALIVE_SECONDS + 5
-STREAM_CONTENT_TYPE = b"application/x-ndjson"
 
 
 class ApiError(Exception):
@@ -64,9 +72,11 @@ class ApiError(Exception):
 
 
 class BoundedRequest(server.Request):
-    """A request that stops buffering a body past MAX_BODY_BYTES and answers 413."""
+    """A request that stops buffering a body past MAX_BODY_BYTES (answered 413),
+    and knows when its connection is gone (`lost`)."""
 
     too_large = False
+    lost = False
     _received = 0
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -76,15 +86,22 @@ class BoundedRequest(server.Request):
             return
         super().handleContentChunk(data)
 
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        super().connectionLost(reason)
+
+
+def _gone(request: server.Request) -> bool:
+    return bool(request.finished or getattr(request, "lost", False))
+
 
 def _send_json(request: server.Request, status: int, body: dict[str, Any]) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if _gone(request):
         return
-    payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE.encode())
     request.setHeader(b"cache-control", b"no-store")
-    request.write(payload)
+    request.write(encode_body(body))
     request.finish()
 
 
@@ -181,8 +198,10 @@ def _query_epoch(request: server.Request) -> str | None:
     if not values:
         return None
     text = values[0].decode("ascii", "replace")
-    if len(text) > 32 or not all(ch in "0123456789abcdef" for ch in text):
-        raise ApiError(http.BAD_REQUEST, "query parameter 'epoch' must be up to 32 hex digits")
+    if len(text) > MAX_EPOCH_CHARS or not all(ch in "0123456789abcdef" for ch in text):
+        raise ApiError(
+            http.BAD_REQUEST, f"query parameter 'epoch' must be up to {MAX_EPOCH_CHARS} hex digits"
+        )
     return text
 
 
@@ -193,7 +212,9 @@ class StreamWriter:
     connection's buffers are full; what is written while paused is counted, and
     past MAX_STREAM_BACKLOG_BYTES the connection is dropped."""
 
-    def __init__(self, request: server.Request, caller: PublicKey, metrics: Any = None) -> None:
+    def __init__(
+        self, request: server.Request, caller: PublicKey, metrics: RegistryMetrics | None = None
+    ) -> None:
         self.request = request
         self.caller = caller
         self.metrics = metrics
@@ -204,8 +225,7 @@ class StreamWriter:
 
     @property
     def gone(self) -> bool:
-        request = self.request
-        return bool(self.dropped or request.finished or request._disconnected)  # type: ignore[attr-defined]
+        return self.dropped or _gone(self.request)
 
     def send(self, line: bytes) -> None:
         if self.gone:
@@ -222,40 +242,7 @@ class StreamWriter:
                     "buffers); it will reconnect and catch up"
                 )
                 return
-        if self.request.startedWriting and not self.paused and self._write_through(line):
-            return
         self.request.write(line)
-
-    def _write_through(self, line: bytes) -> bool:
-        """Hand `line` to the socket at once when nothing waits before it: one
-        send() instead of Twisted's queue, two epoll changes and a writability
-        round trip per stream and change (most of a change's cost at 10,000
-        streams).  False (nothing written) where that is not possible: Twisted
-        then queues it as usual."""
-        request = self.request
-        transport = getattr(request.channel, "transport", None)
-        sock = getattr(transport, "socket", None)
-        try:
-            idle = (
-                sock is not None
-                and transport.connected  # type: ignore[union-attr]
-                and not transport.disconnecting  # type: ignore[union-attr]
-                and len(transport.dataBuffer) == transport.offset  # type: ignore[union-attr]
-                and not transport._tempDataBuffer  # type: ignore[union-attr]
-            )
-        except AttributeError:  # not Twisted's TCP transport
-            return False
-        if not idle:
-            return False
-        data = _chunk(line) if request.chunked else line  # type: ignore[attr-defined]
-        try:
-            sent = sock.send(data)  # type: ignore[union-attr]
-        except OSError:
-            return False  # would block, or broken: Twisted's write finds out
-        request.sentLength += len(line)  # type: ignore[attr-defined]
-        if sent < len(data):
-            transport.write(data[sent:])  # type: ignore[union-attr]
-        return True
 
     def drop(self, why: str) -> None:
         self.dropped = True
@@ -274,18 +261,6 @@ class StreamWriter:
 
     def stopProducing(self) -> None:
         self.paused = True
-
-
-_last_chunk: tuple[bytes, bytes] = (b"", b"")
-
-
-def _chunk(line: bytes) -> bytes:
-    """`line` as one chunk of a chunked response; the last one is kept, as the
-    same line goes to every stream."""
-    global _last_chunk
-    if _last_chunk[0] is not line:
-        _last_chunk = (line, b"%x\r\n%s\r\n" % (len(line), line))
-    return _last_chunk[1]
 
 
 def _stream_connection(request: server.Request) -> None:
@@ -343,9 +318,9 @@ class PeersResource(RegistryResource):
         """One long-lived response: the caller's answer, then every change."""
         writers: list[StreamWriter] = []
 
-        def start(caller: PublicKey) -> Deferred[None]:
-            if request._disconnected:  # type: ignore[attr-defined]
-                return None  # type: ignore[return-value]
+        def start(caller: PublicKey) -> Deferred[None] | None:
+            if _gone(request):
+                return None
             writer = StreamWriter(request, caller, self.metrics)
             writers.append(writer)
             mine = self.streams.setdefault(caller, [])
@@ -355,7 +330,7 @@ class PeersResource(RegistryResource):
                     f"replaced by a newer stream (at most {MAX_STREAMS_PER_CALLER} per peer)"
                 )
             request.setResponseCode(http.OK)
-            request.setHeader(b"content-type", STREAM_CONTENT_TYPE)
+            request.setHeader(b"content-type", STREAM_CONTENT_TYPE.encode())
             request.setHeader(b"cache-control", b"no-store")
             _stream_connection(request)
             request.registerProducer(writer, True)
@@ -366,8 +341,11 @@ class PeersResource(RegistryResource):
 
         def opened(stream: Stream, writer: StreamWriter) -> None:
             writer.stream = stream
-            if writer.gone:  # the connection ended while the device was read
-                ended(None)
+            if writer.gone:
+                # The connection ended while the device was read: ended() has
+                # run already (and forgot this writer), so the hub's record of
+                # the stream is closed here, or it would stay for good.
+                self.registry.close_stream(stream)
 
         def ended(_: object) -> None:
             for writer in writers:
@@ -392,35 +370,11 @@ class PeersResource(RegistryResource):
         return server.NOT_DONE_YET
 
 
-def parse_announcement(body: bytes) -> Announcement:
+def _announcement(body: bytes) -> Announcement:
     try:
-        document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        # RecursionError: deeply nested arrays ("[[[[..."), which json refuses so.
-        raise ApiError(http.BAD_REQUEST, "the body is not JSON") from None
-    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
-        raise ApiError(
-            http.BAD_REQUEST, 'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}'
-        )
-    items = document.get("lan_endpoints", [])
-    if not isinstance(items, list) or len(items) > 8:
-        raise ApiError(http.BAD_REQUEST, "lan_endpoints must be a list of at most 8 'IP:PORT'")
-    endpoints = []
-    for item in items:
-        try:
-            endpoint = Endpoint.parse(item)
-        except InvalidValue as exc:
-            raise ApiError(http.BAD_REQUEST, f"lan_endpoints: {exc}") from None
-        if endpoint.host.is_loopback or endpoint.host.is_link_local:
-            raise ApiError(
-                http.BAD_REQUEST, f"lan_endpoints: {endpoint} is not reachable from another host"
-            )
-        if endpoint not in endpoints:
-            endpoints.append(endpoint)
-    try:
-        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+        return parse_announcement(decode_json(body, "the body"))
     except InvalidValue as exc:
-        raise ApiError(http.BAD_REQUEST, f"session: {exc}") from None
+        raise ApiError(http.BAD_REQUEST, str(exc)) from None
 
 
 class AnnounceResource(RegistryResource):
@@ -428,7 +382,7 @@ class AnnounceResource(RegistryResource):
 
     def render_POST(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
-        announcement = parse_announcement(body)
+        announcement = _announcement(body)
 
         def store(caller: PublicKey) -> Deferred[None]:
             return self.registry.announce(caller, announcement).addCallback(reply)
@@ -458,14 +412,15 @@ class HealthResource(Resource):
         return b"ok\n"
 
 
-def build_site(registry: Registry, metrics: Any = None) -> server.Site:
+def build_site(registry: Registry, metrics: RegistryMetrics | None = None) -> server.Site:
+    """The API; its connections' timeouts run on the registry's clock."""
     root = _Branch()
     v1 = _Branch()
     root.putChild(b"v1", v1)
     v1.putChild(b"peers", PeersResource(registry, metrics))
     v1.putChild(b"announce", AnnounceResource(registry, metrics))
     root.putChild(b"healthz", HealthResource(registry))
-    site = QuietSite(root, timeout=IDLE_TIMEOUT_SECONDS)
+    site = QuietSite(root, timeout=IDLE_TIMEOUT_SECONDS, reactor=registry.clock)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site

@@ -6,18 +6,22 @@ open streams get each change as one line, encoded once and written to all.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wgnat._types import Announcement, IPAddress, PublicKey
+from wgnat._types import Announcement, DeviceState, IPAddress, PublicKey, peer_label
 from wgnat.device import Device
+from wgnat.registry.metrics import RegistryMetrics
 from wgnat.registry.model import LIVE_WINDOW, Change, RegistryModel
+from wgnat.timing import repeat, stop
+from wgnat.wire import KEEPALIVE_LINE, encode_line
 
 log = Logger(namespace="wgnat.registry")
 
@@ -27,12 +31,6 @@ KEEPALIVE_SECONDS = 15.0
 # Streams are looked at this often: a keep-alive goes out after 14 to 15 s of
 # silence (a coarser tick would send them sooner, so more of them).
 KEEPALIVE_TICK = 1.0
-KEEPALIVE_LINE = b"\n"
-
-
-def encode_line(document: dict[str, Any]) -> bytes:
-    """One line of a stream: compact JSON (never a newline inside) and a newline."""
-    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 @dataclass(eq=False)
@@ -52,19 +50,23 @@ MAX_CHANGES_LOGGED = 20
 
 class Registry:
     def __init__(
-        self, device: Device, clock: Any, model: RegistryModel | None = None, metrics: Any = None
+        self,
+        device: Device,
+        clock: IReactorTime,
+        model: RegistryModel | None = None,
+        metrics: RegistryMetrics | None = None,
     ) -> None:
         self.device = device
         self.clock = clock
         self.model = model or RegistryModel()
         self.metrics = metrics
-        self._reading: Deferred[None] | None = None
+        self._reading: Deferred[DeviceState] | None = None
         # Callers that need a read started after they asked (it must see, say, the
         # handshake the caller just made); served by the next read, shared by all.
         self._next_readers: list[Deferred[None]] = []
         self._waiters: set[Deferred[None]] = set()
         self._streams: dict[Stream, None] = {}  # insertion-ordered set
-        self._keepalive: Any = None
+        self._keepalive: LoopingCall | None = None
         self.last_read_error: str | None = None
 
     # -- reading the device -------------------------------------------------
@@ -82,34 +84,44 @@ class Registry:
         reading = self.device.read()
         self._reading = reading
 
-        def done(result: Any) -> None:
+        def done(result: DeviceState | Failure) -> None:
             self._reading = None
-            if self.metrics is not None:
-                self.metrics.device_read_seconds.observe(self.clock.seconds() - started)
-            if isinstance(result, Failure):
-                message = result.getErrorMessage()
-                if message != self.last_read_error:
-                    log.error(
-                        "cannot read the WireGuard device: {error}; keeping the last known view",
-                        error=message,
-                    )
-                self.last_read_error = message
+            try:
                 if self.metrics is not None:
-                    self.metrics.device_errors.inc()
-            else:
-                if self.last_read_error is not None:
-                    log.info("reading the WireGuard device works again")
-                self.last_read_error = None
-                changes = self.model.observe(result, self.clock.seconds())
-                if changes:
-                    log_changes(changes)
-                    self.notify()
-            for reader in readers:
-                reader.callback(None)
-            if self._next_readers:
-                self._start_read()
+                    self.metrics.device_read_seconds.observe(self.clock.seconds() - started)
+                if isinstance(result, Failure):
+                    self._read_failed(result.getErrorMessage())
+                else:
+                    self._read(result)
+            except Exception:
+                # A bug in observing must not leave the readers waiting for good.
+                log.failure("unexpected error handling a device read")
+            finally:
+                for reader in readers:
+                    reader.callback(None)
+                if self._next_readers:
+                    self._start_read()
 
         reading.addBoth(done)
+
+    def _read(self, state: DeviceState) -> None:
+        if self.last_read_error is not None:
+            log.info("reading the WireGuard device works again")
+        self.last_read_error = None
+        changes = self.model.observe(state, self.clock.seconds())
+        if changes:
+            log_changes(changes)
+            self.notify()
+
+    def _read_failed(self, message: str) -> None:
+        if message != self.last_read_error:
+            log.error(
+                "cannot read the WireGuard device: {error}; keeping the last known view",
+                error=message,
+            )
+        self.last_read_error = message
+        if self.metrics is not None:
+            self.metrics.device_errors.inc()
 
     # -- the push -----------------------------------------------------------
     def wait_for_change(self, since: int, timeout: float) -> Deferred[None]:
@@ -147,11 +159,15 @@ class Registry:
                 count=len(waiters),
                 streams=len(self._streams),
             )
-        pushed = self._broadcast()
-        if self.metrics is not None:
-            self.metrics.pushes.inc(len(waiters) + pushed)
-        for waiter in waiters:
-            waiter.callback(None)
+        pushed = 0
+        try:
+            pushed = self._broadcast()
+        finally:
+            # Whatever a broadcast met, the long polls are answered.
+            for waiter in waiters:
+                waiter.callback(None)
+            if self.metrics is not None:
+                self.metrics.pushes.inc(len(waiters) + pushed)
 
     # -- streams --------------------------------------------------------------
     def open_stream(
@@ -179,9 +195,8 @@ class Registry:
 
     def close_stream(self, stream: Stream) -> None:
         self._streams.pop(stream, None)
-        if not self._streams and self._keepalive is not None:
-            if self._keepalive.active():
-                self._keepalive.cancel()
+        if not self._streams:
+            stop(self._keepalive)
             self._keepalive = None
 
     def streams(self) -> int:
@@ -226,17 +241,17 @@ class Registry:
 
     def _schedule_keepalive(self) -> None:
         if self._keepalive is None and self._streams:
-            self._keepalive = self.clock.callLater(KEEPALIVE_TICK, self._keep_alive)
+            self._keepalive = repeat(
+                self.clock, KEEPALIVE_TICK, self._keep_alive, "the streams' keep-alive"
+            )
 
     def _keep_alive(self) -> None:
         """Every KEEPALIVE_TICK: a keep-alive line to the streams that would
         otherwise go KEEPALIVE_SECONDS without one."""
-        self._keepalive = None
         due = self.clock.seconds() - (KEEPALIVE_SECONDS - KEEPALIVE_TICK)
         for stream in list(self._streams):
             if stream.last_sent <= due:
                 self._send(stream, KEEPALIVE_LINE)
-        self._schedule_keepalive()
 
     # -- what a caller asks (the API and the in-memory registry share these) --
     def identify(self, address: IPAddress) -> Deferred[PublicKey | None]:
@@ -293,15 +308,13 @@ class Registry:
         return self.refresh().addCallback(keep)
 
     def poll(self) -> Deferred[None]:
-        """One periodic tick; never raises (a TimerService whose call fails stops)."""
+        """One periodic tick (run by wgnat.timing.repeat, which logs a failure
+        and keeps the loop going)."""
         return self.refresh()
 
 
 def describe(change: Change) -> str:
-    """How an operator recognises a peer: its tunnel address and key prefix."""
-    if change.allowed_ips:
-        return f"{change.allowed_ips[0].network_address} ({change.public_key.short})"
-    return change.public_key.short
+    return peer_label(change.public_key, change.allowed_ips)
 
 
 def log_changes(changes: list[Change]) -> None:

@@ -25,6 +25,7 @@ from wgnat._types import (
     PeerState,
     PublicKey,
 )
+from wgnat.wire import MAX_LAN_ENDPOINTS, encode_answer, encode_peer, encode_you
 
 # WireGuard drops a session 180 s after its last handshake (REJECT_AFTER_TIME);
 # a peer with keepalives re-handshakes every ~2 minutes, so past this it is gone.
@@ -32,7 +33,6 @@ LIVE_WINDOW = 180.0
 # Removals are remembered so that a delta can say "gone"; a client older than the
 # oldest remembered removal gets a full answer instead.
 MAX_TOMBSTONES = 4096
-MAX_LAN_ENDPOINTS = 8
 
 
 @dataclass(frozen=True)
@@ -235,18 +235,8 @@ class RegistryModel:
         full = self._needs_full(since, epoch)
         peers, removed = self._changes(None if full else since, now, leave_out=caller)
         me = self.known.get(caller)
-        return {
-            "epoch": self.epoch,
-            "version": self.version,
-            "full": full,
-            "you": {
-                "public_key": caller.base64,
-                "endpoint": str(me.endpoint) if me and me.endpoint else None,
-                "allowed_ips": [str(net) for net in me.allowed_ips] if me else [],
-            },
-            "peers": peers,
-            "removed": removed,
-        }
+        you = encode_you(caller, me.endpoint if me else None, me.allowed_ips if me else ())
+        return encode_answer(self.epoch, self.version, full, peers, removed, you)
 
     def broadcast(self, since: int, now: float) -> dict[str, Any]:
         """What changed after `since`, the same document for every caller: no
@@ -255,20 +245,14 @@ class RegistryModel:
         to every open stream.  Full when `since` is too old (or ahead)."""
         full = self._needs_full(since, self.epoch)
         peers, removed = self._changes(None if full else since, now, leave_out=None)
-        return {
-            "epoch": self.epoch,
-            "version": self.version,
-            "full": full,
-            "peers": peers,
-            "removed": removed,
-        }
+        return encode_answer(self.epoch, self.version, full, peers, removed)
 
     def _needs_full(self, since: int | None, epoch: str | None) -> bool:
         return since is None or epoch != self.epoch or since < self.horizon or since > self.version
 
     def _changes(
         self, since: int | None, now: float, leave_out: PublicKey | None
-    ) -> tuple[list[dict[str, Any]], list[str]]:
+    ) -> tuple[list[dict[str, Any]], list[PublicKey]]:
         """The peers stamped after `since` and the keys removed after it (every
         live peer and no removal when `since` is None), without `leave_out`."""
         if since is None:
@@ -278,7 +262,7 @@ class RegistryModel:
             records = _newer_than(self.records.values(), since, lambda r: r.version)
             gone = _newer_than(self.tombstones.items(), since, lambda t: t[1])
         peers = [_peer_json(record, now) for record in records if record.public_key != leave_out]
-        removed = [key.base64 for key, _ in gone if key != leave_out]
+        removed = [key for key, _ in gone if key != leave_out]
         return peers, removed
 
     def live_count(self) -> int:
@@ -298,17 +282,7 @@ def _newer_than(items: Any, version: int, stamp: Any) -> list[Any]:
 
 
 def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
-    return {
-        "public_key": record.public_key.base64,
-        "endpoint": str(record.endpoint) if record.endpoint else None,
-        "allowed_ips": [str(net) for net in record.allowed_ips],
-        "lan_endpoints": (
-            [str(ep) for ep in record.announcement.lan_endpoints] if record.announcement else []
-        ),
-        "session": record.announcement.session if record.announcement else None,
-        "last_handshake_age": (
-            round(max(0.0, now - record.latest_handshake), 3)
-            if record.latest_handshake is not None
-            else None
-        ),
-    }
+    age = None if record.latest_handshake is None else max(0.0, now - record.latest_handshake)
+    return encode_peer(
+        record.public_key, record.endpoint, record.allowed_ips, record.announcement, age
+    )

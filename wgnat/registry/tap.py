@@ -6,27 +6,27 @@ import ipaddress
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from wgnat.device import Device, DeviceError, link_is_up, open_device_or_exit
+from wgnat.daemon import StartupError, report_startup_failure
+from wgnat.device import Device, link_is_up, open_device_or_exit
 from wgnat.duration import parse_go_duration
 from wgnat.logs import QuietSite
-from wgnat.metrics import (
-    DEFAULT_SERVER_METRICS,
-    MetricsResource,
-    RegistryMetrics,
-    metrics_endpoint_description,
-)
-from wgnat.options import CommonOptions, port_number
+from wgnat.metrics import DEFAULT_SERVER_METRICS, MetricsResource
+from wgnat.options import CommonOptions, port_number, tcp_endpoint
 from wgnat.registry.api import build_site
 from wgnat.registry.hub import Registry
-from wgnat.status import default_socket_path
-from wgnat.status_server import StatusSocket, registry_status_provider
+from wgnat.registry.metrics import RegistryMetrics
+from wgnat.registry.status import status_provider
+from wgnat.status_socket import StatusSocket, default_socket_path
+from wgnat.timing import repeat, stop
 
 log = Logger(namespace="wgnat.registry")
 
@@ -67,10 +67,6 @@ class Options(CommonOptions):
             raise usage.UsageError(f"--poll-interval: {exc}") from None
 
 
-class StartupError(Exception):
-    pass
-
-
 def ip_forwarding_enabled(path: str = "/proc/sys/net/ipv4/ip_forward") -> bool | None:
     try:
         with open(path) as handle:
@@ -92,12 +88,12 @@ class RegistryDaemon(service.Service):
         self.metrics = RegistryMetrics()
         self.hub = Registry(device, reactor, metrics=self.metrics)
         self.metrics.watch(self.hub)
-        self.ports: list[Any] = []
+        self.ports: list[IListeningPort] = []
         self.poller: LoopingCall | None = None
         path = options.get("status-socket")
         self.status = (
             StatusSocket(
-                reactor, path, registry_status_provider(device, self.hub, reactor), "wgnat-server"
+                reactor, path, lambda: status_provider(device, self.hub, reactor), "wgnat-server"
             )
             if path
             else None
@@ -109,14 +105,11 @@ class RegistryDaemon(service.Service):
             self.status.start()
         self._start().addErrback(self._fatal)
 
-    def _fatal(self, failure: Any) -> None:
-        if failure.check(StartupError, DeviceError, OSError):
-            log.critical("wgnat-server cannot start: {error}", error=failure.getErrorMessage())
-        else:
-            log.failure("wgnat-server cannot start", failure)
+    def _fatal(self, failure: Failure) -> None:
         self.failed = True
-        if self.stop_reactor_on_failure and self.reactor.running:
-            self.reactor.stop()
+        report_startup_failure(
+            "wgnat-server", failure, self.reactor if self.stop_reactor_on_failure else None
+        )
 
     @inlineCallbacks
     def _start(self) -> Any:
@@ -152,17 +145,18 @@ class RegistryDaemon(service.Service):
             except Exception as exc:
                 raise StartupError(f"cannot listen on {address} port {port}: {exc}") from None
             self.ports.append(listening)
-        metrics_at = self.options["metrics-listen"]
+        metrics_host, metrics_port = self.options["metrics-listen"]
+        metrics_at = f"{metrics_host}:{metrics_port}"
         try:
             listening = yield serverFromString(
-                self.reactor, metrics_endpoint_description(metrics_at)
+                self.reactor, tcp_endpoint(self.options["metrics-listen"])
             ).listen(QuietSite(MetricsResource(self.metrics.registry)))
         except Exception as exc:
             raise StartupError(f"cannot serve metrics on {metrics_at}: {exc}") from None
         self.ports.append(listening)
-        self.poller = LoopingCall(self.hub.poll)
-        self.poller.clock = self.reactor
-        self.poller.start(self.options["poll-interval"], now=False)
+        self.poller = repeat(
+            self.reactor, self.options["poll-interval"], self.hub.poll, "reading the device"
+        )
         log.info(
             "wgnat-server on {ifname} ({backend}): API on {addresses} port {port}, "
             "{live} of {known} peers live, metrics on {metrics}",
@@ -181,15 +175,12 @@ class RegistryDaemon(service.Service):
                 "'sysctl -w net.ipv4.ip_forward=1'"
             )
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
-        if self.poller is not None and self.poller.running:
-            self.poller.stop()
+        stop(self.poller)
         self.hub.stop()
         ports, self.ports = self.ports, []
-        from twisted.internet.defer import gatherResults
-
-        stopping = [port.stopListening() for port in ports]
+        stopping: list[Deferred[object]] = [maybeDeferred(port.stopListening) for port in ports]
         if self.status is not None:
             stopping.append(self.status.stop())
         return gatherResults(stopping)

@@ -1,11 +1,12 @@
 """The local status socket both daemons serve for `wgnat status`.
 
 A tiny twisted.web resource answers every GET with the daemon's status document
-(JSON, built by wgnat.status) on a Unix socket: local only, the socket 0600 in a
-0700 directory, so only the daemon's user (root) can ask.  A socket left over by a
-daemon that died is removed at start (after checking that nothing answers on
-it); the socket is removed again at stop.  A status socket that cannot be set up
-is logged and skipped: the mesh matters more than its report.
+(JSON, built by client/status.py or registry/status.py) on a Unix socket: local
+only, the socket 0600 in a 0700 directory, so only the daemon's user (root) can
+ask.  A socket left over by a daemon that died is removed at start (after
+checking that nothing answers on it); the socket is removed again at stop.  A
+status socket that cannot be set up is logged and skipped: the mesh matters more
+than its report.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from wgnat.logs import QuietSite
-from wgnat.status import client_info, client_status, registry_status
 
 log = Logger(namespace="wgnat.status")
 
+STATUS_DIR = "/run/wgnat"
+
 # Returns the status document, or a Deferred firing with it.
-Provider = Callable[[], Any]
+Provider = Callable[[], "dict[str, Any] | Deferred[dict[str, Any]]"]
+
+
+def default_socket_path(role: str, ifname: str, directory: str | None = None) -> str:
+    """`role` is "client" or "server" (the daemon's program name without "wgnat-")."""
+    return os.path.join(directory or STATUS_DIR, f"{role}-{ifname}.sock")
 
 
 class StatusSetupError(Exception):
@@ -164,49 +171,3 @@ class StatusSocket:
             return result
 
         return stopped.addBoth(remove)
-
-
-# -- what each daemon reports ------------------------------------------------
-
-
-def client_status_provider(agent: Any) -> Provider:
-    """Read the device, then describe the agent's mesh (wgnat.status.client_status)."""
-
-    def provide() -> Deferred[dict[str, Any]]:
-        def build(state: Any, error: str | None = None) -> dict[str, Any]:
-            return client_status(
-                client_info(agent),
-                agent.mesh,
-                agent.view,
-                state,
-                agent.reactor.seconds(),
-                device_error=error,
-            )
-
-        return agent.device.read().addCallbacks(
-            build, lambda failure: build(None, failure.getErrorMessage())
-        )
-
-    return provide
-
-
-def registry_status_provider(device: Any, hub: Any, clock: Any) -> Provider:
-    """Read the device, then describe every peer the registry knows."""
-
-    def provide() -> Deferred[dict[str, Any]]:
-        def build(state: Any, error: str | None = None) -> dict[str, Any]:
-            return registry_status(
-                hub.model,
-                ifname=device.ifname,
-                backend=getattr(device, "backend", "?"),
-                device=state,
-                now=clock.seconds(),
-                waiting=hub.waiting(),
-                device_error=error,
-            )
-
-        return device.read().addCallbacks(
-            build, lambda failure: build(None, failure.getErrorMessage())
-        )
-
-    return provide

@@ -1,0 +1,105 @@
+"""HTTP between Twisted's real client (Agent) and a real twisted.web Site, in
+memory and on one MemoryReactorClock: no socket, no sleeping.
+
+Every connection the client side makes (reactor.connectTCP, recorded by the
+MemoryReactor) is joined to a protocol of the site by twisted.test.iosim's
+in-memory transports, the client's bind address as the source address the
+server sees.  `pump()` moves bytes both ways until nothing moves; `advance(s)`
+moves the clock (timeouts, keep-alives) and pumps again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+
+class MemoryHTTP:
+    def __init__(self, reactor: MemoryReactorClock | None = None) -> None:
+        self.reactor = reactor or MemoryReactorClock()
+        self.sites: dict[tuple[str, int], Any] = {}
+        self._joined = 0
+        self._pumps: list[iosim.IOPump] = []
+        self._next_port = 40000
+
+    def serve(self, site: Any, host: str = "127.0.0.1", port: int = 51820) -> None:
+        self.sites[(host, port)] = site
+
+    def _join_new_connections(self) -> None:
+        while self._joined < len(self.reactor.tcpClients):
+            host, port, factory, _timeout, bind = self.reactor.tcpClients[self._joined]
+            self._joined += 1
+            self._next_port += 1
+            source = IPv4Address("TCP", bind[0] if bind else "127.0.0.1", self._next_port)
+            target = IPv4Address("TCP", host, port)
+            site = self.sites.get((host, port))
+            client = factory.buildProtocol(target)
+            client_transport = iosim.FakeTransport(client, False, source, target)
+            if site is None:
+                from twisted.internet.error import ConnectionRefusedError
+
+                factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+                continue
+            server = site.buildProtocol(source)
+            server_transport = iosim.FakeTransport(server, True, target, source)
+            self._pumps.append(
+                iosim.connect(server, server_transport, client, client_transport, greet=False)
+            )
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            self.reactor.advance(0)  # calls due now (a body producer's steps)
+            self._join_new_connections()
+            moved = False
+            for pump in list(self._pumps):
+                moved = pump.pump() or moved
+            now = self.reactor.seconds()
+            due = any(call.getTime() <= now for call in self.reactor.getDelayedCalls())
+            if not moved and not due and self._joined == len(self.reactor.tcpClients):
+                return
+        raise AssertionError("the connections never went quiet")
+
+    def advance(self, seconds: float) -> None:
+        self.pump()
+        self.reactor.advance(seconds)
+        self.pump()
+
+    def result(self, deferred: Deferred[Any]) -> Any:
+        """Pump until `deferred` fires; its result (a Failure is raised)."""
+        outcome: list[Any] = []
+        deferred.addBoth(outcome.append)
+        self.pump()
+        assert outcome, "no answer after the connections went quiet"
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        return outcome[0]
+
+    def request(
+        self,
+        method: bytes,
+        url: str,
+        body: bytes | None = None,
+        source: str = "127.0.0.2",
+    ) -> Deferred[tuple[int, bytes]]:
+        """One plain request (a new connection from `source`): (code, body)."""
+        from io import BytesIO
+
+        from twisted.internet.task import Cooperator
+        from twisted.web.client import FileBodyProducer
+
+        agent = Agent(self.reactor, bindAddress=(source, 0))
+        cooperator = Cooperator(scheduler=lambda step: self.reactor.callLater(0, step))
+        producer = FileBodyProducer(BytesIO(body), cooperator=cooperator) if body else None
+        answer = agent.request(method, url.encode(), Headers(), producer)
+
+        def read(response: Any) -> Deferred[tuple[int, bytes]]:
+            return readBody(response).addCallback(lambda text: (response.code, text))
+
+        return answer.addCallback(read)

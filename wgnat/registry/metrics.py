@@ -1,0 +1,88 @@
+"""The registry's Prometheus metrics: counted where events happen (the API, the
+hub), state read from the hub at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from wgnat.metrics import LATENCY_BUCKETS, StateCollector, build_info
+
+if TYPE_CHECKING:
+    from wgnat.registry.hub import Registry
+
+
+class RegistryMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        build_info(self.registry, "registry")
+        self.api_requests = Counter(
+            "wgnat_registry_api_requests_total",
+            "API requests answered, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("ok", "bad_request", "forbidden", "error"):
+            self.api_requests.labels(outcome=outcome)
+        self.pushes = Counter(
+            "wgnat_registry_pushes_total",
+            "Changes pushed to a waiting client (a long poll woken or a line on a stream)",
+            registry=self.registry,
+        )
+        self.streams_dropped = Counter(
+            "wgnat_registry_streams_dropped_total",
+            "Streams dropped because their client read too slowly",
+            registry=self.registry,
+        )
+        self.device_read_seconds = Histogram(
+            "wgnat_registry_device_read_seconds",
+            "Time to read the WireGuard device",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.device_errors = Counter(
+            "wgnat_registry_device_errors_total",
+            "Failed reads of the WireGuard device",
+            registry=self.registry,
+        )
+
+    def watch(self, hub: Registry) -> None:
+        def read() -> Iterable[Metric]:
+            model = hub.model
+            yield GaugeMetricFamily(
+                "wgnat_registry_peers_known",
+                "Peers configured on the registry's interface",
+                value=len(model.known),
+            )
+            yield GaugeMetricFamily(
+                "wgnat_registry_peers_live",
+                "Peers with a handshake in the last 180 s",
+                value=model.live_count(),
+            )
+            yield GaugeMetricFamily(
+                "wgnat_registry_waiting_clients",
+                "Clients waiting for a change: long polls and open streams",
+                value=hub.waiting(),
+            )
+            yield GaugeMetricFamily(
+                "wgnat_registry_streams",
+                "Open streams (GET /v1/peers?stream=1)",
+                value=hub.streams(),
+            )
+            yield GaugeMetricFamily(
+                "wgnat_registry_version",
+                "Version of the mesh view (grows on every change)",
+                value=model.version,
+            )
+            # A counter family is named without "_total": the exposition adds it
+            # (naming it "..._total" gave HELP/TYPE lines for "..._total_total").
+            yield CounterMetricFamily(
+                "wgnat_registry_endpoint_changes",
+                "Peer endpoint changes observed (NAT rebindings)",
+                value=model.endpoint_changes,
+            )
+
+        self.registry.register(StateCollector(read))

@@ -1,0 +1,358 @@
+"""The registry's wire format, the one place both ends take it from.
+
+The registry encodes (`encode_peer`, `encode_answer`, `encode_line`) and decodes
+announcements (`parse_announcement`); the client encodes its announcement
+(`encode_announcement`) and decodes answers (`parse_answer`, `StreamDecoder`).
+Every limit and content type of the API is defined here once, so the two ends
+cannot drift apart.  Decoding validates a document whole before any of it is
+used: one malformed field and the whole document is refused with InvalidValue,
+saying what was wrong.
+
+An answer:
+
+    {"epoch": "5f0c…", "version": 7, "full": true,
+     "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
+     "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
+                "last_handshake_age"}, ...],
+     "removed": ["<public key>", ...]}
+
+A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
+answer first, then one shared line per change (the same document for every
+caller, without "you"), and an empty line as a keep-alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wgnat._types import (
+    Announcement,
+    Endpoint,
+    InvalidValue,
+    IPNetwork,
+    PublicKey,
+    parse_network,
+)
+
+# -- limits and content types ---------------------------------------------------
+
+MAX_PEERS = 100_000
+MAX_ALLOWED_IPS = 256
+MAX_LAN_ENDPOINTS = 8
+# A request body (an announcement is well under 1 KiB).
+MAX_BODY_BYTES = 16 * 1024
+# An answer or one line of a stream, as the client reads it (~200 B a peer).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+MAX_EPOCH_CHARS = 32
+MAX_SESSION_CHARS = 32
+JSON_CONTENT_TYPE = "application/json"
+STREAM_CONTENT_TYPE = "application/x-ndjson"
+KEEPALIVE_LINE = b"\n"
+
+# -- what a client reads --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemotePeer:
+    public_key: PublicKey
+    endpoint: Endpoint | None
+    allowed_ips: tuple[IPNetwork, ...]
+    lan_endpoints: tuple[Endpoint, ...] = ()
+    # None until a wgnat client runs there (it announces itself): such a peer
+    # would not punch back, so probing it is pointless.
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    epoch: str
+    version: int
+    full: bool
+    my_endpoint: Endpoint | None
+    peers: tuple[RemotePeer, ...]
+    removed: tuple[PublicKey, ...]
+
+
+def reachable_from_elsewhere(endpoint: Endpoint) -> bool:
+    """Whether another host could send to `endpoint`: not loopback, link-local,
+    multicast or unspecified, also when written as IPv4-mapped IPv6
+    (`[::ffff:127.0.0.1]`, which Python's `is_loopback` does not see through)."""
+    host = endpoint.host
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    return not (host.is_loopback or host.is_link_local or host.is_multicast or host.is_unspecified)
+
+
+# -- encoding -------------------------------------------------------------------
+
+
+def encode_peer(
+    public_key: PublicKey,
+    endpoint: Endpoint | None,
+    allowed_ips: Iterable[IPNetwork],
+    announcement: Announcement | None,
+    handshake_age: float | None,
+) -> dict[str, Any]:
+    return {
+        "public_key": public_key.base64,
+        "endpoint": str(endpoint) if endpoint else None,
+        "allowed_ips": [str(net) for net in allowed_ips],
+        "lan_endpoints": ([str(ep) for ep in announcement.lan_endpoints] if announcement else []),
+        "session": announcement.session if announcement else None,
+        "last_handshake_age": None if handshake_age is None else round(handshake_age, 3),
+    }
+
+
+def encode_you(
+    public_key: PublicKey, endpoint: Endpoint | None, allowed_ips: Iterable[IPNetwork]
+) -> dict[str, Any]:
+    return {
+        "public_key": public_key.base64,
+        "endpoint": str(endpoint) if endpoint else None,
+        "allowed_ips": [str(net) for net in allowed_ips],
+    }
+
+
+def encode_answer(
+    epoch: str,
+    version: int,
+    full: bool,
+    peers: list[dict[str, Any]],
+    removed: Iterable[PublicKey],
+    you: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A caller's answer (`you` given) or a stream's shared line (no `you`)."""
+    document: dict[str, Any] = {"epoch": epoch, "version": version, "full": full}
+    if you is not None:
+        document["you"] = you
+    document["peers"] = peers
+    document["removed"] = [key.base64 for key in removed]
+    return document
+
+
+def encode_line(document: Mapping[str, Any]) -> bytes:
+    """One line of a stream: compact JSON (never a newline inside) and a newline."""
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def encode_body(document: Mapping[str, Any]) -> bytes:
+    """A whole JSON answer or request body."""
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def encode_announcement(announcement: Announcement) -> dict[str, Any]:
+    return {
+        "session": announcement.session,
+        "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
+    }
+
+
+# -- decoding -------------------------------------------------------------------
+
+
+def decode_json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: deeply nested arrays ("[[[[..."), which json refuses so.
+        raise InvalidValue(f"{what} is not JSON") from None
+
+
+def parse_announcement(document: Any) -> Announcement:
+    """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
+    each reachable from another host, duplicates dropped."""
+    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
+        raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
+    items = document.get("lan_endpoints", [])
+    if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
+        raise InvalidValue(f"lan_endpoints must be a list of at most {MAX_LAN_ENDPOINTS} 'IP:PORT'")
+    endpoints: list[Endpoint] = []
+    for item in items:
+        try:
+            endpoint = Endpoint.parse(item)
+        except InvalidValue as exc:
+            raise InvalidValue(f"lan_endpoints: {exc}") from None
+        if not reachable_from_elsewhere(endpoint):
+            raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    try:
+        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+    except InvalidValue as exc:
+        raise InvalidValue(f"session: {exc}") from None
+
+
+def _list(document: Mapping[str, Any], name: str, limit: int, where: str) -> list[Any]:
+    value = document.get(name, [])
+    if not isinstance(value, list):
+        raise InvalidValue(f"{where}: {name!r} is not a list")
+    if len(value) > limit:
+        raise InvalidValue(f"{where}: {name!r} has {len(value)} entries, more than {limit}")
+    return value
+
+
+def _optional_endpoint(value: Any, where: str) -> Endpoint | None:
+    if value is None:
+        return None
+    try:
+        return Endpoint.parse(value)
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+
+
+def _peer(document: Any, index: int) -> RemotePeer:
+    where = f"peers[{index}]"
+    if not isinstance(document, dict):
+        raise InvalidValue(f"{where} is not an object")
+    try:
+        key = PublicKey.from_base64(document.get("public_key"))
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+    allowed = []
+    for item in _list(document, "allowed_ips", MAX_ALLOWED_IPS, where):
+        try:
+            allowed.append(parse_network(item))
+        except InvalidValue as exc:
+            raise InvalidValue(f"{where}: {exc}") from None
+    lan = tuple(
+        endpoint
+        for item in _list(document, "lan_endpoints", MAX_LAN_ENDPOINTS, where)
+        if (endpoint := _optional_endpoint(item, where)) is not None
+    )
+    session = document.get("session")
+    if session is not None and (
+        not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS
+    ):
+        raise InvalidValue(f"{where}: 'session' is not a short string")
+    return RemotePeer(
+        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+    )
+
+
+def parse_answer(document: Any) -> Answer:
+    if not isinstance(document, dict):
+        raise InvalidValue("the registry's answer is not a JSON object")
+    version = document.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidValue("the registry's answer has no valid 'version'")
+    epoch = document.get("epoch")
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_CHARS:
+        raise InvalidValue("the registry's answer has no valid 'epoch'")
+    full = document.get("full")
+    if not isinstance(full, bool):
+        raise InvalidValue("the registry's answer has no valid 'full'")
+    you = document.get("you") or {}
+    if not isinstance(you, dict):
+        raise InvalidValue("the registry's answer: 'you' is not an object")
+    my_endpoint = _optional_endpoint(you.get("endpoint"), "you")
+    peers = tuple(
+        _peer(item, index)
+        for index, item in enumerate(_list(document, "peers", MAX_PEERS, "answer"))
+    )
+    removed = []
+    for item in _list(document, "removed", MAX_PEERS, "answer"):
+        try:
+            removed.append(PublicKey.from_base64(item))
+        except InvalidValue as exc:
+            raise InvalidValue(f"removed: {exc}") from None
+    keys = [peer.public_key for peer in peers]
+    if len(set(keys)) != len(keys):
+        raise InvalidValue("the registry's answer lists a peer twice")
+    return Answer(epoch, version, full, my_endpoint, peers, tuple(removed))
+
+
+class StreamDecoder:
+    """The lines of a stream (GET /v1/peers?stream=1) as answers.
+
+    The first line is the caller's own answer, naming it in "you".  Every later
+    line is shared by all callers at that version, so it has no "you" and may list
+    the caller itself: that record is taken out here, and its endpoint is our own
+    public endpoint (unchanged when the line does not list us).  An empty line is
+    a keep-alive (None).  A stream never changes epoch nor goes back in version.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_ANSWER_BYTES) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.me: PublicKey | None = None
+        self.epoch: str | None = None
+        self.version: int | None = None
+        self.my_endpoint: Endpoint | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def partial(self) -> bool:
+        """A line has begun and not ended."""
+        return self._size > 0
+
+    def feed(self, data: bytes) -> Iterator[Answer | None]:
+        """The lines `data` completes, decoded one by one: the answers before a
+        bad line are given before its InvalidValue."""
+        while data:
+            cut = data.find(b"\n")
+            piece = data if cut < 0 else data[:cut]
+            self._size += len(piece)
+            if self._size > self.max_line_bytes:
+                raise InvalidValue(
+                    f"a line of the registry's stream is over {self.max_line_bytes} bytes"
+                )
+            if cut < 0:
+                self._parts.append(piece)
+                break
+            line = b"".join(self._parts) + piece if self._parts else piece
+            self._parts, self._size = [], 0
+            data = data[cut + 1 :]
+            yield self.decode(line)
+
+    def decode(self, line: bytes) -> Answer | None:
+        if not line.strip():
+            return None
+        document = decode_json(line, "a line of the registry's stream")
+        answer = parse_answer(document)
+        if self.me is None:
+            you = document.get("you")
+            try:
+                self.me = PublicKey.from_base64(
+                    you.get("public_key") if isinstance(you, dict) else None
+                )
+            except InvalidValue:
+                raise InvalidValue(
+                    "the first answer of the registry's stream does not name this peer in 'you'"
+                ) from None
+        else:
+            if answer.epoch != self.epoch:
+                raise InvalidValue(
+                    f"the registry's stream changed epoch from {self.epoch} to {answer.epoch}"
+                )
+            if self.version is not None and answer.version < self.version:
+                raise InvalidValue(
+                    f"the registry's stream went back from version {self.version} to "
+                    f"{answer.version}"
+                )
+        answer = self._without_me(answer, "you" in document)
+        self.epoch, self.version, self.my_endpoint = (
+            answer.epoch,
+            answer.version,
+            answer.my_endpoint,
+        )
+        return answer
+
+    def _without_me(self, answer: Answer, names_me: bool) -> Answer:
+        """Our own record taken out of any line (a shared one lists us; no other
+        should); a line without "you" gives our endpoint through that record."""
+        mine = [peer for peer in answer.peers if peer.public_key == self.me]
+        if names_me:
+            my_endpoint = answer.my_endpoint
+        else:
+            my_endpoint = mine[0].endpoint if mine else self.my_endpoint
+        return dataclasses.replace(
+            answer,
+            my_endpoint=my_endpoint,
+            peers=tuple(peer for peer in answer.peers if peer.public_key != self.me),
+            removed=tuple(key for key in answer.removed if key != self.me),
+        )
