@@ -119,9 +119,9 @@ def run_registry(peers: int, poll_interval: float) -> None:
 
     from wgnat._types import Endpoint, PeerState, PublicKey
     from wgnat.device.memory import MemoryDevice
-    from wgnat.registry.metrics import RegistryMetrics
     from wgnat.registry.api import build_site
     from wgnat.registry.hub import Registry
+    from wgnat.registry.metrics import RegistryMetrics
     from wgnat.wire import encode_line
 
     pinned = pin(0)

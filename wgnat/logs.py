@@ -15,7 +15,7 @@ from twisted.logger import (
     jsonFileLogObserver,
     textFileLogObserver,
 )
-from twisted.web import server
+from twisted.web import http, server
 from zope.interface import implementer
 
 LOG_FORMATS = ("text", "json")
@@ -39,7 +39,7 @@ class QuietSite(server.Site):
 
     noisy = False
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from wgnat._types import (
     Announcement,
@@ -118,8 +119,12 @@ class MemoryRegistryClient:
         opening = self._caller().addCallback(
             lambda caller: self.hub.open_stream(caller, since, epoch, receive)
         )
-        opening.addCallback(opened)
-        opening.addErrback(lambda failure: (stream.fail(failure.value), stream.close()))
+
+        def failed(failure: Failure) -> None:
+            stream.fail(failure.value or RegistryError("the stream failed"))
+            stream.close()
+
+        opening.addCallback(opened).addErrback(failed)
         return stream
 
     def announce(self, announcement: Announcement) -> Deferred[object]:
@@ -282,7 +287,7 @@ class SimulatedNetwork:
             host.device,
             self.clock,
             AgentConfig(registry_key=self.registry_key, settings=Settings(**settings)),
-            lan_addresses=lambda ifname: [lan],
+            lan_addresses=lambda ifname: succeed([lan]),
             client_factory=lambda reactor, address, port: client,
             state_store=host.store,
         )

@@ -7,9 +7,9 @@ logs and metrics).  The agent decides nothing itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
@@ -51,7 +51,8 @@ class StateStore(Protocol):
 
 
 ConnectionFactory = Callable[[IReactorTime, IPAddress, int], RegistryConnection]
-LanLookup = Callable[[str], "list[IPInterface] | Deferred[list[IPInterface]]"]
+# This host's addresses but the WireGuard link's (client.lan, in a thread).
+LanLookup = Callable[[str], Deferred[list[IPInterface]]]
 
 
 @dataclass
@@ -110,7 +111,7 @@ class MeshAgent(service.Service):
         report_startup_failure("wgnat-client", failure, self.reactor)
 
     @inlineCallbacks
-    def _start(self):  # type: ignore[no-untyped-def]
+    def _start(self) -> Generator[Deferred[Any], Any, Any]:
         config = self.config
         state = yield self.device.read()
         registry = state.peer(config.registry_key)
@@ -190,7 +191,7 @@ class MeshAgent(service.Service):
     def _find_lan(self) -> Deferred[list[IPInterface]]:
         if self._lan_addresses is None:
             return succeed([])
-        return maybeDeferred(self._lan_addresses, self.device.ifname).addCallback(list)
+        return maybeDeferred(self._lan_addresses, self.device.ifname)
 
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
@@ -216,7 +217,7 @@ class MeshAgent(service.Service):
         self._reconcile()
 
     @inlineCallbacks
-    def _reconcile(self):  # type: ignore[no-untyped-def]
+    def _reconcile(self) -> Generator[Deferred[Any], Any, Any]:
         mesh = self.mesh
         assert mesh is not None
         self._reconciling = True
@@ -277,7 +278,7 @@ class MeshAgent(service.Service):
 
     # -- carrying out what the mesh decided ---------------------------------
     @inlineCallbacks
-    def _apply_all(self, actions: list[Action]):  # type: ignore[no-untyped-def]
+    def _apply_all(self, actions: list[Action]) -> Generator[Deferred[Any], Any, Any]:
         mesh = self.mesh
         assert mesh is not None
         self._record(mesh.take_events())
@@ -301,7 +302,7 @@ class MeshAgent(service.Service):
             self._save(mesh.managed)
 
     @inlineCallbacks
-    def _apply(self, action: Action):  # type: ignore[no-untyped-def]
+    def _apply(self, action: Action) -> Generator[Deferred[Any], Any, Any]:
         key = action.public_key
         log.info("{peer} {reason}", peer=self.describe(key), reason=action.reason)
         started = self.reactor.seconds()

@@ -9,8 +9,8 @@ view, telling the agent whether anything changed.  A failure keeps the view
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -71,7 +71,7 @@ class RegistryFollower:
         self.announced: Announcement | None = None
         self._running = False
         self._stream: RegistryStream | None = None
-        self._inflight: Deferred[object] | None = None
+        self._inflight: Deferred[Any] | None = None
         self._force_full = True
         self._resync: LoopingCall | None = None
         self.done: Deferred[None] | None = None
@@ -104,7 +104,7 @@ class RegistryFollower:
             stream.close()
 
     @inlineCallbacks
-    def _run(self):  # type: ignore[no-untyped-def]
+    def _run(self) -> Generator[Deferred[Any], Any, None]:
         """Follow the registry's stream: its first answer (full when asked, after
         announcing ourselves), then one per change, applied as they come; a
         failure keeps the view and retries after a backoff."""
@@ -161,7 +161,7 @@ class RegistryFollower:
             log.failure("unexpected error handling the registry's answer")
 
     @inlineCallbacks
-    def _announce(self):  # type: ignore[no-untyped-def]
+    def _announce(self) -> Generator[Deferred[Any], Any, None]:
         announcement = yield self.announcement()
         yield self.connection.announce(announcement)
         self.announced = announcement

@@ -398,8 +398,8 @@ class Mesh:
                 peer_path.gone_since = None
                 peer_path.allowed_ips = allowed
             skipped = _why_not_probed(remote, target, allowed, rejected)
-            if skipped is not None:
-                self.unplanned[key] = skipped
+            if skipped is not None or target is None:
+                self.unplanned[key] = skipped or "no endpoint"
                 continue  # nothing to punch with (yet): traffic stays relayed
             self.unplanned.pop(key, None)
             if peer_path is None:

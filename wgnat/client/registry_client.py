@@ -7,12 +7,13 @@ anything uses them.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
@@ -165,7 +166,7 @@ class _StreamReader(Protocol):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        IPushProducer(self.transport).stopProducing()  # a response body's: ends it
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self.timer is not None and self.timer.active():
@@ -188,7 +189,7 @@ class _BoundedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.parts.clear()
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            IPushProducer(self.transport).stopProducing()  # a response body's: ends it
             if not self.done.called:
                 self.done.errback(
                     Failure(RegistryError(f"the registry's answer is over {self.limit} bytes"))
@@ -257,6 +258,7 @@ class RegistryClient:
         request.addTimeout(REQUEST_TIMEOUT, self.reactor)
 
         def failed(failure: Failure) -> Any:
+            assert failure.value is not None
             if _cancelled(failure.value):
                 # Our caller gave up (a resync, a shutdown): not a registry failure.
                 raise CancelledError()
@@ -265,7 +267,7 @@ class RegistryClient:
         return request.addErrback(failed)
 
     @inlineCallbacks
-    def _document(self, response: IResponse):  # type: ignore[no-untyped-def]
+    def _document(self, response: IResponse) -> Generator[Deferred[Any], Any, Any]:
         """A whole JSON answer: its body read within bounds, decoded, a refusal
         (not HTTP 200) turned into a RegistryError saying why."""
         reader = _BoundedBody(MAX_ANSWER_BYTES)
@@ -314,12 +316,14 @@ class RegistryClient:
 
             return refusal.addCallback(not_a_stream)
 
-        opening.addCallback(opened)
-        opening.addErrback(lambda failure: stream.fail(failure.value))
+        def failed(failure: Failure) -> None:
+            stream.fail(failure.value or RegistryError("the stream failed"))
+
+        opening.addCallback(opened).addErrback(failed)
         return stream
 
     @inlineCallbacks
-    def announce(self, announcement: Announcement):  # type: ignore[no-untyped-def]
+    def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
         response = yield self._send(
             b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
         )

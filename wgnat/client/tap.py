@@ -164,8 +164,8 @@ class ClientDaemon(service.MultiService):
             self.status.start()
         super().startService()
 
-    def stopService(self) -> Deferred[object]:
-        stopping: list[Deferred[object]] = []
+    def stopService(self) -> Deferred[list[Any]]:
+        stopping: list[Deferred[Any]] = []
         if self.port is not None:
             stopping.append(maybeDeferred(self.port.stopListening))
         stopping.append(maybeDeferred(super().stopService))

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -186,6 +187,8 @@ GET_REQUEST = b"get=1\n\n"
 
 class UAPIExchange(Protocol):
     """One request, one answer: fires `answer` with the text up to the blank line."""
+
+    transport: ITCPTransport  # a Unix socket's: abortConnection as well
 
     def __init__(self, request: bytes, max_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.request = request

@@ -106,7 +106,7 @@ def _send_json(request: server.Request, status: int, body: dict[str, Any]) -> No
 
 
 def _caller_address(request: server.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    host = request.getClientAddress().host  # type: ignore[attr-defined]
+    host = getattr(request.getClientAddress(), "host", "")
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
@@ -117,7 +117,7 @@ class _Branch(Resource):
     """A path segment with no page of its own (404/405).  Twisted's
     Resource.render_HEAD calls a render_GET these lack: a 500 without this."""
 
-    render_HEAD = None
+    render_HEAD = None  # type: ignore[assignment]
 
 
 class RegistryResource(Resource):
@@ -172,7 +172,7 @@ class RegistryResource(Resource):
 
 
 def _query_number(request: server.Request, name: str, kind: type) -> Any:
-    values = request.args.get(name.encode())  # type: ignore[union-attr]
+    values = (request.args or {}).get(name.encode())
     if not values:
         return None
     try:
@@ -185,7 +185,7 @@ def _query_number(request: server.Request, name: str, kind: type) -> Any:
 
 
 def _query_flag(request: server.Request, name: str) -> bool:
-    values = request.args.get(name.encode())  # type: ignore[union-attr]
+    values = (request.args or {}).get(name.encode())
     if not values or values[0] == b"0":
         return False
     if values[0] == b"1":
@@ -194,7 +194,7 @@ def _query_flag(request: server.Request, name: str) -> bool:
 
 
 def _query_epoch(request: server.Request) -> str | None:
-    values = request.args.get(b"epoch")  # type: ignore[union-attr]
+    values = (request.args or {}).get(b"epoch")
     if not values:
         return None
     text = values[0].decode("ascii", "replace")
@@ -248,8 +248,9 @@ class StreamWriter:
         self.dropped = True
         log.warn("{peer}: dropping its stream: {why}", peer=self.caller.short, why=why)
         channel = self.request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     # IPushProducer, called by the connection.
     def pauseProducing(self) -> None:
@@ -267,7 +268,8 @@ def _stream_connection(request: server.Request) -> None:
     """A stream's connection: no idle timeout (the stream writes keep-alives and
     the client sends nothing), and unacknowledged data ends it."""
     channel = request.channel
-    channel.setTimeout(None)  # type: ignore[union-attr]
+    if channel is not None:
+        channel.setTimeout(None)
     handle = getattr(getattr(channel, "transport", None), "getHandle", lambda: None)()
     option = getattr(socket, "TCP_USER_TIMEOUT", None)
     if handle is not None and option is not None:
@@ -289,7 +291,12 @@ class PeersResource(RegistryResource):
         if _query_flag(request, "stream") and request.method != b"HEAD":
             return self.render_stream(request, since, epoch)
         pending: list[Deferred[None]] = []
-        request.notifyFinish().addErrback(lambda _: [waiter.cancel() for waiter in pending])
+
+        def gone(_: Failure) -> None:
+            for waiter in pending:
+                waiter.cancel()
+
+        request.notifyFinish().addErrback(gone)
 
         def answer(caller: PublicKey) -> Deferred[None]:
             if wait and self.waiters[caller] >= MAX_WAITERS_PER_CALLER:
@@ -359,7 +366,7 @@ class PeersResource(RegistryResource):
             writers.clear()
 
         def failed(failure: Failure) -> None:
-            if request.producer is not None:  # type: ignore[attr-defined]
+            if request.producer is not None:
                 request.unregisterProducer()
             self.fail(request, failure)
 
@@ -378,7 +385,8 @@ def _announcement(body: bytes) -> Announcement:
 
 
 class AnnounceResource(RegistryResource):
-    render_HEAD = None  # no render_GET to fake a HEAD with: a 405, not a 500
+    # No render_GET to fake a HEAD with: a 405, not a 500.
+    render_HEAD = None  # type: ignore[assignment]
 
     def render_POST(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""

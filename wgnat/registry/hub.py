@@ -20,6 +20,7 @@ from wgnat._types import Announcement, DeviceState, IPAddress, PublicKey, peer_l
 from wgnat.device import Device
 from wgnat.registry.metrics import RegistryMetrics
 from wgnat.registry.model import LIVE_WINDOW, Change, RegistryModel
+from wgnat.timing import cancel as cancel_call
 from wgnat.timing import repeat, stop
 from wgnat.wire import KEEPALIVE_LINE, encode_line
 
@@ -140,9 +141,16 @@ class Registry:
             self._waiters.discard(waiter)
             waiter.callback(None)
 
+        def settled(result: Failure | None) -> Failure | None:
+            cancel_call(timer)
+            return result
+
+        def cancelled(failure: Failure) -> None:
+            failure.trap(CancelledError)
+
         timer = self.clock.callLater(timeout, expire)
-        waiter.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
-        waiter.addErrback(lambda failure: failure.trap(CancelledError) and None)
+        waiter.addBoth(settled)
+        waiter.addErrback(cancelled)
         self._waiters.add(waiter)
         return waiter
 

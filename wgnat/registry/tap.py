@@ -175,12 +175,12 @@ class RegistryDaemon(service.Service):
                 "'sysctl -w net.ipv4.ip_forward=1'"
             )
 
-    def stopService(self) -> Deferred[object]:
+    def stopService(self) -> Deferred[list[Any]]:
         super().stopService()
         stop(self.poller)
         self.hub.stop()
         ports, self.ports = self.ports, []
-        stopping: list[Deferred[object]] = [maybeDeferred(port.stopListening) for port in ports]
+        stopping: list[Deferred[Any]] = [maybeDeferred(port.stopListening) for port in ports]
         if self.status is not None:
             stopping.append(self.status.stop())
         return gatherResults(stopping)
