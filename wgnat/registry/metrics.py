@@ -4,15 +4,23 @@ hub), state read from the hub at scrape time."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from wgnat.metrics import LATENCY_BUCKETS, StateCollector, build_info
+from wgnat.registry.model import RegistryModel
 
-if TYPE_CHECKING:
-    from wgnat.registry.hub import Registry
+
+class Watched(Protocol):
+    """What the metrics read of the hub (registry.hub.Registry) at scrape time."""
+
+    model: RegistryModel
+
+    def waiting(self) -> int: ...
+
+    def streams(self) -> int: ...
 
 
 class RegistryMetrics:
@@ -49,7 +57,7 @@ class RegistryMetrics:
             registry=self.registry,
         )
 
-    def watch(self, hub: Registry) -> None:
+    def watch(self, hub: Watched) -> None:
         def read() -> Iterable[Metric]:
             model = hub.model
             yield GaugeMetricFamily(
