@@ -28,6 +28,7 @@ class MemoryHTTP:
         self._joined = 0
         self._pumps: list[iosim.IOPump] = []
         self._next_port = 40000
+        self.refused = 0
 
     def serve(self, site: Any, host: str = "127.0.0.1", port: int = 51820) -> None:
         self.sites[(host, port)] = site
@@ -48,6 +49,13 @@ class MemoryHTTP:
                 factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
                 continue
             server = site.buildProtocol(source)
+            if server is None:  # the listener closed it unread (over a limit)
+                from twisted.internet.error import ConnectionDone
+
+                self.refused += 1
+                client.makeConnection(client_transport)
+                client.connectionLost(Failure(ConnectionDone()))
+                continue
             server_transport = iosim.FakeTransport(server, True, target, source)
             self._pumps.append(
                 iosim.connect(server, server_transport, client, client_transport, greet=False)
@@ -71,11 +79,16 @@ class MemoryHTTP:
         self.reactor.advance(seconds)
         self.pump()
 
-    def result(self, deferred: Deferred[Any]) -> Any:
-        """Pump until `deferred` fires; its result (a Failure is raised)."""
+    def result(self, deferred: Deferred[Any], within: float = 0.0) -> Any:
+        """Pump until `deferred` fires, letting at most `within` seconds pass
+        on the clock (in 0.1 s steps); its result (a Failure is raised)."""
         outcome: list[Any] = []
         deferred.addBoth(outcome.append)
         self.pump()
+        waited = 0.0
+        while not outcome and waited < within:
+            self.advance(0.1)
+            waited += 0.1
         assert outcome, "no answer after the connections went quiet"
         if isinstance(outcome[0], Failure):
             outcome[0].raiseException()

@@ -57,6 +57,8 @@ def exported_texts() -> dict[str, str]:
     client.fallbacks.labels(reason="no_handshake").inc()
     registry = RegistryMetrics()
     registry.watch(Registry(MemoryDevice(), Clock()))
+    registry.watch_connections(lambda: {"api": 3})
+    registry.connections_refused.labels(listener="api").inc()
     registry.device_read_seconds.observe(0.001)
     return {
         "client": generate_latest(client.registry).decode(),

@@ -43,7 +43,9 @@ class Setup:
         return RegistryClient(self.http.reactor, ip_address("127.0.0.1"), 51820, source)
 
     def raw(self, method: bytes, path: str, body: bytes | None = None, source="127.0.0.2"):
-        return self.http.result(self.http.request(method, URL + path, body, source))
+        # An unknown source may wait up to a second for the device read that
+        # tells it apart (hub.UNKNOWN_READ_INTERVAL).
+        return self.http.result(self.http.request(method, URL + path, body, source), within=1.1)
 
     def get(self, path: str, source="127.0.0.2"):
         code, text = self.raw(b"GET", path, source=source)
@@ -51,7 +53,7 @@ class Setup:
         return parse_answer(json.loads(text))
 
     def next(self, stream):
-        return self.http.result(stream.next())
+        return self.http.result(stream.next(), within=1.1)
 
     def moved(self, key, endpoint: str) -> None:
         """`key`'s NAT rebinds; the registry's next device read sees it."""
@@ -271,7 +273,7 @@ class CannedRegistry:
         self.client = RegistryClient(self.http.reactor, ip_address("127.0.0.1"), 51820)
 
     def next(self, stream):
-        return self.http.result(stream.next())
+        return self.http.result(stream.next(), within=1.1)
 
 
 def answer_document(version: int, **extra) -> dict:

@@ -53,6 +53,7 @@ def test_clients_that_lose_the_registry_together_come_back_spread_out():
     for n in range(40):
         net.add_host(f"h{n}", f"198.51.100.{10 + n}", f"203.0.113.{10 + n}:51820")
         net.agent(f"h{n}")
+    net.clock.advance(1.0)  # joined in the same second: identified at the next read
     clients = [host.client for host in net.hosts.values()]
     assert all(client is not None and len(client.streams) == 1 for client in clients)
     opened = {id(client): client.fetches for client in clients if client is not None}

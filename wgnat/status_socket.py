@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from wgnat.limits import STATUS_LIMITS, LimitedFactory
 from wgnat.logs import QuietSite
 
 log = Logger(namespace="wgnat.status")
@@ -151,9 +152,13 @@ class StatusSocket:
                 error=failure.getErrorMessage(),
             )
 
-        return endpoint.listen(StatusSite(StatusResource(self.provide))).addCallbacks(
-            listening, failed
+        site = LimitedFactory(
+            StatusSite(StatusResource(self.provide)),
+            STATUS_LIMITS,
+            f"{self.program}'s status socket",
+            self.reactor.seconds,
         )
+        return endpoint.listen(site).addCallbacks(listening, failed)
 
     def stop(self) -> Deferred[None]:
         port, self.port = self.port, None

@@ -23,6 +23,7 @@ from wgnat.client.state_file import StateStore, default_state_path
 from wgnat.client.status import status_provider
 from wgnat.device import open_device_or_exit
 from wgnat.duration import parse_go_duration
+from wgnat.limits import METRICS_LIMITS, LimitedFactory
 from wgnat.logs import QuietSite
 from wgnat.metrics import DEFAULT_CLIENT_METRICS, MetricsResource
 from wgnat.options import CommonOptions, parse_listen, port_number, tcp_endpoint
@@ -151,7 +152,12 @@ class ClientDaemon(service.MultiService):
 
     def startService(self) -> None:
         endpoint = serverFromString(self.reactor, tcp_endpoint(self.metrics_listen))
-        site = QuietSite(MetricsResource(self.agent.metrics.registry))
+        site = LimitedFactory(
+            QuietSite(MetricsResource(self.agent.metrics.registry)),
+            METRICS_LIMITS,
+            "wgnat-client's metrics listener",
+            self.reactor.seconds,
+        )
 
         def listening(port: IListeningPort) -> None:
             self.port = port

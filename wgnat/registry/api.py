@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import Counter
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -36,6 +37,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from wgnat._types import Announcement, InvalidValue, PublicKey
+from wgnat.limits import DeadlineChannel
 from wgnat.logs import QuietSite
 from wgnat.registry.hub import KEEPALIVE_SECONDS, Registry, Stream
 from wgnat.registry.metrics import RegistryMetrics
@@ -78,6 +80,11 @@ class BoundedRequest(server.Request):
     too_large = False
     lost = False
     _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted buffers a long or chunked body in a temporary file (a second
+        # descriptor per request); handleContentChunk keeps this one small.
+        self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -420,6 +427,14 @@ class HealthResource(Resource):
         return b"ok\n"
 
 
+class ApiSite(QuietSite):
+    """HTTP/1.1 connections whose requests must arrive whole in time."""
+
+    # Twisted types this as its HTTP/2-capable channel factory; the API speaks
+    # HTTP/1.1 only, over the tunnel.
+    protocol = DeadlineChannel  # type: ignore[assignment]
+
+
 def build_site(registry: Registry, metrics: RegistryMetrics | None = None) -> server.Site:
     """The API; its connections' timeouts run on the registry's clock."""
     root = _Branch()
@@ -428,7 +443,7 @@ def build_site(registry: Registry, metrics: RegistryMetrics | None = None) -> se
     v1.putChild(b"peers", PeersResource(registry, metrics))
     v1.putChild(b"announce", AnnounceResource(registry, metrics))
     root.putChild(b"healthz", HealthResource(registry))
-    site = QuietSite(root, timeout=IDLE_TIMEOUT_SECONDS, reactor=registry.clock)
+    site = ApiSite(root, timeout=IDLE_TIMEOUT_SECONDS, reactor=registry.clock)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site

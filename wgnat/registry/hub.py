@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +32,10 @@ KEEPALIVE_SECONDS = 15.0
 # Streams are looked at this often: a keep-alive goes out after 14 to 15 s of
 # silence (a coarser tick would send them sooner, so more of them).
 KEEPALIVE_TICK = 1.0
+# A request from an address no peer holds reads the device at most this often
+# (the periodic poll reads it anyway); other such requests get their 403 from
+# the last read.
+UNKNOWN_READ_INTERVAL = 1.0
 
 
 @dataclass(eq=False)
@@ -69,6 +73,9 @@ class Registry:
         self._streams: dict[Stream, None] = {}  # insertion-ordered set
         self._keepalive: LoopingCall | None = None
         self.last_read_error: str | None = None
+        self._unknown_read_at: float | None = None
+        self._unknown_waiters: list[Deferred[None]] | None = None
+        self._unknown_timer: IDelayedCall | None = None
 
     # -- reading the device -------------------------------------------------
     def refresh(self) -> Deferred[None]:
@@ -212,6 +219,7 @@ class Registry:
 
     def stop(self) -> None:
         """Forget every stream (their connections end with the process)."""
+        cancel_call(self._unknown_timer)
         for stream in list(self._streams):
             self.close_stream(stream)
 
@@ -263,12 +271,43 @@ class Registry:
 
     # -- what a caller asks (the API and the in-memory registry share these) --
     def identify(self, address: IPAddress) -> Deferred[PublicKey | None]:
-        """The peer sending from `address`; the device is read first when the
-        address is new (a peer added to the interface since the last read)."""
+        """The peer sending from `address`.  An address no peer holds may be a
+        peer added to the interface since the last read, so the device is read
+        first, but at most once per UNKNOWN_READ_INTERVAL: past that, unknown
+        sources are answered from the last read (a loop of them would otherwise
+        keep the registry reading its device)."""
         caller = self.model.caller(address)
         if caller is not None:
             return succeed(caller)
-        return self.refresh().addCallback(lambda _: self.model.caller(address))
+        return self._read_for_unknown().addCallback(lambda _: self.model.caller(address))
+
+    def _read_for_unknown(self) -> Deferred[None]:
+        """A device read started after this call, but at most one per
+        UNKNOWN_READ_INTERVAL for unknown sources: a caller inside the interval
+        waits for the read at its end, which serves every such caller at once."""
+        now = self.clock.seconds()
+        last = self._unknown_read_at
+        if last is None or not 0 <= now - last < UNKNOWN_READ_INTERVAL:
+            self._unknown_read_at = now
+            return self.refresh()
+        waiter: Deferred[None] = Deferred()
+        if self._unknown_waiters is None:
+            waiters: list[Deferred[None]] = []
+            self._unknown_waiters = waiters
+
+            def read() -> None:
+                self._unknown_waiters = None
+                self._unknown_read_at = self.clock.seconds()
+
+                def done(_: None) -> None:
+                    for each in waiters:
+                        each.callback(None)
+
+                self.refresh().addCallback(done)
+
+            self._unknown_timer = self.clock.callLater(last + UNKNOWN_READ_INTERVAL - now, read)
+        self._unknown_waiters.append(waiter)
+        return waiter
 
     def answer(
         self,

@@ -3,7 +3,7 @@ hub), state read from the hub at scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -56,6 +56,27 @@ class RegistryMetrics:
             "Failed reads of the WireGuard device",
             registry=self.registry,
         )
+
+        self.connections_refused = Counter(
+            "wgnat_registry_connections_refused_total",
+            "Connections closed unread: over the limit per source or in total, by listener",
+            ["listener"],
+            registry=self.registry,
+        )
+        for listener in ("api", "metrics"):
+            self.connections_refused.labels(listener=listener)
+
+    def watch_connections(self, open_by_listener: Callable[[], dict[str, int]]) -> None:
+        def read() -> Iterable[Metric]:
+            family = GaugeMetricFamily(
+                "wgnat_registry_connections", "Connections open, by listener", labels=["listener"]
+            )
+            counts = {"api": 0, "metrics": 0, **open_by_listener()}
+            for listener, count in sorted(counts.items()):
+                family.add_metric([listener], count)
+            yield family
+
+        self.registry.register(StateCollector(read))
 
     def watch(self, hub: Watched) -> None:
         def read() -> Iterable[Metric]:

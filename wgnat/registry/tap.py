@@ -9,6 +9,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from wgnat.daemon import StartupError, report_startup_failure
 from wgnat.device import Device, link_is_up, open_device_or_exit
 from wgnat.duration import parse_go_duration
+from wgnat.limits import METRICS_LIMITS, LimitedFactory, Limits, raise_descriptor_limit
 from wgnat.logs import QuietSite
 from wgnat.metrics import DEFAULT_SERVER_METRICS, MetricsResource
 from wgnat.options import CommonOptions, port_number, tcp_endpoint
@@ -29,6 +31,11 @@ from wgnat.status_socket import StatusSocket, default_socket_path
 from wgnat.timing import repeat, stop
 
 log = Logger(namespace="wgnat.registry")
+
+# A client holds one stream (two for a moment when it reopens one) and makes
+# short requests beside it; ten thousand clients fit with room to spare.
+DEFAULT_MAX_CONNECTIONS = 16384
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 8
 
 
 class Options(CommonOptions):
@@ -42,6 +49,18 @@ class Options(CommonOptions):
         ["api-port", None, None, "TCP port of the API (default: the interface's listen port)"],
         ["metrics-listen", None, DEFAULT_SERVER_METRICS, "Prometheus metrics HOST:PORT"],
         ["poll-interval", None, "1s", "How often the device is read for changes (Go duration)"],
+        [
+            "max-connections",
+            None,
+            str(DEFAULT_MAX_CONNECTIONS),
+            "API connections held at once, in total (a client holds one)",
+        ],
+        [
+            "max-connections-per-peer",
+            None,
+            str(DEFAULT_MAX_CONNECTIONS_PER_PEER),
+            "API connections one peer (one source address) may hold at once",
+        ],
         ["log-format", None, "text", "text or json"],
         [
             "status-socket",
@@ -65,6 +84,11 @@ class Options(CommonOptions):
             self["poll-interval"] = parse_go_duration(self["poll-interval"], minimum=0.0)
         except ValueError as exc:
             raise usage.UsageError(f"--poll-interval: {exc}") from None
+        for name in ("max-connections", "max-connections-per-peer"):
+            text = str(self[name])
+            if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 1_000_000:
+                raise usage.UsageError(f"--{name}: {text!r} is not a number from 1 to 1000000")
+            self[name] = int(text)
 
 
 def ip_forwarding_enabled(path: str = "/proc/sys/net/ipv4/ip_forward") -> bool | None:
@@ -88,7 +112,11 @@ class RegistryDaemon(service.Service):
         self.metrics = RegistryMetrics()
         self.hub = Registry(device, reactor, metrics=self.metrics)
         self.metrics.watch(self.hub)
+        self.metrics.watch_connections(
+            lambda: {name: factory.open for name, factory in self.listeners.items()}
+        )
         self.ports: list[IListeningPort] = []
+        self.listeners: dict[str, LimitedFactory] = {}
         self.poller: LoopingCall | None = None
         path = options.get("status-socket")
         self.status = (
@@ -131,7 +159,12 @@ class RegistryDaemon(service.Service):
                 f"interface {ifname} has no tunnel address to serve the API on; "
                 f"add one: ip address add 10.0.0.1/24 dev {ifname}"
             )
-        site = build_site(self.hub, self.metrics)
+        limits = Limits(
+            per_source=self.options["max-connections-per-peer"],
+            total=self.options["max-connections"],
+        )
+        raise_descriptor_limit(limits.total + METRICS_LIMITS.total, "wgnat-server")
+        site = self._limited(build_site(self.hub, self.metrics), limits, "api")
         for address in usable:
             endpoint_class = (
                 TCP6ServerEndpoint
@@ -150,7 +183,11 @@ class RegistryDaemon(service.Service):
         try:
             listening = yield serverFromString(
                 self.reactor, tcp_endpoint(self.options["metrics-listen"])
-            ).listen(QuietSite(MetricsResource(self.metrics.registry)))
+            ).listen(
+                self._limited(
+                    QuietSite(MetricsResource(self.metrics.registry)), METRICS_LIMITS, "metrics"
+                )
+            )
         except Exception as exc:
             raise StartupError(f"cannot serve metrics on {metrics_at}: {exc}") from None
         self.ports.append(listening)
@@ -174,6 +211,18 @@ class RegistryDaemon(service.Service):
                 "directly cannot be relayed through this registry; enable it with "
                 "'sysctl -w net.ipv4.ip_forward=1'"
             )
+
+    def _limited(self, factory: Factory[Any], limits: Limits, listener: str) -> LimitedFactory:
+        refused = self.metrics.connections_refused.labels(listener=listener)
+        limited = LimitedFactory(
+            factory,
+            limits,
+            f"the registry's {listener} listener",
+            self.reactor.seconds,
+            refused.inc,
+        )
+        self.listeners[listener] = limited
+        return limited
 
     def stopService(self) -> Deferred[list[Any]]:
         super().stopService()
