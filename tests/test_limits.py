@@ -5,12 +5,14 @@ addresses no peer holds.  In memory, on one clock (tests/memory_http.py)."""
 
 from __future__ import annotations
 
+import json
 import resource
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
 from tests.helpers import new_key, peer
@@ -172,3 +174,51 @@ def test_the_registry_daemon_has_connection_flags():
     for bad in ("0", "x", "-1"):
         with pytest.raises(Exception, match="max-connections"):
             tap.Options().parseOptions(["--max-connections", bad])
+
+
+class FillingTransport(StringTransport):
+    """A connection whose buffers hold `room` bytes: past them it pauses its
+    producer, as Twisted's TCP transport does while the peer does not read."""
+
+    def __init__(self, room: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.room = room
+        self.read = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) - self.read > self.room:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The peer reads everything buffered so far."""
+        self.read = len(self.value())
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+def test_a_full_answer_is_written_only_as_fast_as_the_caller_reads():
+    """100 GET /v1/peers from one peer that never read made the registry buffer
+    100 full answers (1.9 MB each at 10,000 peers) and stalled other peers."""
+    hub = Hub()
+    now = hub.http.reactor.seconds()
+    for n in range(3000):
+        ip = f"10.9.{n // 250}.{n % 250}/32"
+        hub.device.add_peer(peer(new_key(), f"203.0.113.{n % 250}:{1000 + n}", (ip,), now))
+    hub.hub.model.observe(hub.device.snapshot(), now)
+    source = address("127.0.0.2")
+    protocol = hub.site.buildProtocol(source)
+    transport = FillingTransport(64 * 1024, peerAddress=source)
+    protocol.makeConnection(transport)
+    # Pipelined requests, never read: one answer's first pieces are buffered.
+    protocol.dataReceived(b"GET /v1/peers HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
+    buffered = len(transport.value())
+    assert 64 * 1024 < buffered < 128 * 1024
+    assert hub.device.reads <= 2  # and the later requests were not even started
+    # The caller reads: the rest comes, then the next request's answer.
+    for _ in range(200):
+        transport.drain()
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert length > 400_000 and json.loads(body[:length])["full"] is True
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 5

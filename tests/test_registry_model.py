@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +14,7 @@ from wgnat.registry.model import RegistryModel
 NOW = 1_000_000.0
 
 
-def test_only_live_peers_are_served_and_the_caller_is_left_out():
+def test_only_live_peers_are_served_and_a_full_answer_is_shared():
     a, b, stale, never = new_key(), new_key(), new_key(), new_key()
     model = RegistryModel()
     changed = model.observe(
@@ -28,11 +30,19 @@ def test_only_live_peers_are_served_and_the_caller_is_left_out():
     answer = model.answer(a, None, NOW)
     assert answer["full"] is True
     assert answer["you"]["endpoint"] == "203.0.113.21:51820"
-    assert [p["public_key"] for p in answer["peers"]] == [b.base64]
-    only = answer["peers"][0]
+    # Every live peer, the caller too: the same list for every caller.
+    assert sorted(p["public_key"] for p in answer["peers"]) == sorted([a.base64, b.base64])
+    [only] = [p for p in answer["peers"] if p["public_key"] == b.base64]
     assert only["endpoint"] == "203.0.113.22:51820"
     assert only["allowed_ips"] == ["198.51.100.3/32"]
     assert only["last_handshake_age"] == 100.0
+    # Encoded once per version: b's answer shares a's peers, byte for byte.
+    for_a = model.encoded_answer(a, None, NOW)
+    for_b = model.encoded_answer(b, None, NOW + 30)
+    assert json.loads(for_a)["peers"] == answer["peers"]
+    assert json.loads(for_b)["you"]["public_key"] == b.base64
+    assert for_a.split(b',"peers":')[1] == for_b.split(b',"peers":')[1]
+    assert json.loads(for_a) == {**answer}  # the same document both ways
 
 
 def test_version_moves_only_for_what_clients_act_on():

@@ -135,6 +135,19 @@ def encode_answer(
     return document
 
 
+def encode_full_answer(
+    epoch: str, version: int, peers_json: bytes, you: dict[str, Any] | None = None
+) -> bytes:
+    """A full answer (no newline) around `peers_json`, the JSON array of every
+    peer already encoded: the same bytes for every caller at one version, so the
+    registry encodes them once per version however many callers ask."""
+    head: dict[str, Any] = {"epoch": epoch, "version": version, "full": True}
+    if you is not None:
+        head["you"] = you
+    opening = json.dumps(head, separators=(",", ":")).encode("utf-8")[:-1]
+    return opening + b',"peers":' + peers_json + b',"removed":[]}'
+
+
 def encode_line(document: Mapping[str, Any]) -> bytes:
     """One line of a stream: compact JSON (never a newline inside) and a newline."""
     return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
@@ -143,6 +156,10 @@ def encode_line(document: Mapping[str, Any]) -> bytes:
 def encode_body(document: Mapping[str, Any]) -> bytes:
     """A whole JSON answer or request body."""
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def encode_body_list(items: list[Any]) -> bytes:
+    return json.dumps(items, separators=(",", ":")).encode("utf-8")
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:

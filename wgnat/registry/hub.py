@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -199,11 +198,11 @@ class Registry:
 
         def start(_: None) -> Stream:
             now = self.clock.seconds()
-            document = self.model.answer(caller, since, now, epoch)
+            first = self.model.encoded_answer(caller, since, now, epoch) + b"\n"
             stream = Stream(caller, send, self.model.version, now)
             self._streams[stream] = None
             self._schedule_keepalive()
-            self._send(stream, encode_line(document))
+            self._send(stream, first)
             return stream
 
         return ready.addCallback(start)
@@ -316,8 +315,9 @@ class Registry:
         epoch: str | None,
         wait: float,
         on_wait: Callable[[Deferred[None]], object] | None = None,
-    ) -> Deferred[dict[str, Any]]:
-        """The caller's view, once there is something new for it (or `wait` ends).
+    ) -> Deferred[bytes]:
+        """The caller's view, encoded, once there is something new for it (or
+        `wait` ends).
 
         A full answer (`since` None) reads the device first: the caller may have
         just completed its first handshake, which the others must hear of.
@@ -334,8 +334,9 @@ class Registry:
             return waiter
 
         ready.addCallback(wait_for_change)
-        ready.addCallback(lambda _: self.model.answer(caller, since, self.clock.seconds(), epoch))
-        return ready  # type: ignore[return-value]
+        return ready.addCallback(
+            lambda _: self.model.encoded_answer(caller, since, self.clock.seconds(), epoch)
+        )
 
     def announce(self, caller: PublicKey, announcement: Announcement) -> Deferred[bool]:
         """Keep a caller's LAN endpoints (read first, so a peer that just came up
