@@ -85,7 +85,28 @@ def test_unreachable_registry_keeps_the_mesh_and_resumes(net):
     client.down = None
     net.clock.advance(30)
     assert a.registry_up is True and client.fetches > fetches
-    assert len(client.announced) >= 2  # re-announced after the outage
+    # The same registry (same epoch) still holds what a announced: not again.
+    assert len(client.announced) == 1
+
+
+def test_a_registry_restarted_afresh_gets_a_delta_request_a_full_answer_and_the_announcement(
+    net,
+):
+    from wgnat.registry.model import RegistryModel
+
+    a, _ = net.direct_pair()
+    kb = net.hosts["b"].key
+    client = net.hosts["a"].client
+    epoch = a.view.epoch
+    # The registry process restarts without its state: a new epoch, nothing announced.
+    for stream in list(client.streams):
+        stream.fail(RegistryError("the registry's stream was cut off"))
+    net.hub.model = RegistryModel()
+    net.clock.advance(1.0)  # the first backoff window
+    assert a.registry_up is True and a.view.epoch not in (None, epoch)
+    assert len(client.announced) == 2  # announced again, to the new epoch
+    assert net.hub.model.announcements.get(net.hosts["a"].key) is not None
+    assert a.paths() == {kb: Path.DIRECT}  # nothing disturbed meanwhile
 
 
 def test_restart_keeps_peers_without_duplicates_or_orphans(net):
@@ -288,14 +309,42 @@ def test_the_state_file_is_written_once_a_batch_and_before_the_peers_exist(net):
     assert not any(key in device.peers for key in others)
 
 
-def test_an_unchanged_full_resync_reads_nothing_a_changed_one_plans(net):
+def test_the_safety_net_check_costs_nothing_when_the_view_is_current(net):
+    """-t asks the registry whether our view is its view (a digest): nothing is
+    encoded, fetched or planned when it is; what differs comes back when not."""
     a, _ = net.direct_pair()
     client, device = net.hosts["a"].client, net.hosts["a"].device
-    fetches, reads = client.fetches, device.reads
-    a.follower.resync()  # the -t timer: a full answer, the same view
-    assert client.fetches > fetches
+    fetches, reads, checks = client.fetches, device.reads, client.checks
+    a.follower.resync()  # the -t timer
+    assert client.checks == checks + 1 and client.fetches == fetches
     assert device.reads == reads  # the health check's timer reads the device, not this
-    # The view had drifted from the registry's (what the safety net is for): plans.
+    # The view had drifted from the registry's (what the safety net is for): the
+    # check answers with the whole view, which is planned.
     a.view.peers.clear()
     a.follower.resync()
-    assert device.reads > reads and net.hosts["b"].key in a.view.peers
+    assert net.hosts["b"].key in a.view.peers and device.reads > reads
+    # The stream is followed again from the view's version, not asked whole.
+    assert len(client.streams) == 1 and a.view.version == net.hub.model.version
+
+
+def test_the_safety_net_runs_on_its_timer_and_survives_a_failed_check(net, logged):
+    a, _ = net.direct_pair()
+    client = net.hosts["a"].client
+    checks = client.checks
+    net.clock.advance(60)  # -t 1m0s
+    assert client.checks == checks + 1
+    original = client.check
+
+    def broken(*args):
+        from twisted.internet.defer import fail
+
+        return fail(RegistryError("the registry refused the request: HTTP 500"))
+
+    client.check = broken
+    fetches = client.fetches
+    net.clock.advance(60)
+    assert client.fetches == fetches + 1  # fell back to the whole view
+    assert any("the -t check failed" in line for line in logged)
+    client.check = original
+    net.clock.advance(60)
+    assert client.checks == checks + 2 and a.registry_up is True

@@ -321,3 +321,27 @@ def test_a_silent_stream_is_taken_for_dead():
     canned.http.advance(1)
     with pytest.raises(RegistryError, match=r"silent for 35 s"):
         canned.http.result(waiting)
+
+
+def test_the_check_says_current_in_a_few_bytes_or_sends_what_changed(setup):
+    from wgnat.client.view import RegistryView
+    from wgnat.wire import view_digest
+
+    client = setup.client("127.0.0.2")
+    stream = client.follow(None, None)
+    view = RegistryView()
+    view.apply(setup.next(stream))
+    digest = view_digest(view.peers.values(), view.my_endpoint)
+    assert setup.http.result(client.check(view.epoch, view.version, digest)) is None
+    code, text = setup.raw(
+        b"GET", f"/v1/check?epoch={view.epoch}&version={view.version}&digest={digest}"
+    )
+    assert code == 200 and len(text) < 100 and json.loads(text)["current"] is True
+    setup.moved(setup.b, "203.0.113.22:40000")
+    answer = setup.http.result(client.check(view.epoch, view.version, digest))
+    assert answer is not None and not answer.full
+    assert [str(p.endpoint) for p in answer.peers] == ["203.0.113.22:40000"]
+    for query in ("", "epoch=zz&version=1&digest=" + "0" * 16, "epoch=ab&version=1&digest=x"):
+        code, text = setup.raw(b"GET", f"/v1/check?{query}")
+        assert code == 400, (query, text)
+    stream.close()

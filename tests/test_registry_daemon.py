@@ -22,7 +22,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def daemon_on_loopback(port: int) -> tap.RegistryDaemon:
+def daemon_on_loopback(port: int, state_dir: str = "") -> tap.RegistryDaemon:
     # "lo" is a real, up link, so the daemon's link check passes; the device
     # itself is the in-memory double with loopback as its "tunnel address".
     device = MemoryDevice(
@@ -33,7 +33,16 @@ def daemon_on_loopback(port: int) -> tap.RegistryDaemon:
     )
     options = tap.Options()
     options.parseOptions(
-        ["-i", "lo", "--metrics-listen", f"127.0.0.1:{free_port()}", "--status-socket", ""]
+        [
+            "-i",
+            "lo",
+            "--metrics-listen",
+            f"127.0.0.1:{free_port()}",
+            "--status-socket",
+            "",
+            "--state-dir",
+            state_dir,
+        ]
     )
     daemon = tap.RegistryDaemon(device, reactor, options)
     daemon.stop_reactor_on_failure = False

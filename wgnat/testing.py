@@ -39,7 +39,7 @@ from wgnat.client.reconcile import Settings
 from wgnat.client.registry_client import RegistryError, RegistryStream
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.hub import Registry, Stream
-from wgnat.wire import StreamDecoder, encode_line
+from wgnat.wire import Answer, StreamDecoder, decode_json, encode_line, parse_answer
 
 # -- a registry connection in memory --------------------------------------------
 
@@ -53,6 +53,8 @@ class MemoryRegistryClient:
         self.address = address
         self._down: str | None = None
         self.fetches = 0  # streams opened
+        self.checks = 0
+        self.full_answers = 0  # received on streams
         self.announced: list[Announcement] = []
         self.streams: list[RegistryStream] = []  # open ones
 
@@ -97,6 +99,8 @@ class MemoryRegistryClient:
         def receive(line: bytes) -> None:
             try:
                 for answer in decoder.feed(line):
+                    if answer is not None and answer.full:
+                        self.full_answers += 1
                     stream.put(answer)
             except InvalidValue as exc:
                 stream.fail(RegistryError(f"refused the registry's answer: {exc}"))
@@ -126,6 +130,21 @@ class MemoryRegistryClient:
 
         opening.addCallback(opened).addErrback(failed)
         return stream
+
+    def check(self, epoch: str, version: int, digest: str) -> Deferred[Answer | None]:
+        """The -t check, through the same JSON decoding as the wire's."""
+        self.checks += 1
+
+        def ask(caller: PublicKey) -> Answer | None:
+            payload = self.hub.check(caller, epoch, version, digest)
+            if payload is None:
+                return None
+            try:
+                return parse_answer(decode_json(payload, "the registry's answer"))
+            except InvalidValue as exc:
+                raise RegistryError(f"refused the registry's answer: {exc}") from None
+
+        return self._caller().addCallback(ask)
 
     def announce(self, announcement: Announcement) -> Deferred[object]:
         self.announced.append(announcement)
@@ -186,6 +205,9 @@ class ScriptedRegistryClient:
             if not self._feed(stream, decoder, self.documents.pop(0)):
                 break
         return stream
+
+    def check(self, epoch: str, version: int, digest: str) -> Deferred[Answer | None]:
+        return succeed(None)  # what it says comes on the stream
 
     def announce(self, announcement: Announcement) -> Deferred[object]:
         return succeed({"version": 0})

@@ -24,6 +24,7 @@ caller, without "you"), and an empty line as a keep-alive.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -86,6 +87,54 @@ def reachable_from_elsewhere(endpoint: Endpoint) -> bool:
     if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
         host = host.ipv4_mapped
     return not (host.is_loopback or host.is_link_local or host.is_multicast or host.is_unspecified)
+
+
+# -- the digest of a view (GET /v1/check) ------------------------------------------
+
+
+def peer_digest(
+    public_key: PublicKey,
+    endpoint: Endpoint | None,
+    allowed_ips: Iterable[IPNetwork],
+    lan_endpoints: Iterable[Endpoint],
+    session: str | None,
+) -> int:
+    """64 bits that change with anything of a peer a client acts on.  Views
+    combine their peers' digests with XOR, which the registry keeps up to date
+    in O(1) per change and adjusts per caller in O(1)."""
+    text = "|".join(
+        (
+            public_key.base64,
+            str(endpoint) if endpoint is not None else "",
+            ",".join(sorted(str(network) for network in allowed_ips)),
+            ",".join(str(lan) for lan in lan_endpoints),
+            session or "",
+        )
+    )
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def own_endpoint_digest(endpoint: Endpoint | None) -> int:
+    text = "you|" + (str(endpoint) if endpoint is not None else "")
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def format_digest(value: int) -> str:
+    return f"{value:016x}"
+
+
+def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> str:
+    """The digest of a client's view: what it holds of every other peer, and
+    its own public endpoint."""
+    total = own_endpoint_digest(my_endpoint)
+    for peer in peers:
+        total ^= peer_digest(
+            peer.public_key, peer.endpoint, peer.allowed_ips, peer.lan_endpoints, peer.session
+        )
+    return format_digest(total)
+
+
+DIGEST_CHARS = 16
 
 
 # -- encoding -------------------------------------------------------------------

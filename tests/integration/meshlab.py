@@ -114,7 +114,15 @@ class MeshLab:
     def start_registry(self, twistd: bool = False, extra: tuple[str, ...] = ()) -> Daemon:
         node = self.registry
         assert node is not None
-        args = ["-i", node.wg.ifname, "--poll-interval", "1s", *extra]
+        args = [
+            "-i",
+            node.wg.ifname,
+            "--poll-interval",
+            "1s",
+            "--state-dir",
+            os.path.join(self.lab.tmpdir, "state-registry"),
+            *extra,
+        ]
         if twistd:
             argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "wgnat-server", *args]
         else:

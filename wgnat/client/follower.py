@@ -16,13 +16,14 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wgnat._types import Announcement
 from wgnat.client.metrics import ClientMetrics
 from wgnat.client.registry_client import RegistryError, RegistryStream, StreamEnded
 from wgnat.client.view import RegistryView
 from wgnat.timing import full_jitter, repeat, stop
-from wgnat.wire import Answer
+from wgnat.wire import Answer, view_digest
 
 log = Logger(namespace="wgnat.client")
 
@@ -30,6 +31,8 @@ log = Logger(namespace="wgnat.client")
 # clients that lost the registry together (it restarted) come back spread out.
 RECONNECT_INITIAL = 1.0
 RECONNECT_MAXIMUM = 30.0
+# An announcement made before the registry's first answer named its epoch.
+_NEXT_ANSWER = "(the next answer's)"
 
 
 class RegistryConnection(Protocol):
@@ -37,6 +40,8 @@ class RegistryConnection(Protocol):
     RegistryClient over HTTP; wgnat.testing's MemoryRegistryClient in memory)."""
 
     def follow(self, since: int | None, epoch: str | None) -> RegistryStream: ...
+
+    def check(self, epoch: str, version: int, digest: str) -> Deferred[Answer | None]: ...
 
     def announce(self, announcement: Announcement) -> Deferred[object]: ...
 
@@ -73,6 +78,9 @@ class RegistryFollower:
         self._stream: RegistryStream | None = None
         self._inflight: Deferred[Any] | None = None
         self._force_full = True
+        self._checking: Deferred[Answer | None] | None = None
+        self._announced_epoch: str | None = None
+        self._announcing: Deferred[None] | None = None
         self._resync: LoopingCall | None = None
         self.done: Deferred[None] | None = None
 
@@ -87,14 +95,60 @@ class RegistryFollower:
     def stop(self) -> Deferred[None]:
         self._running = False
         stop(self._resync)
+        if self._checking is not None:
+            self._checking.cancel()
         if self._inflight is not None:
             self._inflight.cancel()
         self._close_stream()
         return self.connection.close()
 
     def resync(self) -> None:
-        """The safety net: a full answer now, whatever the pushes said."""
+        """The -t safety net: check that the view is the registry's (a few bytes
+        when it is: the registry compares digests, encodes nothing), take the
+        delta (or full answer) it sends when not, and re-announce this host when
+        its LAN endpoints changed."""
+        if not self._running or self._checking is not None:
+            return
+        epoch, version = self.view.epoch, self.view.version
+        if epoch is None or version is None or self.up is not True:
+            return  # not following now: reconnecting brings the view up to date
+        digest = view_digest(self.view.peers.values(), self.view.my_endpoint)
+        checking = self.connection.check(epoch, version, digest)
+        self._checking = checking
+
+        def done(result: object) -> None:
+            self._checking = None
+
+        checking.addCallbacks(self._checked, self._check_failed).addBoth(done)
+        self._announce_if_changed()
+
+    def _checked(self, answer: Answer | None) -> None:
+        self._heard_from()
+        if answer is None:
+            return
+        log.info(
+            "the -t check found this client's view (version {mine}) behind the registry's "
+            "({theirs}{full}); updating it",
+            mine=self.view.version,
+            theirs=answer.version,
+            full=", a full answer" if answer.full else "",
+        )
+        self._apply(answer, answer.full)
+        # The stream may be behind that answer: follow it again from the view's version.
+        self._restart_stream()
+
+    def _check_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return
+        log.warn(
+            "the -t check failed ({error}); asking for the whole view instead",
+            error=failure.getErrorMessage(),
+        )
         self._force_full = True
+        self._restart_stream()
+
+    def _restart_stream(self) -> None:
+        self._close_stream()
         if self._inflight is not None:
             self._inflight.cancel()
 
@@ -105,9 +159,11 @@ class RegistryFollower:
 
     @inlineCallbacks
     def _run(self) -> Generator[Deferred[Any], Any, None]:
-        """Follow the registry's stream: its first answer (full when asked, after
-        announcing ourselves), then one per change, applied as they come; a
-        failure keeps the view and retries after a backoff."""
+        """Follow the registry's stream: its first answer (full at the start,
+        after announcing ourselves; from our version after that), then one per
+        change, applied as they come; a failure keeps the view and retries from
+        the view's version after a backoff (a registry that kept its state
+        answers with a delta; one that restarted afresh, with a full answer)."""
         failures = 0
         while self._running:
             full = self._force_full or self.view.version is None
@@ -131,7 +187,6 @@ class RegistryFollower:
                 if not isinstance(exc, RegistryError):
                     log.failure("unexpected error following the registry; retrying")
                 self._down(str(exc))
-                self._force_full = True
                 delay = self.backoff(failures)
                 failures += 1
                 try:
@@ -151,7 +206,12 @@ class RegistryFollower:
                 continue
             if full:
                 self._force_full = False
-            self._apply(answer, full)
+            self._apply(answer, answer.full)
+            if self._announced_epoch is _NEXT_ANSWER:
+                self._announced_epoch = self.view.epoch
+            elif self.view.epoch != self._announced_epoch and self._announcing is None:
+                # The registry restarted without what we announced: again.
+                self._announce_in_background()
 
     def _apply(self, answer: Answer, full: bool) -> None:
         changed = self.view.apply(answer)
@@ -162,9 +222,40 @@ class RegistryFollower:
 
     @inlineCallbacks
     def _announce(self) -> Generator[Deferred[Any], Any, None]:
+        epoch = self.view.epoch
         announcement = yield self.announcement()
         yield self.connection.announce(announcement)
         self.announced = announcement
+        # Before the first answer the epoch is not known: it is that answer's.
+        self._announced_epoch = epoch if epoch is not None else _NEXT_ANSWER
+
+    def _announce_in_background(self) -> None:
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                log.warn(
+                    "cannot announce this host to the registry ({error}); the next -t "
+                    "check tries again",
+                    error=failure.getErrorMessage(),
+                )
+
+        def done(result: object) -> None:
+            self._announcing = None
+
+        announcing = self._announce()
+        self._announcing = announcing
+        announcing.addErrback(failed).addBoth(done)
+
+    def _announce_if_changed(self) -> None:
+        if self._announcing is not None:
+            return
+
+        def compare(announcement: Announcement) -> None:
+            if announcement != self.announced or self.view.epoch != self._announced_epoch:
+                self._announce_in_background()
+
+        self.announcement().addCallback(compare).addErrback(
+            lambda failure: log.failure("cannot find this host's LAN endpoints", failure)
+        )
 
     def _down(self, error: str) -> None:
         self.metrics.registry_errors.inc()

@@ -31,6 +31,7 @@ from wgnat.wire import (
     decode_json,
     encode_announcement,
     encode_body,
+    parse_answer,
 )
 
 CONNECT_TIMEOUT = 5.0
@@ -323,6 +324,17 @@ class RegistryClient:
         return stream
 
     @inlineCallbacks
+    def check(
+        self, epoch: str, version: int, digest: str
+    ) -> Generator[Deferred[Any], Any, Answer | None]:
+        """The -t safety net: None when our view is current, else the answer
+        (a delta, or a full answer) that brings it up to date."""
+        query = urlencode({"epoch": epoch, "version": version, "digest": digest})
+        response = yield self._send(b"GET", f"/v1/check?{query}")
+        document = yield self._document(response)
+        return _check_answer(document)
+
+    @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
         response = yield self._send(
             b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
@@ -332,6 +344,16 @@ class RegistryClient:
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
+
+
+def _check_answer(document: Any) -> Answer | None:
+    """GET /v1/check's answer: {"current": true, ...}, or an answer to apply."""
+    if isinstance(document, dict) and document.get("current") is True:
+        return None
+    try:
+        return parse_answer(document)
+    except InvalidValue as exc:
+        raise RegistryError(f"refused the registry's answer: {exc}") from None
 
 
 def _cancelled(exc: BaseException) -> bool:

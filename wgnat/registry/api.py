@@ -42,6 +42,7 @@ from wgnat.logs import QuietSite
 from wgnat.registry.hub import KEEPALIVE_SECONDS, Registry, Stream
 from wgnat.registry.metrics import RegistryMetrics
 from wgnat.wire import (
+    DIGEST_CHARS,
     JSON_CONTENT_TYPE,
     KEEPALIVE_LINE,
     MAX_BODY_BYTES,
@@ -468,6 +469,42 @@ class AnnounceResource(RegistryResource):
         return server.NOT_DONE_YET
 
 
+class CheckResource(RegistryResource):
+    """GET /v1/check?epoch=E&version=V&digest=D: the -t safety net.  The
+    caller holds the current view: a few bytes, nothing encoded, no device
+    read.  Else the delta (or a full answer) it needs, as GET /v1/peers gives."""
+
+    def render_GET(self, request: server.Request) -> Any:
+        epoch = _query_epoch(request)
+        version = _query_number(request, "version", int)
+        values = (request.args or {}).get(b"digest") or [b""]
+        digest = values[0].decode("ascii", "replace")
+        if epoch is None or version is None:
+            raise ApiError(http.BAD_REQUEST, "query parameters 'epoch' and 'version' are needed")
+        if len(digest) != DIGEST_CHARS or not all(ch in "0123456789abcdef" for ch in digest):
+            raise ApiError(
+                http.BAD_REQUEST, f"query parameter 'digest' must be {DIGEST_CHARS} hex digits"
+            )
+
+        def answer(caller: PublicKey) -> None:
+            payload = self.registry.check(caller, epoch, version, digest)
+            self.count("ok")
+            if payload is None:
+                model = self.registry.model
+                _send_json(
+                    request,
+                    http.OK,
+                    {"current": True, "epoch": model.epoch, "version": model.version},
+                )
+            else:
+                _send_body(request, http.OK, payload)
+
+        result = self.identify(request)
+        result.addCallback(answer)
+        result.addErrback(lambda failure: self.fail(request, failure))
+        return server.NOT_DONE_YET
+
+
 class HealthResource(Resource):
     isLeaf = True
 
@@ -498,6 +535,7 @@ def build_site(registry: Registry, metrics: RegistryMetrics | None = None) -> se
     root.putChild(b"v1", v1)
     v1.putChild(b"peers", PeersResource(registry, metrics))
     v1.putChild(b"announce", AnnounceResource(registry, metrics))
+    v1.putChild(b"check", CheckResource(registry, metrics))
     root.putChild(b"healthz", HealthResource(registry))
     site = ApiSite(root, timeout=IDLE_TIMEOUT_SECONDS, reactor=registry.clock)
     site.requestFactory = BoundedRequest

@@ -72,6 +72,8 @@ class Registry:
         self._streams: dict[Stream, None] = {}  # insertion-ordered set
         self._keepalive: LoopingCall | None = None
         self.last_read_error: str | None = None
+        # Called whenever the view changed (the state keeper saves it).
+        self.on_change: Callable[[], None] | None = None
         self._unknown_read_at: float | None = None
         self._unknown_waiters: list[Deferred[None]] | None = None
         self._unknown_timer: IDelayedCall | None = None
@@ -165,6 +167,8 @@ class Registry:
         return len(self._waiters) + len(self._streams)
 
     def notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
         waiters, self._waiters = self._waiters, set()
         if waiters or self._streams:
             log.debug(
@@ -337,6 +341,14 @@ class Registry:
         return ready.addCallback(
             lambda _: self.model.encoded_answer(caller, since, self.clock.seconds(), epoch)
         )
+
+    def check(self, caller: PublicKey, epoch: str, version: int, digest: str) -> bytes | None:
+        """The -t safety net (RegistryModel.check): None when the caller's view
+        is current; counted in the metrics."""
+        payload = self.model.check(caller, epoch, version, digest, self.clock.seconds())
+        if self.metrics is not None:
+            self.metrics.checks.labels(outcome="current" if payload is None else "changed").inc()
+        return payload
 
     def announce(self, caller: PublicKey, announcement: Announcement) -> Deferred[bool]:
         """Keep a caller's LAN endpoints (read first, so a peer that just came up

@@ -57,6 +57,14 @@ class RegistryMetrics:
             registry=self.registry,
         )
 
+        self.checks = Counter(
+            "wgnat_registry_checks_total",
+            "Clients' -t checks: their view was current, or they were sent what changed",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("current", "changed"):
+            self.checks.labels(outcome=outcome)
         self.connections_refused = Counter(
             "wgnat_registry_connections_refused_total",
             "Connections closed unread: over the limit per source or in total, by listener",

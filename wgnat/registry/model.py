@@ -33,6 +33,9 @@ from wgnat.wire import (
     encode_full_answer,
     encode_peer,
     encode_you,
+    format_digest,
+    own_endpoint_digest,
+    peer_digest,
 )
 
 # WireGuard drops a session 180 s after its last handshake (REJECT_AFTER_TIME);
@@ -51,6 +54,16 @@ class PeerRecord:
     announcement: Announcement | None
     latest_handshake: float | None
     version: int  # when anything a client acts on last changed
+
+    def digest(self) -> int:
+        announcement = self.announcement
+        return peer_digest(
+            self.public_key,
+            self.endpoint,
+            self.allowed_ips,
+            announcement.lan_endpoints if announcement else (),
+            announcement.session if announcement else None,
+        )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
         return (
@@ -103,6 +116,8 @@ class RegistryModel:
     # Every peer on the device (live or not): callers are identified among them.
     known: dict[PublicKey, PeerState] = field(default_factory=dict)
     endpoint_changes: int = 0
+    # The XOR of every record's digest (wire.peer_digest), kept up to date.
+    digest: int = 0
     # The encoded peers of the last full answer, and its version.
     _full_peers: tuple[int, bytes] | None = None
     # Caller lookup, rebuilt with `known`: single addresses by dict, the rare
@@ -154,10 +169,17 @@ class RegistryModel:
         )
         return True
 
+    def restore(self, record: PeerRecord) -> None:
+        """Put back a record read from the state file (given in version order)."""
+        self._stamp(record)
+
     def _stamp(self, record: PeerRecord) -> None:
         """Store a record with a new version at the end of the version order."""
-        self.records.pop(record.public_key, None)
+        old = self.records.pop(record.public_key, None)
+        if old is not None:
+            self.digest ^= old.digest()
         self.records[record.public_key] = record
+        self.digest ^= record.digest()
 
     def _index_callers(self) -> None:
         hosts: dict[IPAddress, PublicKey] = {}
@@ -216,7 +238,7 @@ class RegistryModel:
         return change
 
     def _remove(self, key: PublicKey) -> None:
-        del self.records[key]
+        self.digest ^= self.records.pop(key).digest()
         self.tombstones[key] = self._bump()
         while len(self.tombstones) > self.max_tombstones:
             oldest = next(iter(self.tombstones))  # version order: the first is the oldest
@@ -269,6 +291,30 @@ class RegistryModel:
         me = self.known.get(caller)
         you = encode_you(caller, me.endpoint if me else None, me.allowed_ips if me else ())
         return encode_full_answer(self.epoch, self.version, cached[1], you)
+
+    def view_digest(self, caller: PublicKey) -> str:
+        """The digest of the view `caller` should hold (wire.view_digest): every
+        record but its own, and its own endpoint.  O(1)."""
+        total = self.digest
+        own = self.records.get(caller)
+        if own is not None:
+            total ^= own.digest()
+        me = self.known.get(caller)
+        total ^= own_endpoint_digest(me.endpoint if me else None)
+        return format_digest(total)
+
+    def check(
+        self, caller: PublicKey, epoch: str, version: int, digest: str, now: float
+    ) -> bytes | None:
+        """The -t safety net: None when the caller holds the current view (no
+        encoding at all), else what it needs: the delta since its version when
+        the registry still has it, a full answer otherwise (another epoch, a
+        version too old, or a view that differs at the current version)."""
+        if epoch == self.epoch and version == self.version:
+            if digest == self.view_digest(caller):
+                return None
+            return self.encoded_answer(caller, None, now, epoch)
+        return self.encoded_answer(caller, version, now, epoch)
 
     def broadcast(self, since: int, now: float) -> dict[str, Any]:
         """What changed after `since`, the same document for every caller: no

@@ -26,6 +26,7 @@ from wgnat.options import CommonOptions, port_number, tcp_endpoint
 from wgnat.registry.api import build_site
 from wgnat.registry.hub import Registry
 from wgnat.registry.metrics import RegistryMetrics
+from wgnat.registry.state import StateKeeper, default_state_path, encode_state, load_state
 from wgnat.registry.status import status_provider
 from wgnat.status_socket import StatusSocket, default_socket_path
 from wgnat.timing import repeat, stop
@@ -60,6 +61,13 @@ class Options(CommonOptions):
             None,
             str(DEFAULT_MAX_CONNECTIONS_PER_PEER),
             "API connections one peer (one source address) may hold at once",
+        ],
+        [
+            "state-dir",
+            None,
+            "/var/lib/wgnat",
+            "Where the registry keeps its view across restarts ('' for nowhere: a restart "
+            "then sends every client a full answer)",
         ],
         ["log-format", None, "text", "text or json"],
         [
@@ -117,6 +125,7 @@ class RegistryDaemon(service.Service):
         )
         self.ports: list[IListeningPort] = []
         self.listeners: dict[str, LimitedFactory] = {}
+        self.keeper: StateKeeper | None = None
         self.poller: LoopingCall | None = None
         path = options.get("status-socket")
         self.status = (
@@ -148,7 +157,18 @@ class RegistryDaemon(service.Service):
                 f"interface {ifname} is down; bring it up first: ip link set {ifname} up"
             )
         state = yield self.device.read()
-        self.hub.model.observe(state, self.reactor.seconds())
+        if self.options["state-dir"]:
+            path = default_state_path(self.options["state-dir"], ifname)
+            restored = load_state(path, ifname, state.public_key, self.hub.model.live_window)
+            if restored is not None:
+                self.hub.model = restored
+            hub_key = state.public_key
+            self.keeper = StateKeeper(
+                path, self.reactor, lambda: encode_state(self.hub.model, ifname, hub_key)
+            )
+            self.hub.on_change = self.keeper.changed
+        if self.hub.model.observe(state, self.reactor.seconds()) and self.keeper is not None:
+            self.keeper.changed()
         port = self.options["api-port"] or state.listen_port
         if not port:
             raise StartupError(f"interface {ifname} has no listen port; pass --api-port")
@@ -228,6 +248,8 @@ class RegistryDaemon(service.Service):
         super().stopService()
         stop(self.poller)
         self.hub.stop()
+        if self.keeper is not None:
+            self.keeper.stop()
         ports, self.ports = self.ports, []
         stopping: list[Deferred[Any]] = [maybeDeferred(port.stopListening) for port in ports]
         if self.status is not None:

@@ -1,0 +1,141 @@
+"""The registry's state across restarts (registry/state.py): a registry that
+restarts with its state keeps its epoch, so reconnecting clients resume with
+deltas, not full answers; a missing, corrupt or foreign file is a fresh start,
+said once; the file is written atomically, at most once a second."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.helpers import ep, new_key, peer
+from wgnat._types import Announcement
+from wgnat.client.registry_client import RegistryError
+from wgnat.device.memory import MemoryDevice
+from wgnat.registry.hub import Registry
+from wgnat.registry.model import LIVE_WINDOW, RegistryModel
+from wgnat.registry.state import (
+    SAVE_DELAY,
+    StateKeeper,
+    decode_state,
+    encode_state,
+    load_state,
+    write_atomically,
+)
+from wgnat.testing import SimulatedNetwork
+
+NOW = 1_700_000_000.0
+
+
+def populated_model() -> tuple[RegistryModel, MemoryDevice]:
+    device = MemoryDevice("wg0", public_key=new_key())
+    keys = [new_key() for _ in range(5)]
+    for n, key in enumerate(keys):
+        device.add_peer(peer(key, f"203.0.113.{20 + n}:51820", (f"198.51.100.{2 + n}/32",), NOW))
+    model = RegistryModel()
+    model.observe(device.snapshot(), NOW)
+    model.announce(keys[0], Announcement("ab", (ep("192.168.1.7:51820"),)))
+    del device.peers[keys[4]]
+    model.observe(device.snapshot(), NOW + 1)  # a tombstone
+    return model, device
+
+
+def test_the_state_round_trips():
+    model, device = populated_model()
+    document = json.loads(json.dumps(encode_state(model, "wg0", device.public_key)))
+    restored = decode_state(document, "wg0", device.public_key, LIVE_WINDOW)
+    assert (restored.epoch, restored.version, restored.horizon) == (
+        model.epoch,
+        model.version,
+        model.horizon,
+    )
+    assert list(restored.records.values()) == list(model.records.values())  # version order
+    assert restored.tombstones == model.tombstones
+    assert restored.announcements == model.announcements
+    assert restored.digest == model.digest
+    # Observing the same device changes nothing: no new version for anyone.
+    assert restored.observe(device.snapshot(), NOW + 2) == []
+    assert restored.version == model.version
+
+
+def test_a_restarted_registry_with_its_state_sends_deltas_not_full_answers(tmp_path):
+    net = SimulatedNetwork()
+    for n in range(4):
+        net.add_host(f"h{n}", f"198.51.100.{10 + n}", f"203.0.113.{10 + n}:51820")
+        net.agent(f"h{n}")
+    net.clock.advance(1.0)
+    clients = [host.client for host in net.hosts.values()]
+    full_before = sum(client.full_answers for client in clients if client is not None)
+    path = str(tmp_path / "server-wg0.json")
+    write_atomically(path, encode_state(net.hub.model, "wg0", net.registry_key))
+    # The registry process restarts: every stream cut, a new hub from the file.
+    old_epoch = net.hub.model.epoch
+    restarted = Registry(net.registry_device, net.clock)
+    restored = load_state(path, "wg0", net.registry_key, LIVE_WINDOW)
+    assert restored is not None
+    restarted.model = restored
+    for client in clients:
+        assert client is not None
+        client.hub = restarted
+        for stream in list(client.streams):
+            stream.fail(RegistryError("the registry's stream was cut off"))
+    net.hub = restarted
+    net.clock.advance(1.0)  # every client back within its first backoff window
+    for host in net.hosts.values():
+        assert host.agent is not None and host.agent.registry_up is True
+        assert host.agent.view.epoch == old_epoch
+    full_after = sum(client.full_answers for client in clients if client is not None)
+    assert full_after == full_before  # no client fetched a view it already had
+    assert restarted.streams() == 4
+    net.stop()
+
+
+def test_a_missing_corrupt_or_foreign_state_is_a_fresh_start_said_once(tmp_path, logged):
+    model, device = populated_model()
+    path = str(tmp_path / "server-wg0.json")
+    assert load_state(path, "wg0", device.public_key, LIVE_WINDOW) is None
+    assert any("no registry state" in line for line in logged)
+    with open(path, "w") as handle:
+        handle.write('{"format": 1, "epoch": ')  # cut short by a crash of a writer
+    del logged[:]
+    assert load_state(path, "wg0", device.public_key, LIVE_WINDOW) is None
+    [line] = [line for line in logged if "ignoring the registry state" in line]
+    assert "kept as" in line and "new epoch" in line
+    assert not os.path.exists(path)  # set aside, for the operator
+    assert [name for name in os.listdir(tmp_path) if ".corrupt-" in name]
+    # Another hub's state, or another interface's: not ours to resume.
+    write_atomically(path, encode_state(model, "wg0", new_key()))
+    assert load_state(path, "wg0", device.public_key, LIVE_WINDOW) is None
+    write_atomically(path, encode_state(model, "wg1", device.public_key))
+    assert load_state(path, "wg0", device.public_key, LIVE_WINDOW) is None
+    assert any("interface 'wg1'" in line for line in logged)
+
+
+def test_the_state_is_saved_at_most_once_a_second_and_a_failure_is_logged_once(logged):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    written = []
+    failing = {"on": False}
+
+    def write(path, document):
+        if failing["on"]:
+            raise OSError(28, "No space left on device")
+        written.append(document)
+
+    keeper = StateKeeper("/x/server-wg0.json", clock, lambda: {"n": len(written)}, write)
+    for _ in range(50):
+        keeper.changed()
+        clock.advance(0.01)
+    clock.advance(SAVE_DELAY)
+    assert len(written) == 1
+    failing["on"] = True
+    for _ in range(3):
+        keeper.changed()
+        clock.advance(SAVE_DELAY)
+    assert len([line for line in logged if "cannot save the registry state" in line]) == 1
+    failing["on"] = False
+    keeper.changed()
+    keeper.stop()  # at stop: saved now, not a second later
+    assert len(written) == 2
+    assert any("saved again" in line for line in logged)
