@@ -177,7 +177,7 @@ def test_no_pong_exits_1_and_says_why(status):
     )  # fmt: skip
     assert code == 1
     text = out.getvalue()
-    assert "(From 198.51.100.2 icmp_seq=1 Destination Host Unreachable)" in text
+    assert "  (From 198.51.100.2 Destination Host Unreachable)\n2 pings" in text
     assert text.rstrip().endswith("2 pings, 0 pongs, 2 lost")
 
 
@@ -222,3 +222,14 @@ def test_the_command_without_a_client_is_one_line(tmp_path):
 def test_bad_flags_are_one_line(flags, complaint):
     code, _, err = run_cli("ping", *flags, "198.51.100.3")
     assert code == 1 and complaint in err and err.count("\n") == 1
+
+
+def test_a_hubs_redirects_become_one_hint():
+    errors = [
+        f"From 198.51.100.1: icmp_seq={n} Redirect Host(New nexthop: 198.51.100.4)"
+        for n in (1, 2, 3)
+    ]
+    assert ping.error_notes(errors) == [
+        "198.51.100.1 sent ICMP redirects (harmless; on the hub: "
+        "sysctl -w net.ipv4.conf.all.send_redirects=0)"
+    ]

@@ -180,6 +180,23 @@ def parse_transmitted(line: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
+def error_notes(errors: Sequence[str]) -> list[str]:
+    """ping's error lines, each kind once; a hub's ICMP redirects (which ping
+    counts as errors, though every pong came back) as the setting to change."""
+    notes: list[str] = []
+    for error in errors:
+        if "Redirect" in error:
+            error = (
+                f"{error.split()[1].rstrip(':')} sent ICMP redirects (harmless; on the hub: "
+                "sysctl -w net.ipv4.conf.all.send_redirects=0)"
+            )
+        else:
+            error = re.sub(r"icmp_seq=\d+ ", "", error)
+        if error not in notes:
+            notes.append(error)
+    return notes
+
+
 def pong_line(target: Target, route: str, reply: Reply) -> str:
     return f"pong from {target.name} via {route} in {reply.rtt_ms:g} ms"
 
@@ -276,7 +293,7 @@ def ping_peer(
             sent = transmitted
         elif line.startswith(("From ", "ping: ")):
             errors.append(line.strip())
-    for error in dict.fromkeys(errors):  # each distinct error once
+    for error in error_notes(errors):
         out.write(f"  ({error})\n")
     out.write(summary(sent, replies) + "\n")
     if again is not None:
