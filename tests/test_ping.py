@@ -233,3 +233,13 @@ def test_a_hubs_redirects_become_one_hint():
         "198.51.100.1 sent ICMP redirects (harmless; on the hub: "
         "sysctl -w net.ipv4.conf.all.send_redirects=0)"
     ]
+
+
+def test_an_interrupted_ping_prints_its_summary_not_a_traceback(status):
+    def run(argv, timeout):
+        yield IPUTILS_OUTPUT.splitlines(keepends=True)[1]
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    assert ping.ping_peer(status, "198.51.100.3", out, run=run) == 0
+    assert out.getvalue().splitlines()[-1].startswith("1 pings, 1 pongs, 0 lost")

@@ -162,3 +162,15 @@ def test_per_peer_series_only_with_the_flag(net):
     text = generate_latest(flagged.registry).decode()
     registry = net.registry_key.base64
     assert f'wgnat_client_peer_sent_bytes_total{{interface="wg0",public_key="{registry}"}}' in text
+
+
+def test_metrics_per_peer_flag_reaches_the_metrics(monkeypatch):
+    from wgnat.client import tap
+    from wgnat.device.memory import MemoryDevice
+
+    monkeypatch.setattr(tap, "open_device_or_exit", lambda program, ifname, reactor: MemoryDevice())
+    for flags, expected in (([], False), (["--metrics-per-peer"], True)):
+        options = tap.Options()
+        options.parseOptions(["-r", new_key().base64, "--status-socket", "", *flags])
+        service = tap.makeService(options, reactor=object())
+        assert service.agent.metrics.per_peer is expected

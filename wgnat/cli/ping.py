@@ -281,18 +281,22 @@ def ping_peer(
     replies: list[Reply] = []
     sent = count
     errors: list[str] = []
-    for line in run(argv, count * interval + wait + 5):
-        reply = parse_reply(line)
-        if reply is not None:
-            replies.append(reply)
-            out.write(pong_line(target, route, reply) + "\n")
-            out.flush()
-            continue
-        transmitted = parse_transmitted(line)
-        if transmitted is not None:
-            sent = transmitted
-        elif line.startswith(("From ", "ping: ")):
-            errors.append(line.strip())
+    try:
+        for line in run(argv, count * interval + wait + 5):
+            reply = parse_reply(line)
+            if reply is not None:
+                replies.append(reply)
+                out.write(pong_line(target, route, reply) + "\n")
+                out.flush()
+                continue
+            transmitted = parse_transmitted(line)
+            if transmitted is not None:
+                sent = transmitted
+            elif line.startswith(("From ", "ping: ")):
+                errors.append(line.strip())
+    except KeyboardInterrupt:  # ^C: the summary so far, as ping itself does
+        sent = max([len(replies), *(reply.seq for reply in replies)])
+        again = None
     for error in error_notes(errors):
         out.write(f"  ({error})\n")
     out.write(summary(sent, replies) + "\n")
