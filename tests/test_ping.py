@@ -1,6 +1,6 @@
 """`wgnat ping`: finding the peer in a client's status document, describing its
 path, reading iputils ping's lines, and the command's exit codes (the ping
-itself replaced by its recorded output; tests/integration/test_ping.py runs the
+itself replaced by its recorded output; tests/integration/test_wgnat_ping.py runs the
 real one in a namespace lab)."""
 
 from __future__ import annotations
