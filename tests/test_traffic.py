@@ -48,15 +48,6 @@ def test_counters_that_went_down_between_two_reads_restarted():
     assert totals(ledger)["relayed"] == (5300, 11000)
 
 
-def test_forget_after_a_removal_counts_a_quick_recreation_in_full():
-    hub, b = new_key(), new_key()
-    ledger = TrafficLedger(hub)
-    ledger.observe(device(peer(hub), peer(b, rx=100, tx=100)))
-    ledger.forget(b)  # the agent removed it; re-created before the next read
-    ledger.observe(device(peer(hub), peer(b, rx=150, tx=120)))
-    assert totals(ledger)["direct"] == (250, 220)
-
-
 def sample(metrics: ClientMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 

@@ -303,7 +303,6 @@ class MeshAgent(service.Service):
                 removed.discard(action.public_key)
             elif action.kind == "remove" and done:
                 removed.add(action.public_key)
-                self.traffic.forget(action.public_key)
         if removed & mesh.managed:
             mesh.forget(removed)
             self._save(mesh.managed)

@@ -67,9 +67,7 @@ class TrafficLedger:
             # else: new on the device, or re-created since (its counters restarted)
             self.by_path[self.path_of(key)].add(received, sent)
             self.by_peer.setdefault(key, Bytes()).add(received, sent)
-        self._last = current  # a peer gone from the device starts again from zero
-
-    def forget(self, key: PublicKey) -> None:
-        """The peer was removed from the device: if it is re-created before the
-        next read, its new counters are new bytes (not a decrease to explain)."""
-        self._last.pop(key, None)
+        # A peer gone from the device starts again from zero.  The agent reads
+        # the device before every plan, and only a plan re-creates a peer, so a
+        # peer it removed is always seen gone before it comes back.
+        self._last = current
