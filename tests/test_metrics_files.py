@@ -24,7 +24,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
+from tests.helpers import device, new_key, peer
 from wgnat.client.metrics import ClientMetrics
+from wgnat.client.traffic import TrafficLedger
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.hub import Registry
 from wgnat.registry.metrics import RegistryMetrics
@@ -48,9 +50,14 @@ needs_promtool = pytest.mark.skipif(
 
 
 def exported_texts() -> dict[str, str]:
-    """What each daemon serves on /metrics, with every labelled series present."""
-    client = ClientMetrics()
+    """What each daemon serves on /metrics, with every labelled series present
+    (the per-peer ones of --metrics-per-peer too)."""
+    client = ClientMetrics(per_peer=True)
     client.watch(lambda: {"direct": 2, "relayed": 1, "probing": 0})
+    hub, b = new_key(), new_key()
+    ledger = TrafficLedger(hub)
+    ledger.observe(device(peer(hub, rx=900, tx=800), peer(b, rx=5000, tx=4000)))
+    client.watch_traffic(ledger, "wg0", lambda: {b: "direct"})
     client.device_errors.labels(operation="read").inc()
     client.device_operation_seconds.labels(operation="probe").observe(0.002)
     client.time_to_direct.observe(0.4)
@@ -112,6 +119,11 @@ def test_the_export_has_the_names_expected():
     assert "wgnat_client_handshakes_attempted_total" in series
     assert "wgnat_registry_endpoint_changes_total" in series
     assert "wgnat_registry_device_read_seconds_count" in series
+    assert {"path": "direct"} in series["wgnat_client_sent_bytes_total"]
+    assert {"path": "relayed"} in series["wgnat_client_received_bytes_total"]
+    for name in ("wgnat_client_peer_received_bytes_total", "wgnat_client_peer_sent_bytes_total"):
+        assert all(set(labels) == {"interface", "public_key"} for labels in series[name])
+    assert not any(name.startswith("wgnat_client_packets") for name in series)  # none counted
 
 
 def test_alerts_use_only_exported_metrics():
@@ -128,6 +140,7 @@ def test_alerts_use_only_exported_metrics():
         "WgnatDirectHandshakesFailing",
         "WgnatClientDeviceErrors",
         "WgnatRegistryDeviceReadFailures",
+        "WgnatDirectShareDropped",
     } <= alerts
     # Prometheus' own `up` is the only metric from elsewhere.
     expressions = re.findall(r"expr: (?:>-\n)?(.+?)\n\s+(?:for|labels):", text, re.DOTALL)
@@ -189,6 +202,11 @@ def test_every_label_value_is_exported_before_its_first_event():
         assert f'wgnat_client_device_operation_seconds_count{{operation="{operation}"}} 0.0' in text
     assert 'wgnat_client_device_errors_total{operation="read"} 0.0' in text
     assert 'wgnat_client_fallbacks_total{reason="no_handshake"} 0.0' in text
+    client.watch_traffic(TrafficLedger(new_key()), "wg0", dict)
+    text = generate_latest(client.registry).decode()
+    for path in ("direct", "relayed"):
+        assert f'wgnat_client_received_bytes_total{{path="{path}"}} 0.0' in text
+        assert f'wgnat_client_sent_bytes_total{{path="{path}"}} 0.0' in text
 
 
 # -- promtool ----------------------------------------------------------------
@@ -253,6 +271,25 @@ tests:
         values: '0 0 0 0 0 1 2 3 4 5 6 7 8'
       - series: 'wgnat_client_device_errors_total{operation="probe",instance="a:9588"}'
         values: '0 0 0 1 1 1'
+      # c: 1000 B/s direct and 100 B/s relayed for 25 hours, then every byte
+      # relayed (2000 B/s): the direct share drops from 0.91 to 0.
+      - series: 'wgnat_client_received_bytes_total{path="direct",instance="c",job="wgnat-client"}'
+        values: '0+60000x1500 90000000+0x100'
+      - series: 'wgnat_client_received_bytes_total{path="relayed",instance="c",job="wgnat-client"}'
+        values: '0+6000x1500 9000000+120000x100'
+      - series: 'wgnat_client_sent_bytes_total{path="direct",instance="c",job="wgnat-client"}'
+        values: '0x1600'
+      - series: 'wgnat_client_sent_bytes_total{path="relayed",instance="c",job="wgnat-client"}'
+        values: '0x1600'
+      # d: the same drop, but at 10 B/s: too little traffic to matter.
+      - series: 'wgnat_client_received_bytes_total{path="direct",instance="d",job="wgnat-client"}'
+        values: '0+600x1500 900000+0x100'
+      - series: 'wgnat_client_received_bytes_total{path="relayed",instance="d",job="wgnat-client"}'
+        values: '0+60x1500 90000+600x100'
+      - series: 'wgnat_client_sent_bytes_total{path="direct",instance="d",job="wgnat-client"}'
+        values: '0x1600'
+      - series: 'wgnat_client_sent_bytes_total{path="relayed",instance="d",job="wgnat-client"}'
+        values: '0x1600'
     alert_rule_test:
       - eval_time: 29m
         alertname: WgnatPeerRelayedLong
@@ -276,6 +313,13 @@ tests:
         alertname: WgnatRegistryDeviceReadFailures
         exp_alerts:
           - exp_labels: {severity: critical, instance: "hub:9587", job: wgnat-registry}
+      - eval_time: 1499m
+        alertname: WgnatDirectShareDropped
+        exp_alerts: []
+      - eval_time: 1550m
+        alertname: WgnatDirectShareDropped
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: c, job: wgnat-client}
       - eval_time: 4m
         alertname: WgnatClientDeviceErrors
         exp_alerts:

@@ -2,7 +2,8 @@
 
 `wgnat status` fetches the daemon's status document over its Unix socket
 (status_socket.py: root only) with a plain HTTP request and prints it as a table
-(tables.py) or, with --json, as it is.
+(tables.py) or, with --json, as it is.  `wgnat ping PEER` fetches the client's
+and pings the peer over the tunnel (ping.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from typing import Any, TextIO
 
 from wgnat import __version__
+from wgnat.cli import ping
 from wgnat.cli.tables import format_status
 from wgnat.status_socket import STATUS_DIR, default_socket_path
 
@@ -111,7 +113,95 @@ def _parser() -> argparse.ArgumentParser:
         f"or {STATUS_DIR}/server-IFACE.sock with --server)",
     )
     status.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=argparse.SUPPRESS)
+    pinger = commands.add_parser(
+        "ping",
+        help="the path to a peer (direct or relayed, and why) and round trips over the tunnel",
+        description=(
+            "Ask the running wgnat-client which path traffic to PEER takes right now "
+            "(direct to which endpoint, or relayed through the registry, why, and when "
+            "the next direct attempt is), then ping PEER's tunnel address over the "
+            "WireGuard interface.  Exits 0 when a pong came back."
+        ),
+    )
+    pinger.add_argument(
+        "peer",
+        metavar="PEER",
+        help="a tunnel address, a public key or the start of one (as 'wgnat status' shows it)",
+    )
+    pinger.add_argument(
+        "-i", "--interface", default="wg0", help="the client's WireGuard interface (wg0)"
+    )
+    pinger.add_argument(
+        "-c",
+        "--count",
+        type=int,
+        default=ping.DEFAULT_COUNT,
+        help=f"how many pings ({ping.DEFAULT_COUNT})",
+    )
+    pinger.add_argument(
+        "--interval",
+        type=float,
+        default=ping.DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help=f"between pings ({ping.DEFAULT_INTERVAL:g})",
+    )
+    pinger.add_argument(
+        "-W",
+        "--wait",
+        type=float,
+        default=ping.DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for each pong ({ping.DEFAULT_WAIT:g})",
+    )
+    pinger.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"the client's status socket (default {STATUS_DIR}/client-IFACE.sock)",
+    )
+    pinger.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=argparse.SUPPRESS)
     return parser
+
+
+def _ping(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.count < 1:
+        print(f"wgnat ping: error: -c {args.count}: give at least one ping", file=err)
+        return EXIT_FAILURE
+    if not args.interval >= ping.MIN_INTERVAL:
+        print(
+            f"wgnat ping: error: --interval {args.interval:g}: at least "
+            f"{ping.MIN_INTERVAL:g} s (ping refuses less)",
+            file=err,
+        )
+        return EXIT_FAILURE
+    if not args.wait > 0:
+        print(f"wgnat ping: error: -W {args.wait:g}: give a number of seconds above 0", file=err)
+        return EXIT_FAILURE
+    path = args.socket or default_socket_path("client", args.interface)
+    who = "wgnat-client" if args.socket else f"wgnat-client for {args.interface}"
+
+    def again() -> dict[str, Any]:
+        try:
+            return fetch_status(path, who=who, timeout=args.timeout)
+        except StatusError:
+            return document  # the client went away meanwhile: nothing new to say
+
+    try:
+        document = fetch_status(path, who=who, timeout=args.timeout)
+        if document.get("role") != "client":
+            raise StatusError(f"{path} is a wgnat-server's socket; wgnat ping asks a wgnat-client")
+        return ping.ping_peer(
+            document,
+            args.peer,
+            out,
+            count=args.count,
+            interval=args.interval,
+            wait=args.wait,
+            again=again,
+        )
+    except (StatusError, ping.PingError) as exc:
+        out.flush()
+        print(f"wgnat ping: error: {exc}", file=err)
+        return EXIT_FAILURE
 
 
 def main(
@@ -121,11 +211,13 @@ def main(
     err = err or sys.stderr
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     ifname = args.interface
+    if "/" in ifname or not ifname or len(ifname) > 15:
+        print(f"wgnat {args.command}: error: {ifname!r} is not an interface name", file=err)
+        return EXIT_FAILURE
+    if args.command == "ping":
+        return _ping(args, out, err)
     role = "server" if args.server else "client"
     program = f"wgnat-{role}"
-    if "/" in ifname or not ifname or len(ifname) > 15:
-        print(f"wgnat status: error: {ifname!r} is not an interface name", file=err)
-        return EXIT_FAILURE
     path = args.socket or default_socket_path(role, ifname)
     who = program if args.socket else f"{program} for {ifname}"
     try:

@@ -31,6 +31,7 @@ from wgnat.client.reconcile import (
     registry_address_of,
 )
 from wgnat.client.registry_client import RegistryClient
+from wgnat.client.traffic import TrafficLedger
 from wgnat.client.view import RegistryView
 from wgnat.daemon import StartupError, report_startup_failure
 from wgnat.device import Device, DeviceError
@@ -87,6 +88,8 @@ class MeshAgent(service.Service):
         self.state_store = state_store
         self.view = RegistryView()
         self.mesh: Mesh | None = None
+        # Bytes by path, from every device read the reconciliation makes (in order).
+        self.traffic = TrafficLedger(config.registry_key)
         self.follower: RegistryFollower | None = None
         self.registry_address: IPAddress | None = None
         self.registry_port: int | None = None
@@ -137,6 +140,7 @@ class MeshAgent(service.Service):
         if not tunnel:
             raise StartupError(f"interface {self.device.ifname} has no tunnel address")
         self.listen_port = state.listen_port
+        self.traffic.observe(state)
         self.lan = yield self._find_lan()
         policy = Policy(
             tunnel_networks=tuple(a.network for a in tunnel),
@@ -157,6 +161,7 @@ class MeshAgent(service.Service):
         self.mesh = mesh
         self.registry_address, self.registry_port = address, port
         self.metrics.watch(mesh.counts)
+        self.metrics.watch_traffic(self.traffic, self.device.ifname, self.path_names)
         self.metrics.registry_connected.set(0)
         log.info(
             "wgnat-client on {ifname} ({backend}): registry {registry} at {address}:{port}, "
@@ -233,6 +238,7 @@ class MeshAgent(service.Service):
                     self._read_failed(str(exc))
                     break
                 self._read_works()
+                self.traffic.observe(state)
                 actions = mesh.plan(self.view, state, self.reactor.seconds())
                 self._planned = True
                 yield self._apply_all(actions)
@@ -363,6 +369,14 @@ class MeshAgent(service.Service):
     # -- for status and tests --------------------------------------------
     def paths(self) -> dict[PublicKey, Path]:
         return {key: p.path for key, p in (self.mesh.paths.items() if self.mesh else ())}
+
+    def path_names(self) -> dict[PublicKey, str]:
+        """Each mesh peer's path as status and metrics name it (a switching
+        peer is still probing: its traffic is relayed until the switch)."""
+        return {
+            key: "probing" if path is Path.SWITCHING else path.value
+            for key, path in self.paths().items()
+        }
 
     @property
     def registry_up(self) -> bool | None:

@@ -1,19 +1,34 @@
 """The client's Prometheus metrics: counted where the agent applies decisions,
-peers by path read from the mesh at scrape time."""
+peers by path read from the mesh at scrape time, traffic by path from the
+agent's latest device read (client/traffic.py) at scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from wgnat._types import PublicKey
 from wgnat.client.reconcile import ACTION_KINDS
+from wgnat.client.traffic import PATHS, TrafficLedger
 from wgnat.metrics import LATENCY_BUCKETS, TIME_TO_DIRECT_BUCKETS, StateCollector, build_info
+
+# What the traffic metrics' HELP texts say "direct" and "relayed" mean.
+_PATH_MEANING = (
+    "path=relayed: the registry peer's counters, i.e. everything through the hub "
+    "(relayed peers, the registry API, traffic to the hub and beyond it); "
+    "path=direct: every other peer on the device (mesh peers, probes included, and "
+    "peers configured by hand). From the device's counters at the client's latest "
+    "read (every 5-15 s); WireGuard counts no packets"
+)
 
 
 class ClientMetrics:
-    def __init__(self) -> None:
+    def __init__(self, per_peer: bool = False) -> None:
+        """`per_peer`: also export each peer's traffic and path (one series per
+        peer, labelled with its public key: --metrics-per-peer)."""
+        self.per_peer = per_peer
         self.registry = CollectorRegistry()
         build_info(self.registry, "client")
         r = self.registry
@@ -89,5 +104,65 @@ class ClientMetrics:
             for path in ("direct", "relayed", "probing"):
                 family.add_metric([path], counts.get(path, 0))
             yield family
+
+        self.registry.register(StateCollector(read))
+
+    def watch_traffic(
+        self,
+        ledger: TrafficLedger,
+        interface: str,
+        peer_paths: Callable[[], Mapping[PublicKey, str]],
+    ) -> None:
+        """Export the ledger's totals at scrape time; per peer only when asked
+        (`peer_paths`: each mesh peer's path, "direct", "relayed" or "probing")."""
+
+        def read() -> Iterable[Metric]:
+            received = CounterMetricFamily(
+                "wgnat_client_received_bytes",
+                f"Bytes received from WireGuard peers, by path. {_PATH_MEANING}",
+                labels=["path"],
+            )
+            sent = CounterMetricFamily(
+                "wgnat_client_sent_bytes",
+                f"Bytes sent to WireGuard peers, by path. {_PATH_MEANING}",
+                labels=["path"],
+            )
+            for path in PATHS:
+                received.add_metric([path], ledger.by_path[path].received)
+                sent.add_metric([path], ledger.by_path[path].sent)
+            yield received
+            yield sent
+            if not self.per_peer:
+                return
+            labels = ["interface", "public_key"]
+            peer_received = CounterMetricFamily(
+                "wgnat_client_peer_received_bytes",
+                "Bytes received from each peer ever on the device (the registry "
+                "peer's: everything through the hub), kept across its removals; "
+                "WireGuard counts no packets",
+                labels=labels,
+            )
+            peer_sent = CounterMetricFamily(
+                "wgnat_client_peer_sent_bytes",
+                "Bytes sent to each peer ever on the device (the registry peer's: "
+                "everything through the hub), kept across its removals",
+                labels=labels,
+            )
+            for key, counted in sorted(ledger.by_peer.items()):
+                peer_received.add_metric([interface, key.base64], counted.received)
+                peer_sent.add_metric([interface, key.base64], counted.sent)
+            yield peer_received
+            yield peer_sent
+            path_family = GaugeMetricFamily(
+                "wgnat_client_peer_path",
+                "1 for each mesh peer's current path (direct, relayed, probing), 0 for the others",
+                labels=[*labels, "path"],
+            )
+            for key, current in sorted(peer_paths().items()):
+                for path in ("direct", "relayed", "probing"):
+                    path_family.add_metric(
+                        [interface, key.base64, path], 1.0 if current == path else 0.0
+                    )
+            yield path_family
 
         self.registry.register(StateCollector(read))

@@ -72,6 +72,14 @@ class Options(CommonOptions):
         ],
         ["log-format", None, "text", "text or json"],
     ]
+    optFlags = [
+        [
+            "metrics-per-peer",
+            None,
+            "Also export each peer's traffic and path (one series per peer, "
+            "labelled interface and public_key)",
+        ],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -203,7 +211,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         device,
         reactor,
         config,
-        metrics=ClientMetrics(),
+        metrics=ClientMetrics(per_peer=bool(options["metrics-per-peer"])),
         lan_addresses=find_lan,
         state_store=StateStore(default_state_path(options["state-dir"], ifname)),
     )
