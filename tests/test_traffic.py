@@ -79,6 +79,7 @@ def test_path_metrics_add_up_to_the_device_counters(net):
     a = net.agent("a")
     a.metrics.per_peer = True
     net.agent("b"), net.agent("s")
+    net.clock.advance(1.0)  # b and s joined in a's second: known at the next read
     kb, ks = net.key("b"), net.key("s")
     net.handshake("a", "b")
     net.clock.advance(6.5)  # s's probe times out: relayed
@@ -111,9 +112,10 @@ def test_path_metrics_add_up_to_the_device_counters(net):
     assert kb not in dev.peers and a.paths()[kb] is Path.RELAYED
     assert path_bytes(a.metrics)["direct"] == before
     # b comes back (the retry meets b's): new counters from zero, added on top.
-    for _ in range(40):
-        net.clock.advance(10)
-        if kb in dev.peers:
+    ka, dev_b = net.key("a"), net.hosts["b"].device
+    for _ in range(80):
+        net.clock.advance(5)
+        if kb in dev.peers and ka in dev_b.peers:  # both ends probing at once
             break
     net.handshake("a", "b")
     net.clock.advance(0.5)

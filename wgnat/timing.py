@@ -11,6 +11,7 @@ same moment then come back spread over the whole window instead of in lock-step.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,3 +76,34 @@ def cancel(call: Any) -> None:
     """Cancel a pending `callLater` (an IDelayedCall), if any."""
     if call is not None and call.active():
         call.cancel()
+
+
+class SteadyClock:
+    """Unix-like seconds that never step: the wall clock read once at start,
+    then moved by the monotonic clock.  Timers, intervals and deadlines run on
+    it, so a wall-clock step (NTP, a hand-set date, a VM resumed) neither
+    freezes a timer nor fires every one at once; it still reads like Unix time
+    (for the moments both ends of a pair compute alike, and for people) as long
+    as the wall clock does not step."""
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.monotonic = monotonic
+        self.origin = wall() - monotonic()
+
+    def __call__(self) -> float:
+        return self.origin + self.monotonic()
+
+
+def use_steady_time(reactor: object) -> bool:
+    """Make a real reactor's timers run on a SteadyClock (Twisted's run on the
+    wall clock).  Done before any timer is scheduled (a daemon's makeService);
+    a reactor that already has timers, or a test's Clock, is left alone."""
+    pending = getattr(reactor, "getDelayedCalls", None)
+    if not hasattr(reactor, "run") or pending is None or pending():
+        return False
+    reactor.seconds = SteadyClock()  # type: ignore[attr-defined]
+    return True

@@ -272,7 +272,7 @@ class RegistryFollower:
     def _heard_from(self) -> None:
         now = self.clock.seconds()
         self.metrics.registry_connected.set(1)
-        self.metrics.last_sync.set(now)
+        self.metrics.last_sync.set_to_current_time()  # Unix time, for alerts
         self.last_sync, self.error = now, None
         if self.up is False:
             log.info("registry reachable again; resynchronising")

@@ -22,12 +22,14 @@ from wgnat.client.reconcile import Settings
 from wgnat.client.state_file import StateStore, default_state_path
 from wgnat.client.status import status_provider
 from wgnat.device import open_device_or_exit
+from wgnat.device.steady import SteadyDevice
 from wgnat.duration import parse_go_duration
 from wgnat.limits import METRICS_LIMITS, LimitedFactory
 from wgnat.logs import QuietSite
 from wgnat.metrics import DEFAULT_CLIENT_METRICS, MetricsResource
 from wgnat.options import CommonOptions, parse_listen, port_number, tcp_endpoint
 from wgnat.status_socket import StatusSocket, default_socket_path
+from wgnat.timing import use_steady_time
 
 log = Logger(namespace="wgnat.client")
 
@@ -194,7 +196,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
     ifname = options["interface"]
-    device = open_device_or_exit("wgnat-client", ifname, reactor)
+    use_steady_time(reactor)  # before any timer: none may run on the wall clock
+    device = SteadyDevice(
+        open_device_or_exit("wgnat-client", ifname, reactor), lambda: reactor.seconds()
+    )
     config = AgentConfig(
         registry_key=options["registry"],
         registry_address=options["registry-address"],

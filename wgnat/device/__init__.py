@@ -36,8 +36,11 @@ class DevicePermissionError(DeviceError):
 class Device(Protocol):
     """The operations every layer above uses; `memory.MemoryDevice` is the test double."""
 
-    ifname: str
-    backend: str
+    @property
+    def ifname(self) -> str: ...
+
+    @property
+    def backend(self) -> str: ...
 
     def read(self) -> Deferred[DeviceState]: ...
 

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from wgnat.daemon import StartupError, report_startup_failure
 from wgnat.device import Device, link_is_up, open_device_or_exit
+from wgnat.device.steady import SteadyDevice
 from wgnat.duration import parse_go_duration
 from wgnat.limits import METRICS_LIMITS, LimitedFactory, Limits, raise_descriptor_limit
 from wgnat.logs import QuietSite
@@ -29,7 +30,7 @@ from wgnat.registry.metrics import RegistryMetrics
 from wgnat.registry.state import StateKeeper, default_state_path, encode_state, load_state
 from wgnat.registry.status import status_provider
 from wgnat.status_socket import StatusSocket, default_socket_path
-from wgnat.timing import repeat, stop
+from wgnat.timing import repeat, stop, use_steady_time
 
 log = Logger(namespace="wgnat.registry")
 
@@ -262,6 +263,6 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return RegistryDaemon(
-        open_device_or_exit("wgnat-server", options["interface"], reactor), reactor, options
-    )
+    use_steady_time(reactor)  # before any timer: none may run on the wall clock
+    device = open_device_or_exit("wgnat-server", options["interface"], reactor)
+    return RegistryDaemon(SteadyDevice(device, lambda: reactor.seconds()), reactor, options)
