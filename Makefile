@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test unit fuzz install lint system-deps docker-engine venv image demo demo-down bench clean
+.PHONY: test unit fuzz install lint dist system-deps docker-engine venv image demo demo-down demo-clean bench clean
 
 # The package is installed for real (not editable) before every run, so the
 # namespace tests run the console scripts and twistd plugins a user would get.
@@ -52,6 +52,14 @@ lint: venv
 	# mypy on the pure core (Twisted's I/O layers are typed loosely upstream).
 	$(VENV)/bin/mypy wgnat/_types.py wgnat/duration.py wgnat/client/reconcile.py \
 		wgnat/client/view.py wgnat/registry/model.py wgnat/status.py compose/testbed.py
+
+# A release: the sdist and the wheel in dist/, checked as the package index
+# checks an upload (twine check --strict renders the README as the description).
+# The egg-info goes first: setuptools would otherwise re-read its old file list.
+dist: venv
+	rm -rf dist wgnat.egg-info
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
 
 # Figures (README "Figures"): real wireguard-go devices behind NAT routers in
 # network namespaces; needs root.  Medians and p95 over runs, never unit tests.
