@@ -79,8 +79,15 @@ demo: venv
 	@scripts/docker-engine.sh --required
 	@PYTHON=$(PY) $(PY) compose/testbed.py up
 
+# Removes the testbed and says what stays: the images, build/docker-wheels, a
+# background dockerd, the Debian packages it installed, the virtualenv.
 demo-down: venv
 	@$(PY) compose/testbed.py down
+
+# demo-down, then the images (wgnat, wgnat-prometheus, wgnat-base:bookworm) and
+# build/docker-wheels.  Not the virtualenv (make clean), not Docker itself.
+demo-clean: venv
+	@$(PY) compose/testbed.py clean
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
