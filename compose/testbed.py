@@ -411,7 +411,7 @@ def where_metrics() -> str:
         f"  docker exec {PROJECT}-registry-1 wgnat-metrics     "
         f"(wgnat-server, {REGISTRY_TUNNEL}:9587)\n"
         f"  docker exec {PROJECT}-a-1 wgnat-metrics            "
-        f"(wgnat-client, {CLIENTS['a'][0]}:9588; also b c s x p, each on its own)\n"
+        f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p likewise)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
         f"  docker exec {PROJECT}-registry-1 wgnat status --server\n"
         f"Prometheus ({PROJECT}-prometheus-1, itself a peer on the tunnel) scrapes them all\n"
@@ -564,7 +564,10 @@ def main(argv: list[str]) -> int:
     print(bed.table())
     print()
     print(where_metrics())
-    print("\nRemove it all with: make demo-down")
+    print(
+        "\nRemove the testbed with: make demo-down (it says what stays);"
+        " the images too: make demo-clean"
+    )
     return 0
 
 
