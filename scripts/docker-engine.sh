@@ -16,6 +16,17 @@ fail() {
     echo "docker-engine: the Docker tests will be skipped" >&2
     exit 0
 }
+# dockerd outlives this script, so it must not keep any descriptor but stdio
+# open: run as `flock /tmp/wgnat-docker.lock make demo`, it would otherwise
+# inherit the lock's and hold the lock for as long as it runs.
+start_dockerd() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    exec nohup dockerd >/var/log/dockerd.log 2>&1 </dev/null
+}
 docker info >/dev/null 2>&1 && exit 0
 [ "$(id -u)" = 0 ] || fail "no Docker engine answers and not root: cannot install or start one"
 if ! command -v dockerd >/dev/null; then
@@ -30,7 +41,7 @@ fi
 if ! docker info >/dev/null 2>&1; then
     if ! pidof dockerd >/dev/null; then
         echo "docker-engine: starting dockerd in the background (log: /var/log/dockerd.log)"
-        nohup dockerd >/var/log/dockerd.log 2>&1 &
+        start_dockerd &
     fi
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && break
