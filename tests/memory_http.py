@@ -116,3 +116,32 @@ class MemoryHTTP:
             return readBody(response).addCallback(lambda text: (response.code, text))
 
         return answer.addCallback(read)
+
+
+class TwoPeerRegistry:
+    """A registry (Registry over a MemoryDevice) with two live peers, a at
+    127.0.0.2 and b at 127.0.0.3, its API served in memory at 127.0.0.1:51820,
+    behind the daemon's connection limits when `limits` is given."""
+
+    def __init__(self, limits: Any = None) -> None:
+        from tests.helpers import new_key, peer
+        from wgnat.device.memory import MemoryDevice
+        from wgnat.limits import LimitedFactory
+        from wgnat.registry.api import build_site
+        from wgnat.registry.hub import Registry
+
+        self.http = MemoryHTTP()
+        self.http.reactor.advance(1_700_000_000)
+        self.a, self.b = new_key(), new_key()
+        self.device = MemoryDevice(public_key=new_key())
+        now = self.http.reactor.seconds()
+        self.device.add_peer(peer(self.a, "203.0.113.21:51820", ("127.0.0.2/32",), now))
+        self.device.add_peer(peer(self.b, "203.0.113.22:51820", ("127.0.0.3/32",), now))
+        self.hub = Registry(self.device, self.http.reactor)
+        site = build_site(self.hub)
+        self.site = (
+            site
+            if limits is None
+            else LimitedFactory(site, limits, "the api", self.http.reactor.seconds)
+        )
+        self.http.serve(self.site)

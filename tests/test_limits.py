@@ -16,11 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
 from tests.helpers import new_key, peer
-from tests.memory_http import MemoryHTTP
-from wgnat.device.memory import MemoryDevice
+from tests.memory_http import TwoPeerRegistry
 from wgnat.limits import REQUEST_DEADLINE_SECONDS, LimitedFactory, Limits, raise_descriptor_limit
-from wgnat.registry.api import build_site
-from wgnat.registry.hub import UNKNOWN_READ_INTERVAL, Registry
+from wgnat.registry.hub import UNKNOWN_READ_INTERVAL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
 URL = "http://127.0.0.1:51820"
@@ -53,20 +51,9 @@ def test_connections_past_the_limit_per_source_or_in_total_are_refused_unread(lo
     assert limited.buildProtocol(address("10.0.0.2", 9)) is not None
 
 
-class Hub:
+class Hub(TwoPeerRegistry):
     def __init__(self, per_source: int = 8, total: int = 100) -> None:
-        self.http = MemoryHTTP()
-        self.http.reactor.advance(1_700_000_000)
-        self.a, self.b = new_key(), new_key()
-        self.device = MemoryDevice(public_key=new_key())
-        now = self.http.reactor.seconds()
-        self.device.add_peer(peer(self.a, "203.0.113.21:51820", ("127.0.0.2/32",), now))
-        self.device.add_peer(peer(self.b, "203.0.113.22:51820", ("127.0.0.3/32",), now))
-        self.hub = Registry(self.device, self.http.reactor)
-        self.site = LimitedFactory(
-            build_site(self.hub), Limits(per_source, total), "the api", self.http.reactor.seconds
-        )
-        self.http.serve(self.site)
+        super().__init__(Limits(per_source, total))
 
     def connect(self, source: str) -> tuple[iosim.FakeTransport, Protocol | None]:
         """A raw connection from `source`, as a hostile peer opens one."""

@@ -12,14 +12,11 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.web import resource, server
 
-from tests.helpers import ep, new_key, peer
-from tests.memory_http import MemoryHTTP
+from tests.helpers import ep, new_key
+from tests.memory_http import MemoryHTTP, TwoPeerRegistry
 from wgnat._types import Announcement
 from wgnat.client.registry_client import RegistryClient, RegistryError
-from wgnat.device.memory import MemoryDevice
-from wgnat.registry.api import MAX_STREAMS_PER_CALLER, build_site
-from wgnat.registry.hub import Registry
-from wgnat.registry.model import RegistryModel
+from wgnat.registry.api import MAX_STREAMS_PER_CALLER
 from wgnat.wire import MAX_BODY_BYTES, parse_answer
 
 URL = "http://127.0.0.1:51820"
@@ -27,18 +24,7 @@ URL = "http://127.0.0.1:51820"
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
 
 
-class Setup:
-    def __init__(self) -> None:
-        self.http = MemoryHTTP()
-        self.http.reactor.advance(1_700_000_000)
-        self.a, self.b = new_key(), new_key()
-        self.device = MemoryDevice(public_key=new_key())
-        now = self.http.reactor.seconds()
-        self.device.add_peer(peer(self.a, "203.0.113.21:51820", ("127.0.0.2/32",), now))
-        self.device.add_peer(peer(self.b, "203.0.113.22:51820", ("127.0.0.3/32",), now))
-        self.hub = Registry(self.device, self.http.reactor, RegistryModel())
-        self.http.serve(build_site(self.hub))
-
+class Setup(TwoPeerRegistry):
     def client(self, source: str) -> RegistryClient:
         return RegistryClient(self.http.reactor, ip_address("127.0.0.1"), 51820, source)
 
