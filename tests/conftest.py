@@ -110,6 +110,7 @@ def _progress(config: pytest.Config, text: str) -> None:
     if reporter is not None:
         reporter.ensure_newline()
         reporter.write_line(text)
+        reporter.flush()  # a pipe or a file (CI's log) is block-buffered
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
