@@ -129,6 +129,11 @@ BOGUS_ENDPOINTS = [
     "[::]:51820",
     "[1.2.3.4]:80",
     "169.254.1.1:51820",
+    # IPv4-mapped IPv6: Python's is_loopback and friends do not see through these.
+    "[::ffff:127.0.0.1]:51820",
+    "[::ffff:169.254.169.254]:80",
+    "[::ffff:224.0.0.251]:5353",
+    "[::ffff:0.0.0.0]:51820",
     "1.2.3.4:99999999999999999999999",
     "x" * 100,
     "",
@@ -143,6 +148,11 @@ endpoint_like = st.one_of(
     st.builds(
         lambda a, p: f"[{ipaddress.IPv6Address(a)}]:{p}",
         st.integers(0, 2**128 - 1),
+        st.integers(0, 70000),
+    ),
+    st.builds(
+        lambda a, p: f"[::ffff:{ipaddress.IPv4Address(a)}]:{p}",
+        st.integers(0, 2**32 - 1),
         st.integers(0, 70000),
     ),
     st.text(max_size=70),
@@ -397,6 +407,31 @@ announce_body = st.one_of(
 )
 
 
+def servable_lan_endpoint(endpoint: Endpoint) -> bool:
+    """The oracle, written apart from the code under test: an address another
+    host could send to, its IPv4-mapped IPv6 form unwrapped first."""
+    host = endpoint.host
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    return not (host.is_loopback or host.is_link_local or host.is_multicast or host.is_unspecified)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[::ffff:127.0.0.1]:51820", "[::ffff:169.254.169.254]:80", "[::ffff:224.0.0.251]:5353"],
+)
+def test_the_oracle_and_the_registry_refuse_ipv4_mapped_lan_endpoints(text):
+    assert not servable_lan_endpoint(Endpoint.parse(text))
+    hub = Hub()
+    before = snapshot(hub.hub.model)
+    body = json.dumps({"session": "ab", "lan_endpoints": ["192.168.1.7:51820", text]}).encode()
+    _, transport = hub.send(Hub.A, request_bytes("POST", "/v1/announce", body))
+    hub.finish()
+    status, _ = check_answer(hub, transport, before)
+    assert status == 400
+    assert hub.a not in hub.hub.model.announcements
+
+
 @fuzz
 @given(
     body=announce_body,
@@ -418,7 +453,7 @@ def test_announce_bodies(body, source, chunked):
         kept = hub.hub.model.announcements[caller]
         assert len(kept.lan_endpoints) <= 8
         for endpoint in kept.lan_endpoints:
-            assert not (endpoint.host.is_loopback or endpoint.host.is_unspecified)
+            assert servable_lan_endpoint(endpoint), f"{endpoint} was accepted"
         # Nobody else's entry moved.
         other = hub.b if caller == hub.a else hub.a
         assert hub.hub.model.records[other] == before[3][other]

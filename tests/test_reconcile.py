@@ -122,6 +122,16 @@ def test_peer_behind_the_same_nat_is_reached_on_its_lan_endpoint():
     assert str(world.device.peers[b].endpoint) == "192.168.1.11:51820"
 
 
+def test_an_ipv4_mapped_loopback_lan_endpoint_is_never_a_target():
+    """[::ffff:127.0.0.1] is this host's loopback in disguise: a registry serving
+    it would aim our handshakes at our own services (issue 17, finding 6)."""
+    b = new_key()
+    world = World(make_mesh())
+    bogus = ("[::ffff:127.0.0.1]:51820", "[::ffff:169.254.169.254]:80", "[::ffff:224.0.0.251]:1")
+    world.step(view_of(remote(b, "203.0.113.21:1024", lan=bogus)), T0)
+    assert str(world.device.peers[b].endpoint) == "203.0.113.21:1024"
+
+
 def test_rebinding_is_followed_at_once_with_a_kick():
     b = new_key()
     world = World(make_mesh())

@@ -38,7 +38,7 @@ from wgnat._types import (
     PublicKey,
 )
 from wgnat.client.view import RegistryView
-from wgnat.wire import RemotePeer
+from wgnat.wire import RemotePeer, reachable_from_elsewhere
 
 
 class Path(enum.Enum):
@@ -243,17 +243,21 @@ class Mesh:
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
-        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint."""
+        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint.
+        Only one the registry itself would accept (`reachable_from_elsewhere`):
+        a registry that serves ::ffff:127.0.0.1 must not aim our handshakes at
+        this host's own services."""
+        lan = [ep for ep in remote.lan_endpoints if reachable_from_elsewhere(ep)]
         if (
             remote.endpoint is not None
             and my_endpoint is not None
             and remote.endpoint.host == my_endpoint.host
-            and remote.lan_endpoints
+            and lan
         ):
-            for endpoint in remote.lan_endpoints:
+            for endpoint in lan:
                 if any(endpoint.host in network for network in self.lan_networks):
                     return endpoint
-            return remote.lan_endpoints[0]
+            return lan[0]
         return remote.endpoint
 
     def backoff(self, attempts: int) -> float:
