@@ -299,3 +299,31 @@ def test_an_unchanged_full_resync_reads_nothing_a_changed_one_plans(net):
     a.view.peers.clear()
     a.follower.resync()
     assert device.reads > reads and net.hosts["b"].key in a.view.peers
+
+
+def test_a_direct_peer_is_never_given_a_route_holding_a_relayed_peers_address(net):
+    """Issue 17, finding 4, on the clock: the hub gives g 198.51.100.16/28 and a
+    (no wgnat client: relayed) 198.51.100.20/32.  c goes direct with g; traffic
+    for a's address must still go to the registry, which relays it to a."""
+    from dataclasses import replace
+
+    for name, tunnel, public in (
+        ("c", "198.51.100.2", "203.0.113.21:51820"),
+        ("g", "198.51.100.7", "203.0.113.22:51820"),
+        ("a", "198.51.100.20", "203.0.113.23:51820"),
+    ):
+        net.add_host(name, tunnel, public)
+    kg = net.key("g")
+    hub = net.registry_device.peers
+    hub[kg] = replace(hub[kg], allowed_ips=nets("198.51.100.7/32", "198.51.100.16/28"))
+    c, _ = net.agent("c"), net.agent("g")
+    net.handshake("c", "g")
+    net.clock.advance(0.3)
+    assert c.paths() == {kg: Path.DIRECT}
+    device = net.hosts["c"].device
+    assert device.peers[kg].allowed_ips == nets("198.51.100.7/32")
+    assert net.key("a") not in device.peers
+    for _ in range(10):  # and it stays so
+        net.alive("c", "g")
+        net.clock.advance(15)
+        assert device.peers[kg].allowed_ips == nets("198.51.100.7/32")

@@ -929,14 +929,14 @@ def run_agent(
             if key not in (REGISTRY_KEY, HAND_KEY) and device.peers[key].latest_handshake is None:
                 device.handshake(key, clock.seconds())
         clock.advance(0.5)
-        check_device(device, accept_routes)
+        check_device(device, accept_routes, agent)
     clock.advance(31)  # past the backoff of refused answers
-    check_device(device, accept_routes)
+    check_device(device, accept_routes, agent)
     agent.stopService()
     return device, registry, clock
 
 
-def check_device(device: MemoryDevice, accept_routes: bool) -> None:
+def check_device(device: MemoryDevice, accept_routes: bool, agent: MeshAgent | None = None) -> None:
     original = client_device().peers
     # The registry peer and the hand-configured peer are never touched.
     assert device.peers[REGISTRY_KEY] == original[REGISTRY_KEY]
@@ -961,6 +961,21 @@ def check_device(device: MemoryDevice, accept_routes: bool) -> None:
             assert not any(network.version == h.version and network.subnet_of(h) for h in hand), (
                 f"{where}: inside a route the hand-configured peer holds"
             )
+            # No route that would attract another peer's traffic: none may hold
+            # a more specific route the registry lists for another peer (relayed
+            # or not) or the hand-configured peer holds.
+            others = list(hand) + [
+                route
+                for other, remote in (agent.view.peers.items() if agent is not None else ())
+                if other not in (key, REGISTRY_KEY, MY_KEY)
+                for route in remote.allowed_ips
+            ]
+            for inner in others:
+                assert not (
+                    inner.version == network.version
+                    and inner != network
+                    and inner.subnet_of(network)  # type: ignore[arg-type]
+                ), f"{where}: holds {inner}, another peer's route"
 
 
 @fuzz

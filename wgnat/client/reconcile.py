@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from wgnat._types import (
@@ -178,6 +178,60 @@ class Event:
     seconds: float = 0.0
 
 
+class RouteIndex:
+    """Which routes hold a more specific route of another peer.
+
+    A route on a direct peer attracts every address inside it that no more
+    specific allowed IP on the device claims.  A relayed peer is not on the
+    device at all (its traffic rides the registry's broad allowed IPs), so a
+    direct peer's broader route containing it would take its traffic, and a
+    direct peer's would be taken the moment that peer falls back.  Installing
+    the broader route only while the specific one is installed was the other
+    way; refusing it is the one that cannot be wrong at any moment, whatever
+    the other peer's path: the broader route's traffic stays on the relay,
+    which the hub routes by the most specific allowed IP as well.
+
+    Built once a plan from every route the registry lists for a peer and every
+    route a hand-configured peer holds (not the registry's own, which direct
+    peers refine by design).  Two prefixes either nest or do not meet, so
+    "lies inside" is the whole of overlapping."""
+
+    def __init__(
+        self, routes: Iterable[tuple[PublicKey, IPNetwork]], widest: Iterable[IPNetwork] = ()
+    ) -> None:
+        # Only routes as wide as the widest candidate need an entry: a route is
+        # listed under each of its supernets down to that prefix length (at
+        # most 32 or 128 steps, usually none: host routes hold nothing).
+        shortest: dict[int, int] = {}
+        for network in widest:
+            if network.num_addresses > 1:
+                version = network.version
+                shortest[version] = min(shortest.get(version, network.prefixlen), network.prefixlen)
+        # supernet -> up to two (owner, route inside it) of different owners:
+        # enough to name one that is not the peer asking.
+        self._inside: dict[IPNetwork, list[tuple[PublicKey, IPNetwork]]] = {}
+        for owner, route in routes:
+            limit = shortest.get(route.version)
+            if limit is None:
+                continue
+            for prefix in range(route.prefixlen - 1, limit - 1, -1):
+                entry = self._inside.setdefault(route.supernet(new_prefix=prefix), [])
+                if len(entry) < 2 and all(known != owner for known, _ in entry):
+                    entry.append((owner, route))
+
+    def nested_in(
+        self, networks: Iterable[IPNetwork], owner: PublicKey
+    ) -> dict[IPNetwork, IPNetwork]:
+        """For each of `owner`'s networks that holds another peer's route: one such route."""
+        found: dict[IPNetwork, IPNetwork] = {}
+        for network in networks:
+            for other, route in self._inside.get(network, ()):
+                if other != owner:
+                    found[network] = route
+                    break
+        return found
+
+
 @dataclass
 class Policy:
     """Which allowed IPs from the registry may be put on the device."""
@@ -192,10 +246,13 @@ class Policy:
         networks: Iterable[IPNetwork],
         taken: set[IPNetwork],
         held: tuple[IPNetwork, ...] = (),
+        nested: Mapping[IPNetwork, IPNetwork] | None = None,
     ) -> tuple[tuple[IPNetwork, ...], list[str]]:
         """`taken`: routes no other peer may get again; `held`: routes of peers
         configured by hand, inside which nothing more specific may be taken either
-        (WireGuard routes the most specific allowed IP)."""
+        (WireGuard routes the most specific allowed IP); `nested`: for a route
+        that holds a more specific route of another peer, that route (see
+        RouteIndex: such a route is never installed)."""
         accepted: list[IPNetwork] = []
         rejected: list[str] = []
         for network in networks:
@@ -209,6 +266,11 @@ class Policy:
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
+            elif nested and network in nested:
+                rejected.append(
+                    f"{network} (holds {nested[network]}, another peer's route: that peer's "
+                    "traffic would go to this one whenever it is not direct)"
+                )
             elif network in taken or any(
                 network.version == route.version and network.subnet_of(route)  # type: ignore[arg-type]
                 for route in held
@@ -387,11 +449,29 @@ class Mesh:
             if key != self.registry_key
             for net in peer.allowed_ips
         )
+        listed = [
+            (key, net)
+            for key, remote in view.peers.items()
+            if key not in (self.my_key, self.registry_key)
+            for net in remote.allowed_ips
+        ]
+        routes = RouteIndex(
+            listed
+            + [
+                (key, net)
+                for key, peer in unmanaged.items()
+                if key != self.registry_key
+                for net in peer.allowed_ips
+            ],
+            widest=(net for _, net in listed),
+        )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
             if key in (self.my_key, self.registry_key) or key in unmanaged:
                 continue
-            allowed, rejected = self.policy.filter(remote.allowed_ips, taken, held)
+            allowed, rejected = self.policy.filter(
+                remote.allowed_ips, taken, held, routes.nested_in(remote.allowed_ips, key)
+            )
             taken.update(allowed)
             if rejected and self.rejected_logged.get(key) != tuple(rejected):
                 self.rejected_logged[key] = tuple(rejected)
@@ -401,6 +481,25 @@ class Mesh:
             if peer_path is not None:
                 peer_path.gone_since = None
                 peer_path.allowed_ips = allowed
+                device_peer = on_device.get(key)
+                if (
+                    peer_path.path is Path.DIRECT
+                    and device_peer is not None
+                    and set(device_peer.allowed_ips) - set(allowed)
+                ):
+                    # A route it may no longer hold (another peer's now lies
+                    # inside it, say) goes at once, not at the next health check.
+                    actions.append(
+                        Action(
+                            "promote",
+                            key,
+                            "allowed IPs withdrawn: "
+                            + ", ".join(
+                                str(n) for n in device_peer.allowed_ips if n not in allowed
+                            ),
+                            allowed_ips=allowed,
+                        )
+                    )
             skipped = _why_not_probed(remote, target, allowed, rejected)
             if skipped is not None or target is None:
                 self.unplanned[key] = skipped or "no endpoint"
