@@ -58,8 +58,11 @@ class World:
         )
 
     def step(self, view, now):
-        """What the agent does: plan, then carry out each action's updates."""
+        """What the agent does: plan, write down the peers it is about to create
+        (always works here; test_agent.py has a state file that fails), then
+        carry out each action's updates."""
         actions = self.mesh.plan(view, self.device.snapshot(), now)
+        self.mesh.saved(self.mesh.take_unsaved())
         for action in actions:
             if action.kind == "remove":
                 self.device.peers.pop(action.public_key, None)

@@ -170,7 +170,8 @@ class Action:
 class Event:
     """Something the agent counts or logs: "probe", "direct", "fallback",
     "rebinding", "removed", "rejected" (allowed IPs refused), "own_endpoint"
-    (our public endpoint moved)."""
+    (our public endpoint moved), "recovered" / "left_alone" (a peer taken back,
+    or not, after the state file was lost)."""
 
     kind: str
     public_key: PublicKey | None  # None: about this host itself
@@ -291,10 +292,17 @@ class Mesh:
     settings: Settings = field(default_factory=Settings)
     lan_networks: tuple[IPNetwork, ...] = ()
     paths: dict[PublicKey, PeerPath] = field(default_factory=dict)
-    # Keys this client created on the device (persisted by the agent): the only
-    # peers it may ever change or remove.  A key enters when plan() decides to
-    # probe it (before the device is touched) and leaves once its peer is gone.
+    # Keys this client created on the device, as written in the state file: the
+    # only peers it may ever change or remove.  A key enters `unsaved` when
+    # plan() decides to create its peer; the agent writes the file before it
+    # touches the device and then moves it here (`saved`), or, when the write
+    # fails, cancels the creation (`not_saved`).  A key leaves once its peer is
+    # gone (`forget`).
     managed: set[PublicKey] = field(default_factory=set)
+    unsaved: set[PublicKey] = field(default_factory=set)
+    # The state file was lost (corrupt): the first plan takes back the peers
+    # that look like ours (`_recover`), once it knows what the registry lists.
+    recovering: bool = False
     events: list[Event] = field(default_factory=list)
     rejected_logged: dict[PublicKey, tuple[str, ...]] = field(default_factory=dict)
     # Why plan() left a peer the registry lists without a path (so it stays
@@ -347,36 +355,73 @@ class Mesh:
             changed = kept != remembered
             self.managed = kept
         for peer in device.peers:
-            if peer.public_key not in self.managed:
-                continue
-            alive = (
-                peer.latest_handshake is not None
-                and now - peer.latest_handshake < self.settings.handshake_dead_after
-            )
-            if peer.allowed_ips and alive:
-                self.paths[peer.public_key] = PeerPath(
-                    Path.DIRECT,
-                    now,
-                    peer.endpoint,
-                    allowed_ips=peer.allowed_ips,
-                    learned_at=now,
-                    last_rx=peer.rx_bytes,
-                    rx_changed_at=now,
-                    last_tx=peer.tx_bytes,
-                    tx_read_at=now,
-                    reason="kept from before the restart",
-                )
-            else:
-                self.paths[peer.public_key] = PeerPath(
-                    Path.PROBING,
-                    now,
-                    peer.endpoint,
-                    attempts=1,
-                    deadline=now + self.settings.probe_timeout,
-                    learned_at=now,
-                    reason="kept from before the restart, probing again",
-                )
+            if peer.public_key in self.managed:
+                self._take_back(peer, now, "kept from before the restart")
         return changed
+
+    def _take_back(self, peer: PeerState, now: float, why: str) -> None:
+        alive = (
+            peer.latest_handshake is not None
+            and now - peer.latest_handshake < self.settings.handshake_dead_after
+        )
+        if peer.allowed_ips and alive:
+            self.paths[peer.public_key] = PeerPath(
+                Path.DIRECT,
+                now,
+                peer.endpoint,
+                allowed_ips=peer.allowed_ips,
+                learned_at=now,
+                last_rx=peer.rx_bytes,
+                rx_changed_at=now,
+                last_tx=peer.tx_bytes,
+                tx_read_at=now,
+                reason=why,
+            )
+        else:
+            self.paths[peer.public_key] = PeerPath(
+                Path.PROBING,
+                now,
+                peer.endpoint,
+                attempts=1,
+                deadline=now + self.settings.probe_timeout,
+                learned_at=now,
+                reason=f"{why}, probing again",
+            )
+
+    def _recover(self, view: RegistryView, device: DeviceState, now: float) -> None:
+        """The state file was lost: take back the peers that look like ours.
+
+        WireGuard keeps nothing per peer that we could set as a label without
+        changing how the peer behaves (its fields are the key, a preshared key,
+        the endpoint, the keepalive and the allowed IPs, each of which acts on
+        traffic), so there is no marker to write.  What a peer this client made
+        does carry is its shape: a key the registry lists (we create peers for
+        nothing else), our own persistent keepalive (every probe sets it), and
+        no allowed IPs (probing) or only ones the registry gives that key
+        (direct).  A peer of that shape is taken back; anything else (the
+        registry peer, other keepalives, routes the registry does not give that
+        key) is left alone, as configured by hand.  The one peer this can take
+        wrongly is a hand-made copy of what wgnat would have made itself; the
+        other way, leaving every peer alone, would keep stale routes for good
+        (issue 17, finding 5)."""
+        self.recovering = False
+        for peer in device.peers:
+            key = peer.public_key
+            if key in (self.my_key, self.registry_key) or key in self.managed:
+                continue
+            remote = view.peers.get(key)
+            if remote is None:
+                why = "the registry does not list it"
+            elif peer.persistent_keepalive != self.settings.keepalive:
+                why = f"its keepalive is {peer.persistent_keepalive or 'off'}, not ours"
+            elif not set(peer.allowed_ips) <= set(remote.allowed_ips):
+                why = "it has allowed IPs the registry does not give it"
+            else:
+                self.managed.add(key)
+                self._take_back(peer, now, "taken back after the state file was lost")
+                self.events.append(Event("recovered", key))
+                continue
+            self.events.append(Event("left_alone", key, why))
 
     def next_wakeup(self, now: float) -> float:
         """When plan() or promote_due() next has something to decide without new
@@ -430,6 +475,40 @@ class Mesh:
         events, self.events = self.events, []
         return events
 
+    def take_unsaved(self) -> set[PublicKey]:
+        """The keys whose peers this plan decided to create, none of them yet in
+        the state file: the agent writes them before it applies their probes."""
+        keys, self.unsaved = self.unsaved, set()
+        return keys
+
+    def saved(self, keys: set[PublicKey]) -> None:
+        """These keys are in the state file now: ours, their probes may go ahead."""
+        self.managed |= keys
+
+    def not_saved(self, keys: set[PublicKey], now: float, error: str) -> None:
+        """The state file could not be written, so these peers were not created:
+        a peer the file does not list would be taken for one configured by hand
+        after a restart, and kept, unmanaged, for good.  Each is relayed until
+        the next plan, which tries again."""
+        for key in keys:
+            peer_path = self.paths.get(key)
+            if peer_path is None:
+                continue
+            peer_path.path = Path.RELAYED
+            peer_path.since = now
+            peer_path.attempts = max(0, peer_path.attempts - 1)  # no attempt was made
+            peer_path.retry_at = now
+            peer_path.probed_at = None
+            peer_path.reason = (
+                f"not created yet: the state file could not be written ({error}); relayed, "
+                "retried at the next plan"
+            )
+        self.events = [
+            event
+            for event in self.events
+            if not (event.kind == "probe" and event.public_key in keys)
+        ]
+
     def forget(self, keys: set[PublicKey]) -> None:
         """These peers are gone from the device (their removal was applied):
         they are no longer ours to manage."""
@@ -437,6 +516,8 @@ class Mesh:
 
     # -- the decisions ----------------------------------------------------
     def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
+        if self.recovering:
+            self._recover(view, device, now)
         kicks = self._follow_own_endpoint(view.my_endpoint, now)
         actions: list[Action] = []
         on_device = device.by_key()
@@ -593,7 +674,8 @@ class Mesh:
         peer_path.deadline = now + self.settings.probe_timeout
         peer_path.reason = why
         peer_path.probed_at = now
-        self.managed.add(key)  # ours from now on: the agent saves it before the probe
+        if key not in self.managed:
+            self.unsaved.add(key)  # ours once the agent has written it down
         self.events.append(Event("probe", key))
         return Action(
             "probe",
