@@ -1018,29 +1018,3 @@ def test_agent_fuzz_reaches_the_device():
     assert registry.accepted == 1
     # 0.0.0.0/0 and a host inside the hand-configured peer's route were refused.
     assert device.peers[KEYS[3]].allowed_ips == (parse_network("198.51.100.3/32"),)
-
-
-# -- the suite's leak check (tests/leakcheck.py) works -----------------------
-
-
-def test_leak_check_finds_a_recorded_key_in_text_and_files(tmp_path):
-    import base64
-
-    import leakcheck
-
-    raw = os.urandom(32)
-    secret = base64.b64encode(raw).decode()
-    leakcheck.record_secret(secret + "\n")
-    before = len(leakcheck.leaks)
-    try:
-        assert leakcheck.check_text("public keys only", "a clean text")
-        assert not leakcheck.check_text(f"private_key={raw.hex()}\n", "a UAPI dump")
-        (tmp_path / "daemon-a.log").write_text(f"oops {secret}\n")
-        assert not leakcheck.check_directory(str(tmp_path), "a lab")
-        found = leakcheck.leaks[before:]
-        assert len(found) == 2 and "daemon-a.log" in found[1]
-        assert secret not in " ".join(found), "a leak report must not print the key"
-    finally:
-        del leakcheck.leaks[before:]
-        leakcheck.forget_secret(secret)
-    assert leakcheck.check_text(secret, "after forgetting")
