@@ -603,9 +603,9 @@ class Mesh:
                         self._probe(key, peer_path, target, now, f"its endpoint moved to {target}")
                     )
                 elif now >= peer_path.retry_at:
-                    actions.append(
-                        self._probe(key, peer_path, target, now, f"retry #{peer_path.attempts}")
-                    )
+                    # No attempt yet: its first probe was held back (not_saved).
+                    why = f"retry #{peer_path.attempts}" if peer_path.attempts else "new peer"
+                    actions.append(self._probe(key, peer_path, target, now, why))
             elif peer_path.endpoint != target:
                 actions.extend(self._follow(key, peer_path, target, now))
             peer_path.session = remote.session
