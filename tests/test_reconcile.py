@@ -608,7 +608,7 @@ def test_the_route_index_names_a_route_of_another_peer_only():
         [(g, n) for n in nets("10.0.0.0/16", "10.0.1.0/24")]
         + [(a, n) for n in nets("10.0.1.5/32", "fd00::5/128")]
         + [(b, n) for n in nets("10.0.2.0/24")],
-        widest=nets("10.0.0.0/16", "fd00::/64"),
+        widest=nets("10.0.0.0/16", "10.0.1.0/24", "10.0.2.0/24", "fd00::/64"),
     )
     found = index.nested_in(nets("10.0.0.0/16", "10.0.1.0/24"), g)
     assert found[nets("10.0.0.0/16")[0]] in nets("10.0.1.5/32", "10.0.2.0/24")
