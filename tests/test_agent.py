@@ -437,8 +437,20 @@ def test_a_corrupt_state_file_is_set_aside_and_wgnats_peers_are_taken_back(net, 
     with open(path, "w") as handle:
         handle.write('{"format": 1, "managed_peers": ["')  # cut short by a full disk
     hand_before, d_before = device.peers[hand], device.peers[kd]
+    store = net.hosts["a"].store
+    written: list[set] = []
+    real_save = store.save
+
+    def save(managed):
+        written.append(set(managed))
+        real_save(managed)
+
+    store.save = save
 
     again = net.agent("a")
+    # No file listing none of them was written before they were taken back (a
+    # crash then would have lost them for good).
+    assert written == [{kb}]
     assert any("is corrupt" in line and "kept as" in line for line in logged)
     assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     assert again.paths() == {kb: Path.DIRECT}  # taken back, not orphaned

@@ -309,6 +309,11 @@ class MeshAgent(service.Service):
         pending = mesh.take_unsaved()
         if self.state_store is None:
             mesh.saved(pending)
+        elif mesh.recovering:
+            # The lost file stays where it is until the first plan has taken our
+            # peers back: an empty file written now, and a crash, would leave
+            # them to a restart that sees a good file listing none of them.
+            pass
         elif pending or self._written != mesh.managed:
             if self._write_state(mesh.managed | pending):
                 mesh.saved(pending)
