@@ -4,13 +4,16 @@ MemoryDevices, all on one Clock."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from tests.helpers import ep, nets, new_key, peer
 from wgnat.client.agent import MeshAgent
 from wgnat.client.reconcile import Path
 from wgnat.client.registry_client import RegistryError, RegistryStream
-from wgnat.testing import SimulatedNetwork
+from wgnat.testing import MemoryStateStore, SimulatedNetwork
 
 START = 1_700_000_000.0
 
@@ -348,3 +351,165 @@ def test_the_safety_net_runs_on_its_timer_and_survives_a_failed_check(net, logge
     client.check = original
     net.clock.advance(60)
     assert client.checks == checks + 2 and a.registry_up is True
+
+
+def test_a_direct_peer_is_never_given_a_route_holding_a_relayed_peers_address(net):
+    """Issue 17, finding 4, on the clock: the hub gives g 198.51.100.16/28 and a
+    (no wgnat client: relayed) 198.51.100.20/32.  c goes direct with g; traffic
+    for a's address must still go to the registry, which relays it to a."""
+    from dataclasses import replace
+
+    for name, tunnel, public in (
+        ("c", "198.51.100.2", "203.0.113.21:51820"),
+        ("g", "198.51.100.7", "203.0.113.22:51820"),
+        ("a", "198.51.100.20", "203.0.113.23:51820"),
+    ):
+        net.add_host(name, tunnel, public)
+    kg = net.key("g")
+    hub = net.registry_device.peers
+    hub[kg] = replace(hub[kg], allowed_ips=nets("198.51.100.7/32", "198.51.100.16/28"))
+    c, _ = net.agent("c"), net.agent("g")
+    net.handshake("c", "g")
+    net.clock.advance(0.3)
+    assert c.paths() == {kg: Path.DIRECT}
+    device = net.hosts["c"].device
+    assert device.peers[kg].allowed_ips == nets("198.51.100.7/32")
+    assert net.key("a") not in device.peers
+    for _ in range(10):  # and it stays so
+        net.alive("c", "g")
+        net.clock.advance(15)
+        assert device.peers[kg].allowed_ips == nets("198.51.100.7/32")
+
+
+# -- the state file (issue 17, finding 5) --------------------------------------
+
+
+class FullDisk(MemoryStateStore):
+    """A state store whose writes fail with ENOSPC while `full` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+        self.failures = 0
+
+    def save(self, managed):
+        if self.full:
+            self.failures += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().save(managed)
+
+
+def unlisted_peers(net, name):
+    """Peers on the host's device that its state file does not list (orphans
+    after a restart), the registry peer aside."""
+    host = net.hosts[name]
+    return {key for key in host.device.peers if key != net.registry_key} - host.store.managed
+
+
+def test_a_failed_state_file_write_creates_no_peer_and_is_retried_and_logged_once(net, logged):
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    store = net.hosts["a"].store = FullDisk()
+    a, _ = net.agent("a"), net.agent("b")
+    kb = net.key("b")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    assert a.paths() == {kb: Path.DIRECT} and store.managed == {kb}
+    store.full = True
+    net.add_host("c", "198.51.100.4", "203.0.113.23:51820")
+    net.hub.refresh()
+    net.agent("c")  # announced: pushed to a, which decides to probe c
+    kc = net.key("c")
+    device = net.hosts["a"].device
+    assert kc not in device.peers, "a peer was created that the state file does not list"
+    assert a.paths()[kc] is Path.RELAYED
+    assert "state file could not be written" in a.mesh.paths[kc].reason
+    for _ in range(8):  # two minutes of plans: retried, never created, b kept
+        net.alive("a", "b")
+        net.clock.advance(15)
+        assert unlisted_peers(net, "a") == set()
+        assert a.paths()[kb] is Path.DIRECT
+    assert store.failures >= 8  # retried at every plan...
+    errors = [line for line in logged if "cannot write the state file" in line]
+    assert len(errors) == 1, errors  # ...and said once
+    assert "No space left on device" in errors[0] and "--state-dir" in errors[0]
+    assert not any("unexpected error" in line for line in logged)
+    store.full = False
+    net.alive("a", "b")
+    net.clock.advance(15)
+    assert kc in device.peers and store.managed == {kb, kc}
+    assert any("state file is written again" in line for line in logged)
+    # A restart takes every peer back: none is left unmanaged.
+    a.stopService()
+    again = net.agent("a")
+    assert set(again.paths()) == {kb, kc}
+
+
+def test_a_failed_write_after_a_removal_is_retried(net):
+    a, _ = net.direct_pair()
+    store = net.hosts["a"].store = a.state_store = FullDisk()
+    store.managed = {net.key("b")}
+    kb = net.key("b")
+    net.hosts["b"].agent.stopService()
+    del net.registry_device.peers[kb]
+    net.hub.refresh()
+    store.full = True
+    net.clock.advance(45)  # past the removal grace: removed, the write fails
+    assert kb not in net.hosts["a"].device.peers
+    assert store.managed == {kb}  # harmless: dropped at the next start
+    store.full = False
+    net.clock.advance(15)
+    assert store.managed == set()
+
+
+def test_a_corrupt_state_file_is_set_aside_and_wgnats_peers_are_taken_back(net, tmp_path, logged):
+    from wgnat.client.state_file import StateStore, default_state_path
+
+    path = default_state_path(str(tmp_path), "wg0")
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    net.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    net.add_host("d", "198.51.100.5", "203.0.113.24:51820")
+    net.hosts["a"].store = StateStore(path)  # type: ignore[assignment]
+    a, _, _ = net.agent("a"), net.agent("b"), net.agent("d")
+    kb, kd = net.key("b"), net.key("d")
+    net.handshake("a", "b")
+    net.clock.advance(0.3)
+    assert a.paths()[kb] is Path.DIRECT
+    device = net.hosts["a"].device
+    # Peers configured by hand: one the registry does not list, and one for a
+    # listed key (d, a wgnat client) but not in wgnat's shape (its own keepalive).
+    hand = new_key()
+    device.add_peer(peer(hand, "203.0.113.50:51820", ("198.51.100.50/32",), START))
+    device.peers.pop(kd, None)
+    device.add_peer(peer(kd, "203.0.113.24:51820", ("198.51.100.5/32",), START, keepalive=10))
+    a.stopService()
+    with open(path, "w") as handle:
+        handle.write('{"format": 1, "managed_peers": ["')  # cut short by a full disk
+    hand_before, d_before = device.peers[hand], device.peers[kd]
+    store = net.hosts["a"].store
+    written: list[set] = []
+    real_save = store.save
+
+    def save(managed):
+        written.append(set(managed))
+        real_save(managed)
+
+    store.save = save
+
+    again = net.agent("a")
+    # No file listing none of them was written before they were taken back (a
+    # crash then would have lost them for good).
+    assert written == [{kb}]
+    assert any("is corrupt" in line and "kept as" in line for line in logged)
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert again.paths() == {kb: Path.DIRECT}  # taken back, not orphaned
+    assert StateStore(path).load() == {kb}  # and written down again
+    assert device.peers[hand] == hand_before and device.peers[kd] == d_before
+    assert any("left alone as configured by hand" in line for line in logged)
+    # Managed again for real: when b leaves, its peer goes.
+    net.hosts["b"].agent.stopService()
+    del net.registry_device.peers[kb]
+    net.hub.refresh()
+    net.clock.advance(45)
+    assert kb not in device.peers and StateStore(path).load() == set()
+    assert device.peers[hand] == hand_before

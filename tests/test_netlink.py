@@ -38,6 +38,7 @@ from pyroute2.netlink.generic.wireguard import (
 )
 from twisted.internet import reactor
 
+from tests.helpers import record_secret, secret_b64
 from wgnat._types import DeviceState, Endpoint, PeerUpdate, PublicKey, parse_network
 from wgnat.device import DeviceError, DeviceNotFound, DevicePermissionError
 from wgnat.device.netlink import (
@@ -53,10 +54,6 @@ GENL_FAMILY_ID = 0x15  # any id: the kernel assigns it, pyroute2 resolves it by 
 
 def new_key() -> PublicKey:
     return PublicKey(os.urandom(32))
-
-
-def secret_b64() -> str:
-    return base64.b64encode(os.urandom(32)).decode("ascii")
 
 
 def nets(*texts: str) -> tuple:
@@ -444,6 +441,7 @@ class FakeFactory:
 
 # Strings a pyroute2 error could echo: a key from the request, for instance.
 LEAKY_TEXT = "request carried private_key=" + base64.b64encode(b"S" * 32).decode()
+record_secret(b"S" * 32)
 
 
 class TestNetlinkDeviceWithFakeSocket:

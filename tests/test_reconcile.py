@@ -58,8 +58,11 @@ class World:
         )
 
     def step(self, view, now):
-        """What the agent does: plan, then carry out each action's updates."""
+        """What the agent does: plan, write down the peers it is about to create
+        (always works here; test_agent.py has a state file that fails), then
+        carry out each action's updates."""
         actions = self.mesh.plan(view, self.device.snapshot(), now)
+        self.mesh.saved(self.mesh.take_unsaved())
         for action in actions:
             if action.kind == "remove":
                 self.device.peers.pop(action.public_key, None)
@@ -120,6 +123,16 @@ def test_peer_behind_the_same_nat_is_reached_on_its_lan_endpoint():
         view_of(remote(b, "203.0.113.21:1024", lan=("10.9.9.9:51820", "192.168.1.11:51820"))), T0
     )
     assert str(world.device.peers[b].endpoint) == "192.168.1.11:51820"
+
+
+def test_an_ipv4_mapped_loopback_lan_endpoint_is_never_a_target():
+    """[::ffff:127.0.0.1] is this host's loopback in disguise: a registry serving
+    it would aim our handshakes at our own services (issue 17, finding 6)."""
+    b = new_key()
+    world = World(make_mesh())
+    bogus = ("[::ffff:127.0.0.1]:51820", "[::ffff:169.254.169.254]:80", "[::ffff:224.0.0.251]:1")
+    world.step(view_of(remote(b, "203.0.113.21:1024", lan=bogus)), T0)
+    assert str(world.device.peers[b].endpoint) == "203.0.113.21:1024"
 
 
 def test_rebinding_is_followed_at_once_with_a_kick():
@@ -488,3 +501,118 @@ def test_a_rekey_is_not_data():
     world.device.traffic(b, rx=2000, tx=32 + 500)
     world.step(view, T0 + 32)
     assert world.mesh.next_wakeup(T0 + 32) == T0 + 37
+
+
+# -- route containment (issue 17, finding 4) ---------------------------------
+
+
+def routed_to(device: MemoryDevice, address: str):
+    """Where WireGuard sends a packet for `address`: the peer whose allowed IP
+    holding it is the most specific (cryptokey routing)."""
+    target = ip(address)
+    best = None
+    for key, state in device.peers.items():
+        for network in state.allowed_ips:
+            if target.version == network.version and target in network:
+                if best is None or network.prefixlen > best[1]:
+                    best = (key, network.prefixlen)
+    return best[0] if best else None
+
+
+def routes_world() -> World:
+    """A client accepting 10.0.0.0/8, with the registry relaying the whole of it."""
+    policy = Policy(
+        tunnel_networks=nets("198.51.100.0/24"),
+        registry_address=ip("198.51.100.1"),
+        own_addresses=(ip("198.51.100.2"),),
+        accept_routes=nets("10.0.0.0/8"),
+    )
+    world = World(Mesh(ME, REGISTRY, policy, Settings()))
+    world.device.add_peer(
+        peer(REGISTRY, "203.0.113.10:51820", ("198.51.100.0/24", "10.0.0.0/8"), T0, 0, 0, 25)
+    )
+    return world
+
+
+def go_direct(world: World, view, key, now) -> float:
+    world.step(view, now)
+    world.device.handshake(key, now + 0.1)
+    world.step(view, now + 0.5)
+    assert world.mesh.paths[key].path is Path.DIRECT
+    return now + 0.5
+
+
+def test_a_direct_peers_route_never_takes_a_relayed_peers_traffic():
+    """G is given 10.0.1.0/24 and A 10.0.1.5/32; G is direct, A relayed (no
+    wgnat client there): 10.0.1.5 must still go through the registry, to A."""
+    g, a = new_key(), new_key()
+    world = routes_world()
+    view = view_of(
+        remote(g, "203.0.113.22:51820", ("198.51.100.7/32", "10.0.1.0/24")),
+        remote(a, "203.0.113.23:51820", ("198.51.100.8/32", "10.0.1.5/32"), session=None),
+    )
+    go_direct(world, view, g, T0)
+    assert a not in world.device.peers
+    assert routed_to(world.device, "10.0.1.5") == REGISTRY
+    assert routed_to(world.device, "198.51.100.7") == g
+    assert world.device.peers[g].allowed_ips == nets("198.51.100.7/32")
+    [refused] = [e for e in world.mesh.events if e.kind == "rejected" and e.public_key == g]
+    assert "10.0.1.0/24 (holds 10.0.1.5/32, another peer's route" in refused.detail
+
+
+def test_a_broader_route_is_withdrawn_at_once_when_a_peer_inside_it_appears():
+    g, a = new_key(), new_key()
+    world = routes_world()
+    alone = view_of(remote(g, "203.0.113.22:51820", ("198.51.100.7/32", "10.0.1.0/24")))
+    now = go_direct(world, alone, g, T0)
+    assert routed_to(world.device, "10.0.1.5") == g  # nobody else claims it yet
+    both = view_of(
+        remote(g, "203.0.113.22:51820", ("198.51.100.7/32", "10.0.1.0/24")),
+        remote(a, "203.0.113.23:51820", ("198.51.100.8/32", "10.0.1.5/32")),
+    )
+    actions = world.step(both, now + 1)
+    assert ("promote", g) in [(x.kind, x.public_key) for x in actions]
+    assert routed_to(world.device, "10.0.1.5") == REGISTRY  # A is only probing
+    # A goes direct, then falls back: at no moment does G hold A's address.
+    world.device.handshake(a, now + 1.1)
+    world.step(both, now + 1.5)
+    assert routed_to(world.device, "10.0.1.5") == a
+    world.device.peers.pop(a)  # its entry vanished: probed again, no routes
+    world.step(both, now + 2)
+    assert routed_to(world.device, "10.0.1.5") == REGISTRY
+
+
+def test_a_route_holding_a_hand_configured_peers_route_is_refused():
+    g, hand = new_key(), new_key()
+    world = routes_world()
+    world.device.add_peer(peer(hand, "203.0.113.50:51820", ("10.0.1.64/26",), T0))
+    view = view_of(remote(g, "203.0.113.22:51820", ("198.51.100.7/32", "10.0.0.0/16")))
+    go_direct(world, view, g, T0)
+    assert world.device.peers[g].allowed_ips == nets("198.51.100.7/32")
+    assert routed_to(world.device, "10.0.1.65") == hand
+
+
+def test_a_peer_may_hold_routes_nested_in_its_own():
+    g = new_key()
+    world = routes_world()
+    view = view_of(remote(g, "203.0.113.22:51820", ("10.0.1.0/24", "10.0.1.5/32")))
+    go_direct(world, view, g, T0)
+    assert set(world.device.peers[g].allowed_ips) == set(nets("10.0.1.0/24", "10.0.1.5/32"))
+
+
+def test_the_route_index_names_a_route_of_another_peer_only():
+    from wgnat.client.reconcile import RouteIndex
+
+    g, a, b = new_key(), new_key(), new_key()
+    index = RouteIndex(
+        [(g, n) for n in nets("10.0.0.0/16", "10.0.1.0/24")]
+        + [(a, n) for n in nets("10.0.1.5/32", "fd00::5/128")]
+        + [(b, n) for n in nets("10.0.2.0/24")],
+        widest=nets("10.0.0.0/16", "10.0.1.0/24", "10.0.2.0/24", "fd00::/64"),
+    )
+    found = index.nested_in(nets("10.0.0.0/16", "10.0.1.0/24"), g)
+    assert found[nets("10.0.0.0/16")[0]] in nets("10.0.1.5/32", "10.0.2.0/24")
+    assert found[nets("10.0.1.0/24")[0]] == nets("10.0.1.5/32")[0]
+    assert index.nested_in(nets("10.0.1.5/32"), a) == {}
+    assert index.nested_in(nets("fd00::/64"), b) == {nets("fd00::/64")[0]: nets("fd00::5/128")[0]}
+    assert index.nested_in(nets("10.0.2.0/24"), b) == {}

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 
+from tests.helpers import record_secret
 from wgnat._types import Endpoint, PeerUpdate, PublicKey, parse_network
 from wgnat.device import DeviceError, DeviceNotFound, DevicePermissionError, uapi
 from wgnat.device.uapi import (
@@ -42,6 +43,9 @@ PRIVATE_HEX = PRIVATE.hex()
 OWN_PUBLIC = PublicKey(X25519PrivateKey.from_private_bytes(PRIVATE).public_key().public_bytes_raw())
 PSK = bytes(range(100, 132))
 PSK_HEX = PSK.hex()
+# The leak check searches every test's output and logs for these two.
+record_secret(PRIVATE)
+record_secret(PSK)
 PEER1 = PublicKey(bytes([0x11] * 32))
 PEER2 = PublicKey(bytes([0x22] * 32))
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
+import leakcheck
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "compose"))
@@ -33,6 +34,7 @@ from testbed import (
     EXPECTED_DIRECT,
     EXPECTED_RELAYED,
     METRICS_DIR,
+    PROJECT,
     REGISTRY_TUNNEL,
     Testbed,
     compose_binary,
@@ -78,6 +80,44 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def testbed_containers(bed: Testbed) -> list:
+    return bed.docker.containers.list(
+        all=True, filters={"label": f"com.docker.compose.project={PROJECT}"}
+    )
+
+
+def record_testbed_secrets(bed: Testbed) -> int:
+    """Record every private and preshared key of the testbed for the leak check
+    (tests/leakcheck.py), never printing one: what the key volume holds (the
+    keygen service's configurations, read by a throwaway container, whichever
+    service mounts what) and what each running device holds.  Returns how many
+    were found (the same key counts each time it is seen)."""
+    volume = f"{PROJECT}_config"
+    output = bed.docker.containers.run(
+        os.environ.get("WGNAT_IMAGE", "wgnat:latest"),
+        entrypoint=["sh", "-c", "find /config -type f -name '*.conf' -exec cat {} +"],
+        volumes={volume: {"bind": "/config", "mode": "ro"}},
+        network_mode="none",
+        remove=True,
+    )
+    found = leakcheck.record_secrets_in_config(output.decode(errors="replace"))
+    for container in testbed_containers(bed):
+        if container.status != "running":
+            continue
+        for what in ("private-key", "preshared-keys"):
+            code, out = container.exec_run(["wg", "show", "wg0", what])
+            if code == 0:
+                found += leakcheck.record_secrets_in_wg_show((out or b"").decode(errors="replace"))
+    return found
+
+
+def check_testbed_logs(bed: Testbed) -> None:
+    """Before teardown: no recorded key in any container's log (the daemons',
+    the entrypoint's, keygen's)."""
+    for container in testbed_containers(bed):
+        leakcheck.check_text(container.logs(), f"the Compose testbed: {container.name}'s log")
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     reason = docker_unavailable()
@@ -90,6 +130,10 @@ def bed() -> Iterator[Testbed]:
     testbed.up(hold=True)
     print(f"\nimage {built - started:.1f} s, testbed up {time.monotonic() - built:.1f} s")
     try:
+        # Recorded before any test runs, so that every output of the tests is
+        # searched for them: the hub's and every client's private key at least.
+        found = record_testbed_secrets(testbed)
+        assert found >= 1 + len(CLIENTS), f"only {found} keys found in the testbed"
         # The hub-and-spoke network works before wgnat runs: every spoke reaches the hub.
         for name in CLIENTS:
             assert testbed.ping(name, REGISTRY_TUNNEL, count=3), testbed.report()
@@ -97,8 +141,12 @@ def bed() -> Iterator[Testbed]:
     finally:
         # The fault tests' figures (README "Figures"), shown with -s.
         print("\n" + "\n".join(f"{fault}: {took}" for fault, took in RECOVERY.items()))
-        if os.environ.get("WGNAT_KEEP_TESTBED") != "1":
-            testbed.down()
+        try:  # read back before teardown: restarted containers, any key made since
+            record_testbed_secrets(testbed)
+            check_testbed_logs(testbed)
+        finally:
+            if os.environ.get("WGNAT_KEEP_TESTBED") != "1":
+                testbed.down()
 
 
 def check(condition: object, bed: Testbed, message: str) -> None:

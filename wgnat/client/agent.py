@@ -31,6 +31,7 @@ from wgnat.client.reconcile import (
     registry_address_of,
 )
 from wgnat.client.registry_client import RegistryClient
+from wgnat.client.state_file import CorruptStateFile
 from wgnat.client.traffic import TrafficLedger
 from wgnat.client.view import RegistryView
 from wgnat.daemon import StartupError, report_startup_failure
@@ -44,7 +45,9 @@ READ_RETRY_SECONDS = 1.0
 
 
 class StateStore(Protocol):
-    """Where the managed keys are kept across restarts (client.state_file)."""
+    """Where the managed keys are kept across restarts (client.state_file).
+    `load` raises CorruptStateFile when what it holds is lost; `save` raises
+    OSError when it cannot write."""
 
     def load(self) -> set[PublicKey]: ...
 
@@ -96,6 +99,10 @@ class MeshAgent(service.Service):
         self.lan: list[IPInterface] = []
         self.listen_port = 0
         self.read_error: str | None = None  # the last device read's, until one works
+        self.state_error: str | None = None  # the last state file write's, until one works
+        # What the state file holds, as last read or written (None: unknown, so
+        # the next plan writes it).
+        self._written: set[PublicKey] | None = None
         self.session = os.urandom(8).hex()  # new at every start: peers re-probe us at once
         self.ready: Deferred[None] = Deferred()
         self._wakeup: IDelayedCall | None = None
@@ -155,9 +162,19 @@ class MeshAgent(service.Service):
             config.settings,
             lan_networks=tuple(a.network for a in self.lan),
         )
-        remembered = self.state_store.load() if self.state_store is not None else None
-        if mesh.adopt(state, self.reactor.seconds(), remembered):
-            self._save(mesh.managed)
+        remembered: set[PublicKey] | None = None
+        if self.state_store is not None:
+            try:
+                remembered = self.state_store.load()
+            except CorruptStateFile as exc:
+                log.error("{error}", error=str(exc))
+                remembered = set()
+                mesh.recovering = True  # at the first plan, once the registry answered
+            else:
+                self._written = set(remembered)
+        # A key dropped here (its peer is gone) is written out at the first plan:
+        # until then the file lists a peer that no longer exists, which is harmless.
+        mesh.adopt(state, self.reactor.seconds(), remembered)
         self.mesh = mesh
         self.registry_address, self.registry_port = address, port
         self.metrics.watch(mesh.counts)
@@ -287,15 +304,31 @@ class MeshAgent(service.Service):
     def _apply_all(self, actions: list[Action]) -> Generator[Deferred[Any], Any, Any]:
         mesh = self.mesh
         assert mesh is not None
+        # The state file is written once a batch, not once a peer (each write
+        # holds every key and ends with two fsyncs), and always before the
+        # device changes: the keys of the peers about to be created are written
+        # before any is created, and if that write fails none of them is (their
+        # probes are dropped, the mesh relays them and the next plan tries
+        # again).  Whatever else is in the batch goes ahead: it concerns peers
+        # the file already lists.  A file behind the mesh (a failed write, keys
+        # dropped at the start) is written again here, at every plan.
+        pending = mesh.take_unsaved()
+        if self.state_store is None:
+            mesh.saved(pending)
+        elif mesh.recovering:
+            # The lost file stays where it is until the first plan has taken our
+            # peers back: an empty file written now, and a crash, would leave
+            # them to a restart that sees a good file listing none of them.
+            pass
+        elif pending or self._written != mesh.managed:
+            if self._write_state(mesh.managed | pending):
+                mesh.saved(pending)
+            elif pending:
+                mesh.not_saved(pending, self.reactor.seconds(), self.state_error or "")
+                actions = [action for action in actions if action.public_key not in pending]
         self._record(mesh.take_events())
         if not actions:
             return
-        # The state file is written once a batch, not once a peer (each write
-        # holds every key and ends with an fsync): the keys of the peers about to
-        # be created (the mesh counts them as managed from its decision on) are
-        # written before any is created; the removed ones once they are gone.
-        if any(action.kind == "probe" for action in actions):
-            self._save(mesh.managed)
         removed: set[PublicKey] = set()
         for action in actions:
             done = yield self._apply(action)
@@ -305,7 +338,9 @@ class MeshAgent(service.Service):
                 removed.add(action.public_key)
         if removed & mesh.managed:
             mesh.forget(removed)
-            self._save(mesh.managed)
+            # A failure here leaves keys of peers already gone in the file
+            # (dropped at the next start): retried at the next plan.
+            self._write_state(mesh.managed)
 
     @inlineCallbacks
     def _apply(self, action: Action) -> Generator[Deferred[Any], Any, Any]:
@@ -332,9 +367,29 @@ class MeshAgent(service.Service):
                 self.reactor.seconds() - started
             )
 
-    def _save(self, managed: set[PublicKey]) -> None:
-        if self.state_store is not None:
+    def _write_state(self, managed: set[PublicKey]) -> bool:
+        """Write the state file; False when that failed (logged once, not once
+        a retry, like a device read)."""
+        assert self.state_store is not None
+        try:
             self.state_store.save(set(managed))
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+            if error != self.state_error:
+                log.error(
+                    "cannot write the state file {path}: {error}; no new peer is created "
+                    "until it can be (they stay relayed, the rest of the mesh is kept), "
+                    "retrying at every plan; free space or fix the permissions of --state-dir",
+                    path=getattr(self.state_store, "path", "(in memory)"),
+                    error=error,
+                )
+            self.state_error = error
+            return False
+        if self.state_error is not None:
+            log.info("the state file is written again")
+            self.state_error = None
+        self._written = set(managed)
+        return True
 
     def _record(self, events: list[Event]) -> None:
         for event in events:
@@ -352,6 +407,19 @@ class MeshAgent(service.Service):
             elif event.kind == "rejected" and event.public_key is not None:
                 log.warn(
                     "{peer}: refused allowed IPs from the registry: {detail}",
+                    peer=self.describe(event.public_key),
+                    detail=event.detail,
+                )
+            elif event.kind == "recovered" and event.public_key is not None:
+                log.warn(
+                    "{peer}: taken back as a peer wgnat made (the state file was lost; "
+                    "it has wgnat's keepalive and the registry's routes)",
+                    peer=self.describe(event.public_key),
+                )
+            elif event.kind == "left_alone" and event.public_key is not None:
+                log.warn(
+                    "{peer}: left alone as configured by hand (the state file was lost; "
+                    "{detail}); remove it yourself if wgnat made it",
                     peer=self.describe(event.public_key),
                     detail=event.detail,
                 )

@@ -3,12 +3,18 @@ us at (Linux NATs do not hairpin), each with our one WireGuard listen port."""
 
 from __future__ import annotations
 
-from wgnat._types import Endpoint, IPInterface
+from wgnat._types import Endpoint, InvalidValue, IPInterface
+from wgnat.wire import MAX_LAN_ENDPOINTS, reachable_from_elsewhere
 
 
 def usable_lan_interface(address: IPInterface) -> bool:
-    ip = address.ip
-    return not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified)
+    """Whether a peer on our LAN could reach us at this address: the registry's
+    own test (`reachable_from_elsewhere`, which also sees through IPv4-mapped
+    IPv6 such as ::ffff:127.0.0.1), so that the two can never disagree."""
+    try:
+        return reachable_from_elsewhere(Endpoint(address.ip, 1))  # the port plays no part
+    except InvalidValue:
+        return False  # multicast or unspecified: not even an endpoint
 
 
 def lan_addresses(exclude_ifname: str) -> list[IPInterface]:
@@ -22,5 +28,11 @@ def lan_addresses(exclude_ifname: str) -> list[IPInterface]:
     ]
 
 
-def lan_endpoints(addresses: list[IPInterface], listen_port: int, limit: int = 8) -> list[Endpoint]:
-    return [Endpoint(address.ip, listen_port) for address in addresses][:limit]
+def lan_endpoints(
+    addresses: list[IPInterface], listen_port: int, limit: int = MAX_LAN_ENDPOINTS
+) -> list[Endpoint]:
+    """What we announce: only addresses the registry accepts (it refuses the whole
+    announcement otherwise), at most `limit` of them."""
+    return [
+        Endpoint(address.ip, listen_port) for address in addresses if usable_lan_interface(address)
+    ][:limit]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from wgnat._types import (
@@ -38,7 +38,7 @@ from wgnat._types import (
     PublicKey,
 )
 from wgnat.client.view import RegistryView
-from wgnat.wire import RemotePeer
+from wgnat.wire import RemotePeer, reachable_from_elsewhere
 
 
 class Path(enum.Enum):
@@ -170,12 +170,77 @@ class Action:
 class Event:
     """Something the agent counts or logs: "probe", "direct", "fallback",
     "rebinding", "removed", "rejected" (allowed IPs refused), "own_endpoint"
-    (our public endpoint moved)."""
+    (our public endpoint moved), "recovered" / "left_alone" (a peer taken back,
+    or not, after the state file was lost)."""
 
     kind: str
     public_key: PublicKey | None  # None: about this host itself
     detail: str = ""
     seconds: float = 0.0
+
+
+class RouteIndex:
+    """Which routes hold a more specific route of another peer.
+
+    A route on a direct peer attracts every address inside it that no more
+    specific allowed IP on the device claims.  A relayed peer is not on the
+    device at all (its traffic rides the registry's broad allowed IPs), so a
+    direct peer's broader route containing it would take its traffic, and a
+    direct peer's would be taken the moment that peer falls back.  Installing
+    the broader route only while the specific one is installed was the other
+    way; refusing it is the one that cannot be wrong at any moment, whatever
+    the other peer's path: the broader route's traffic stays on the relay,
+    which the hub routes by the most specific allowed IP as well.
+
+    Built once a plan from every route the registry lists for a peer and every
+    route a hand-configured peer holds (not the registry's own, which direct
+    peers refine by design).  Two prefixes either nest or do not meet, so
+    "lies inside" is the whole of overlapping."""
+
+    def __init__(
+        self, routes: Iterable[tuple[PublicKey, IPNetwork]], widest: Iterable[IPNetwork] = ()
+    ) -> None:
+        # `widest`: every network nested_in() will be asked about.  A route is
+        # filed under its supernet at each prefix length one of those has,
+        # shorter than its own: usually one or two
+        # lengths, none at all when every candidate is a host route.  Keys are
+        # (version, prefix length, network as an integer): a plan at 10,000
+        # peers builds this in milliseconds, where ipaddress objects took 0.3 s.
+        lengths: dict[int, set[int]] = {}
+        for network in widest:
+            if network.prefixlen < network.max_prefixlen:
+                lengths.setdefault(network.version, set()).add(network.prefixlen)
+        ordered = {version: sorted(found) for version, found in lengths.items()}
+        # -> up to two (owner, route inside it) of different owners: enough to
+        # name one that is not the peer asking.
+        self._inside: dict[tuple[int, int, int], list[tuple[PublicKey, IPNetwork]]] = {}
+        for owner, route in routes:
+            candidates = ordered.get(route.version)
+            if not candidates:
+                continue
+            value, bits = int(route.network_address), route.max_prefixlen
+            for prefix in candidates:
+                if prefix >= route.prefixlen:
+                    break
+                mask = ((1 << prefix) - 1) << (bits - prefix)
+                entry = self._inside.setdefault((route.version, prefix, value & mask), [])
+                if len(entry) < 2 and all(known != owner for known, _ in entry):
+                    entry.append((owner, route))
+
+    def nested_in(
+        self, networks: Iterable[IPNetwork], owner: PublicKey
+    ) -> dict[IPNetwork, IPNetwork]:
+        """For each of `owner`'s networks that holds another peer's route: one such route."""
+        found: dict[IPNetwork, IPNetwork] = {}
+        if not self._inside:
+            return found
+        for network in networks:
+            place = (network.version, network.prefixlen, int(network.network_address))
+            for other, route in self._inside.get(place, ()):
+                if other != owner:
+                    found[network] = route
+                    break
+        return found
 
 
 @dataclass
@@ -192,10 +257,13 @@ class Policy:
         networks: Iterable[IPNetwork],
         taken: set[IPNetwork],
         held: tuple[IPNetwork, ...] = (),
+        nested: Mapping[IPNetwork, IPNetwork] | None = None,
     ) -> tuple[tuple[IPNetwork, ...], list[str]]:
         """`taken`: routes no other peer may get again; `held`: routes of peers
         configured by hand, inside which nothing more specific may be taken either
-        (WireGuard routes the most specific allowed IP)."""
+        (WireGuard routes the most specific allowed IP); `nested`: for a route
+        that holds a more specific route of another peer, that route (see
+        RouteIndex: such a route is never installed)."""
         accepted: list[IPNetwork] = []
         rejected: list[str] = []
         for network in networks:
@@ -209,6 +277,11 @@ class Policy:
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
+            elif nested and network in nested:
+                rejected.append(
+                    f"{network} (holds {nested[network]}, another peer's route: that peer's "
+                    "traffic would go to this one whenever it is not direct)"
+                )
             elif network in taken or any(
                 network.version == route.version and network.subnet_of(route)  # type: ignore[arg-type]
                 for route in held
@@ -229,10 +302,17 @@ class Mesh:
     settings: Settings = field(default_factory=Settings)
     lan_networks: tuple[IPNetwork, ...] = ()
     paths: dict[PublicKey, PeerPath] = field(default_factory=dict)
-    # Keys this client created on the device (persisted by the agent): the only
-    # peers it may ever change or remove.  A key enters when plan() decides to
-    # probe it (before the device is touched) and leaves once its peer is gone.
+    # Keys this client created on the device, as written in the state file: the
+    # only peers it may ever change or remove.  A key enters `unsaved` when
+    # plan() decides to create its peer; the agent writes the file before it
+    # touches the device and then moves it here (`saved`), or, when the write
+    # fails, cancels the creation (`not_saved`).  A key leaves once its peer is
+    # gone (`forget`).
     managed: set[PublicKey] = field(default_factory=set)
+    unsaved: set[PublicKey] = field(default_factory=set)
+    # The state file was lost (corrupt): the first plan takes back the peers
+    # that look like ours (`_recover`), once it knows what the registry lists.
+    recovering: bool = False
     events: list[Event] = field(default_factory=list)
     rejected_logged: dict[PublicKey, tuple[str, ...]] = field(default_factory=dict)
     # Why plan() left a peer the registry lists without a path (so it stays
@@ -243,17 +323,21 @@ class Mesh:
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
-        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint."""
+        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint.
+        Only one the registry itself would accept (`reachable_from_elsewhere`):
+        a registry that serves ::ffff:127.0.0.1 must not aim our handshakes at
+        this host's own services."""
+        lan = [ep for ep in remote.lan_endpoints if reachable_from_elsewhere(ep)]
         if (
             remote.endpoint is not None
             and my_endpoint is not None
             and remote.endpoint.host == my_endpoint.host
-            and remote.lan_endpoints
+            and lan
         ):
-            for endpoint in remote.lan_endpoints:
+            for endpoint in lan:
                 if any(endpoint.host in network for network in self.lan_networks):
                     return endpoint
-            return remote.lan_endpoints[0]
+            return lan[0]
         return remote.endpoint
 
     def backoff(self, attempts: int) -> float:
@@ -281,36 +365,73 @@ class Mesh:
             changed = kept != remembered
             self.managed = kept
         for peer in device.peers:
-            if peer.public_key not in self.managed:
-                continue
-            alive = (
-                peer.latest_handshake is not None
-                and now - peer.latest_handshake < self.settings.handshake_dead_after
-            )
-            if peer.allowed_ips and alive:
-                self.paths[peer.public_key] = PeerPath(
-                    Path.DIRECT,
-                    now,
-                    peer.endpoint,
-                    allowed_ips=peer.allowed_ips,
-                    learned_at=now,
-                    last_rx=peer.rx_bytes,
-                    rx_changed_at=now,
-                    last_tx=peer.tx_bytes,
-                    tx_read_at=now,
-                    reason="kept from before the restart",
-                )
-            else:
-                self.paths[peer.public_key] = PeerPath(
-                    Path.PROBING,
-                    now,
-                    peer.endpoint,
-                    attempts=1,
-                    deadline=now + self.settings.probe_timeout,
-                    learned_at=now,
-                    reason="kept from before the restart, probing again",
-                )
+            if peer.public_key in self.managed:
+                self._take_back(peer, now, "kept from before the restart")
         return changed
+
+    def _take_back(self, peer: PeerState, now: float, why: str) -> None:
+        alive = (
+            peer.latest_handshake is not None
+            and now - peer.latest_handshake < self.settings.handshake_dead_after
+        )
+        if peer.allowed_ips and alive:
+            self.paths[peer.public_key] = PeerPath(
+                Path.DIRECT,
+                now,
+                peer.endpoint,
+                allowed_ips=peer.allowed_ips,
+                learned_at=now,
+                last_rx=peer.rx_bytes,
+                rx_changed_at=now,
+                last_tx=peer.tx_bytes,
+                tx_read_at=now,
+                reason=why,
+            )
+        else:
+            self.paths[peer.public_key] = PeerPath(
+                Path.PROBING,
+                now,
+                peer.endpoint,
+                attempts=1,
+                deadline=now + self.settings.probe_timeout,
+                learned_at=now,
+                reason=f"{why}, probing again",
+            )
+
+    def _recover(self, view: RegistryView, device: DeviceState, now: float) -> None:
+        """The state file was lost: take back the peers that look like ours.
+
+        WireGuard keeps nothing per peer that we could set as a label without
+        changing how the peer behaves (its fields are the key, a preshared key,
+        the endpoint, the keepalive and the allowed IPs, each of which acts on
+        traffic), so there is no marker to write.  What a peer this client made
+        does carry is its shape: a key the registry lists (we create peers for
+        nothing else), our own persistent keepalive (every probe sets it), and
+        no allowed IPs (probing) or only ones the registry gives that key
+        (direct).  A peer of that shape is taken back; anything else (the
+        registry peer, other keepalives, routes the registry does not give that
+        key) is left alone, as configured by hand.  The one peer this can take
+        wrongly is a hand-made copy of what wgnat would have made itself; the
+        other way, leaving every peer alone, would keep stale routes for good
+        (issue 17, finding 5)."""
+        self.recovering = False
+        for peer in device.peers:
+            key = peer.public_key
+            if key in (self.my_key, self.registry_key) or key in self.managed:
+                continue
+            remote = view.peers.get(key)
+            if remote is None:
+                why = "the registry does not list it"
+            elif peer.persistent_keepalive != self.settings.keepalive:
+                why = f"its keepalive is {peer.persistent_keepalive or 'off'}, not ours"
+            elif not set(peer.allowed_ips) <= set(remote.allowed_ips):
+                why = "it has allowed IPs the registry does not give it"
+            else:
+                self.managed.add(key)
+                self._take_back(peer, now, "taken back after the state file was lost")
+                self.events.append(Event("recovered", key))
+                continue
+            self.events.append(Event("left_alone", key, why))
 
     def next_wakeup(self, now: float) -> float:
         """When plan() or promote_due() next has something to decide without new
@@ -364,6 +485,40 @@ class Mesh:
         events, self.events = self.events, []
         return events
 
+    def take_unsaved(self) -> set[PublicKey]:
+        """The keys whose peers this plan decided to create, none of them yet in
+        the state file: the agent writes them before it applies their probes."""
+        keys, self.unsaved = self.unsaved, set()
+        return keys
+
+    def saved(self, keys: set[PublicKey]) -> None:
+        """These keys are in the state file now: ours, their probes may go ahead."""
+        self.managed |= keys
+
+    def not_saved(self, keys: set[PublicKey], now: float, error: str) -> None:
+        """The state file could not be written, so these peers were not created:
+        a peer the file does not list would be taken for one configured by hand
+        after a restart, and kept, unmanaged, for good.  Each is relayed until
+        the next plan, which tries again."""
+        for key in keys:
+            peer_path = self.paths.get(key)
+            if peer_path is None:
+                continue
+            peer_path.path = Path.RELAYED
+            peer_path.since = now
+            peer_path.attempts = max(0, peer_path.attempts - 1)  # no attempt was made
+            peer_path.retry_at = now
+            peer_path.probed_at = None
+            peer_path.reason = (
+                f"not created yet: the state file could not be written ({error}); relayed, "
+                "retried at the next plan"
+            )
+        self.events = [
+            event
+            for event in self.events
+            if not (event.kind == "probe" and event.public_key in keys)
+        ]
+
     def forget(self, keys: set[PublicKey]) -> None:
         """These peers are gone from the device (their removal was applied):
         they are no longer ours to manage."""
@@ -371,6 +526,8 @@ class Mesh:
 
     # -- the decisions ----------------------------------------------------
     def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
+        if self.recovering:
+            self._recover(view, device, now)
         kicks = self._follow_own_endpoint(view.my_endpoint, now)
         actions: list[Action] = []
         on_device = device.by_key()
@@ -383,11 +540,29 @@ class Mesh:
             if key != self.registry_key
             for net in peer.allowed_ips
         )
+        listed = [
+            (key, net)
+            for key, remote in view.peers.items()
+            if key not in (self.my_key, self.registry_key)
+            for net in remote.allowed_ips
+        ]
+        routes = RouteIndex(
+            listed
+            + [
+                (key, net)
+                for key, peer in unmanaged.items()
+                if key != self.registry_key
+                for net in peer.allowed_ips
+            ],
+            widest=(net for _, net in listed),  # every candidate
+        )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
             if key in (self.my_key, self.registry_key) or key in unmanaged:
                 continue
-            allowed, rejected = self.policy.filter(remote.allowed_ips, taken, held)
+            allowed, rejected = self.policy.filter(
+                remote.allowed_ips, taken, held, routes.nested_in(remote.allowed_ips, key)
+            )
             taken.update(allowed)
             if rejected and self.rejected_logged.get(key) != tuple(rejected):
                 self.rejected_logged[key] = tuple(rejected)
@@ -397,6 +572,25 @@ class Mesh:
             if peer_path is not None:
                 peer_path.gone_since = None
                 peer_path.allowed_ips = allowed
+                device_peer = on_device.get(key)
+                if (
+                    peer_path.path is Path.DIRECT
+                    and device_peer is not None
+                    and set(device_peer.allowed_ips) - set(allowed)
+                ):
+                    # A route it may no longer hold (another peer's now lies
+                    # inside it, say) goes at once, not at the next health check.
+                    actions.append(
+                        Action(
+                            "promote",
+                            key,
+                            "allowed IPs withdrawn: "
+                            + ", ".join(
+                                str(n) for n in device_peer.allowed_ips if n not in allowed
+                            ),
+                            allowed_ips=allowed,
+                        )
+                    )
             skipped = _why_not_probed(remote, target, allowed, rejected)
             if skipped is not None or target is None:
                 self.unplanned[key] = skipped or "no endpoint"
@@ -419,9 +613,9 @@ class Mesh:
                         self._probe(key, peer_path, target, now, f"its endpoint moved to {target}")
                     )
                 elif now >= peer_path.retry_at:
-                    actions.append(
-                        self._probe(key, peer_path, target, now, f"retry #{peer_path.attempts}")
-                    )
+                    # No attempt yet: its first probe was held back (not_saved).
+                    why = f"retry #{peer_path.attempts}" if peer_path.attempts else "new peer"
+                    actions.append(self._probe(key, peer_path, target, now, why))
             elif peer_path.endpoint != target:
                 actions.extend(self._follow(key, peer_path, target, now))
             peer_path.session = remote.session
@@ -490,7 +684,8 @@ class Mesh:
         peer_path.deadline = now + self.settings.probe_timeout
         peer_path.reason = why
         peer_path.probed_at = now
-        self.managed.add(key)  # ours from now on: the agent saves it before the probe
+        if key not in self.managed:
+            self.unsaved.add(key)  # ours once the agent has written it down
         self.events.append(Event("probe", key))
         return Action(
             "probe",
