@@ -140,11 +140,16 @@ class RegistryFollower:
     def _check_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return
-        log.warn(
-            "the -t check failed ({error}); asking for the whole view instead",
+        # Most often the registry just went away (its stream fails too, and is
+        # reopened with backoff).  Either way the stream is followed again from
+        # this view's version: the registry sends what changed (a full answer
+        # only when it no longer can), not a view the client already has.
+        log.info(
+            "the -t check failed ({error}); following the registry's stream again from "
+            "version {version}",
             error=failure.getErrorMessage(),
+            version=self.view.version,
         )
-        self._force_full = True
         self._restart_stream()
 
     def _restart_stream(self) -> None:
