@@ -29,7 +29,8 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IWriteDescriptor
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -307,6 +308,19 @@ class StreamWriter:
                 )
                 return
         self.request.write(line)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand what was just written to the socket now (the connection's
+        IWriteDescriptor.doWrite), rather than at the reactor's next turn: a
+        change goes to every stream at once, and 10,000 writability events, each
+        dispatched through the reactor's logging context, were most of a push's
+        cost.  What the socket does not take stays queued, as usual."""
+        transport = getattr(self.request.channel, "transport", None)
+        while isinstance(transport, ProtocolWrapper):  # the connection limits' wrapper
+            transport = transport.transport
+        if IWriteDescriptor.providedBy(transport):
+            transport.doWrite()
 
     def drop(self, why: str) -> None:
         self.dropped = True
