@@ -33,7 +33,14 @@ RUN apt-get update \
         wireguard-tools wireguard-go iproute2 iptables iputils-ping conntrack \
     && if ! command -v python3 >/dev/null; then \
         apt-get install -y --no-install-recommends python3 python3-venv; fi \
+    && cp /usr/bin/ping /usr/bin/ping.plain && mv /usr/bin/ping.plain /usr/bin/ping \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
+# ping (the tests' and `wgnat ping`'s) loses Debian's file capability cap_net_raw
+# (the copy above drops it): a container with only NET_ADMIN has no NET_RAW in
+# its bounding set, and the kernel refuses to run a binary whose file
+# capabilities it cannot grant ("Operation not permitted").  Without it ping
+# uses ICMP echo sockets, which Docker opens to every group in a container's
+# network namespace (net.ipv4.ping_group_range).
 
 FROM runtime AS builder
 # PIP_OFFLINE=1: install from wheels built on the host (build/docker-wheels), for
