@@ -195,3 +195,27 @@ def test_no_daemon_is_down(tmp_path, monkeypatch):
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(["status"], out, err) == DOWN
     assert err.getvalue().startswith("wgnat status: error: no wgnat-client for wg0 is running")
+
+
+def test_a_state_file_that_cannot_be_written_is_degraded(lab):
+    lab.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    lab.add_host("b", "198.51.100.3", "203.0.113.22:51820")
+    store = lab.hosts["a"].store
+    saved = store.save
+
+    def full(managed):
+        raise OSError(28, "No space left on device")
+
+    store.save = full
+    agent = lab.agent("a")
+    lab.agent("b")
+    lab.clock.advance(1)
+    document = document_of(agent)
+    assert document["state_error"] == "No space left on device"
+    found = health(document)
+    assert found.code == DEGRADED
+    assert "cannot write the state file: No space left on device" in found.reasons
+    store.save = saved
+    lab.clock.advance(60)
+    document = document_of(agent)
+    assert document["state_error"] is None and health(document).code == HEALTHY

@@ -5,7 +5,9 @@ document alone (pure: a document in, a code and the reasons out).
                  been without it for at most REGISTRY_GRACE seconds: reconnecting)
     1  degraded  a client has been without its registry for longer than
                  REGISTRY_GRACE, or a device operation on one of its peers failed
-                 last time it was tried (the mesh is kept meanwhile)
+                 last time it was tried, or it cannot write its state file (and
+                 so holds back the changes it would record there); the mesh is
+                 kept meanwhile
     2  down      the daemon cannot read its WireGuard device (`device_error`); the
                  command also exits 2 when it gets no status document at all (no
                  daemon running, nothing answers on the socket, no answer in time)
@@ -52,8 +54,8 @@ def health(document: dict[str, Any], grace: float = REGISTRY_GRACE) -> Health:
     `registry.connected` (true, false, or null before the first answer or
     error), `registry.down_since` (null while connected; else since when the
     client has been without the registry: the first failure, or the start of
-    following it), `registry.last_sync` and `registry.error`, and each peer's
-    `device_operation_error`.  `state` ("starting" until the agent has read its
+    following it), `registry.last_sync` and `registry.error`, `state_error`, and
+    each peer's `device_operation_error`.  `state` ("starting" until the agent has read its
     device) needs no rule of its own: a client that cannot start either cannot
     read its device or cannot reach its registry."""
     interface = document.get("interface") or "the interface"
@@ -82,6 +84,8 @@ def health(document: dict[str, Any], grace: float = REGISTRY_GRACE) -> Health:
             if error:
                 reason += f": {error}"
             reasons.append(reason)
+    if document.get("state_error"):
+        reasons.append(f"cannot write the state file: {document['state_error']}")
     failing = [
         f"{row.get('address') or row.get('public_key', '?')[:8]}: {row['device_operation_error']}"
         for row in document.get("peers") or []

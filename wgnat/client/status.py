@@ -46,6 +46,7 @@ class ClientInfo:
     last_sync: float | None = None
     down_since: float | None = None  # without the registry since (None: connected)
     lan_endpoints: tuple[Endpoint, ...] = ()
+    state_error: str | None = None  # the last state file write's, until one works
     # The peers whose last device operation failed, and how (until one works).
     operation_errors: dict[PublicKey, str] = field(default_factory=dict)
 
@@ -64,6 +65,7 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         registry_error=follower.error if follower is not None else None,
         last_sync=follower.last_sync if follower is not None else None,
         down_since=follower.down_since if follower is not None else None,
+        state_error=agent.state_error,
         operation_errors=dict(agent.operation_errors),
         lan_endpoints=(
             announced.lan_endpoints
@@ -221,6 +223,7 @@ def client_status(
         "public_key": own.base64 if own is not None else None,
         "listen_port": device.listen_port if device is not None else None,
         "device_error": device_error,
+        "state_error": info.state_error,
         "public_endpoint": endpoint_text(view.my_endpoint),
         "lan_endpoints": [str(e) for e in info.lan_endpoints],
         "registry": registry,
