@@ -91,15 +91,16 @@ def testbed_containers(bed: Testbed) -> list:
 
 def record_testbed_secrets(bed: Testbed) -> int:
     """Record every private and preshared key of the testbed for the leak check
-    (tests/leakcheck.py), never printing one: what the key volume holds (the
-    keygen service's configurations, read by a throwaway container, whichever
-    service mounts what) and what each running device holds.  Returns how many
-    were found (the same key counts each time it is seen)."""
-    volume = f"{PROJECT}_config"
+    (tests/leakcheck.py), never printing one: what the key volumes hold (the
+    keygen service's configurations, one volume per host, all read by a throwaway
+    container, whichever service mounts what) and what each running device
+    holds.  Returns how many were found (the same key counts each time it is seen)."""
     output = bed.docker.containers.run(
         os.environ.get("WGNAT_IMAGE", "wgnat:latest"),
         entrypoint=["sh", "-c", "find /config -type f -name '*.conf' -exec cat {} +"],
-        volumes={volume: {"bind": "/config", "mode": "ro"}},
+        volumes={
+            volume: {"bind": path, "mode": "ro"} for volume, path in bed.key_volumes().items()
+        },
         network_mode="none",
         remove=True,
     )
@@ -586,10 +587,13 @@ def test_cut_direct_path_falls_back_to_the_relay_and_returns(bed):
 
 
 def registry_view(bed: Testbed, name: str) -> dict:
-    """The registry part of a client's `wgnat status --json` ({} if it cannot say)."""
-    code, text = bed.exec(name, ["wgnat", "status", "-i", "wg0", "--json"], check=False)
+    """The registry part of a client's `wgnat status --json` ({} if it cannot say).
+    A degraded client (exit 1, the reason on stderr) still prints its document."""
+    code, (out, _) = bed.container(name).exec_run(
+        ["wgnat", "status", "-i", "wg0", "--json"], demux=True
+    )
     try:
-        return json.loads(text)["registry"] if code == 0 else {}
+        return json.loads(out or b"")["registry"] if code in (0, 1) else {}
     except (ValueError, KeyError):
         return {}
 
