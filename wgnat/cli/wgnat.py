@@ -99,9 +99,9 @@ def _parser() -> argparse.ArgumentParser:
             "Show the peers of a running wgnat-client (path, endpoint, handshake, "
             "traffic and why the path is what it is), or with --server every peer a "
             "wgnat-server sees.  Exits 0 when the daemon is healthy, 1 when degraded "
-            "(a client without its registry for more than 30 s, or a device operation "
-            "on a peer failing), 2 when down (it cannot read its interface) or when no "
-            "daemon answers."
+            "(a client without its registry for more than 30 s, a device operation on "
+            "a peer failing, or a state file it cannot write), 2 when down (it cannot "
+            "read its interface) or when no daemon answers."
         ),
     )
     status.add_argument(
