@@ -56,6 +56,11 @@ CLIENTS = {
     "p": ("192.0.2.7", "public 198.51.100.30, no NAT"),
 }
 ROUTERS = ("r1", "r2", "r3", "r4")
+# The hosts on the tunnel: each has a private key, in a volume of its own
+# (key-NAME, mounted only by its service and by keygen, which writes them).
+KEY_HOSTS = ("registry", *CLIENTS, "prometheus")
+# Every service but keygen runs with this capability only.
+CAPABILITIES = ["NET_ADMIN"]
 # What the topology must give: x's pairs through r4 depend on who punches first
 # (the conntrack race), so they are reported but not required either way.
 EXPECTED_DIRECT = [
@@ -203,6 +208,19 @@ class Testbed:
 
     def logs(self, name: str, tail: int | str = "all", timestamps: bool = False) -> str:
         return self.container(name).logs(tail=tail, timestamps=timestamps).decode(errors="replace")
+
+    @staticmethod
+    def key_volumes() -> dict[str, str]:
+        """The testbed's key volumes (Docker's names) -> where keygen mounts each
+        (/config/NAME, holding NAME's wg0.conf: its private key)."""
+        return {f"{PROJECT}_key-{name}": f"/config/{name}" for name in KEY_HOSTS}
+
+    def health(self, name: str) -> str:
+        """The container's health ("healthy", "unhealthy", "starting"; "none" for
+        a service without a healthcheck)."""
+        container = self.container(name)
+        container.reload()
+        return str(container.attrs["State"].get("Health", {}).get("Status", "none"))
 
     def has_interface(self, name: str) -> bool:
         try:

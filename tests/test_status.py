@@ -294,7 +294,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 def test_no_daemon_running_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("wgnat.status_socket.STATUS_DIR", str(tmp_path))
     code, out, err = run_cli("status")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert err == (
         f"wgnat status: error: no wgnat-client for wg0 is running (no {tmp_path}/client-wg0.sock)\n"
     )
@@ -315,7 +315,7 @@ def test_left_over_socket_and_permission_denied(tmp_path, monkeypatch):
     stale.bind(path)
     stale.close()  # the file stays, nothing listens: what a killed daemon leaves
     code, _, err = run_cli("status", "--socket", path)
-    assert code == 1
+    assert code == 2
     assert err == (
         f"wgnat status: error: no wgnat-client is running ({path} is left over: "
         "nothing answers on it)\n"
@@ -326,7 +326,7 @@ def test_left_over_socket_and_permission_denied(tmp_path, monkeypatch):
 
     monkeypatch.setattr("wgnat.cli.wgnat._UnixHTTPConnection.connect", denied)
     code, _, err = run_cli("status", "--socket", path)
-    assert code == 1
+    assert code == 2
     assert err == (
         f"wgnat status: error: permission denied on {path}: the status socket is only for "
         "the daemon's user (root); try: sudo wgnat status\n"
@@ -335,7 +335,7 @@ def test_left_over_socket_and_permission_denied(tmp_path, monkeypatch):
 
 def test_bad_interface_name(tmp_path):
     code, _, err = run_cli("status", "-i", "../etc")
-    assert code == 1 and "is not an interface name" in err
+    assert code == 2 and "is not an interface name" in err
 
 
 # -- the socket --------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_client_daemon_serves_wgnat_status_end_to_end(tmp_path):
         yield daemon.stopService()
     assert not os.path.exists(path)
     code, _, err = yield deferToThread(run_cli, "status", "--socket", path)
-    assert code == 1 and f"no wgnat-client is running (no {path})" in err
+    assert code == 2 and f"no wgnat-client is running (no {path})" in err
 
 
 @pytest_twisted.inlineCallbacks
@@ -460,7 +460,7 @@ def test_a_failing_provider_answers_500_and_the_command_says_so(tmp_path):
     yield status.start()
     try:
         code, _, err = yield deferToThread(run_cli, "status", "--socket", path)
-        assert code == 1
+        assert code == 2
         assert err.startswith(f"wgnat status: error: wgnat-client answered HTTP 500 on {path}")
     finally:
         yield status.stop()

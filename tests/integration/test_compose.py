@@ -30,12 +30,15 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "compose"))
 from testbed import (
+    CAPABILITIES,
     CLIENTS,
     EXPECTED_DIRECT,
     EXPECTED_RELAYED,
+    KEY_HOSTS,
     METRICS_DIR,
     PROJECT,
     REGISTRY_TUNNEL,
+    ROUTERS,
     Testbed,
     compose_binary,
     dashboard_queries,
@@ -88,15 +91,16 @@ def testbed_containers(bed: Testbed) -> list:
 
 def record_testbed_secrets(bed: Testbed) -> int:
     """Record every private and preshared key of the testbed for the leak check
-    (tests/leakcheck.py), never printing one: what the key volume holds (the
-    keygen service's configurations, read by a throwaway container, whichever
-    service mounts what) and what each running device holds.  Returns how many
-    were found (the same key counts each time it is seen)."""
-    volume = f"{PROJECT}_config"
+    (tests/leakcheck.py), never printing one: what the key volumes hold (the
+    keygen service's configurations, one volume per host, all read by a throwaway
+    container, whichever service mounts what) and what each running device
+    holds.  Returns how many were found (the same key counts each time it is seen)."""
     output = bed.docker.containers.run(
         os.environ.get("WGNAT_IMAGE", "wgnat:latest"),
         entrypoint=["sh", "-c", "find /config -type f -name '*.conf' -exec cat {} +"],
-        volumes={volume: {"bind": "/config", "mode": "ro"}},
+        volumes={
+            volume: {"bind": path, "mode": "ro"} for volume, path in bed.key_volumes().items()
+        },
         network_mode="none",
         remove=True,
     )
@@ -281,6 +285,91 @@ def test_loss_while_the_mesh_forms_is_at_most_the_switch_window(bed):
         if sent != 300 or sent - received > 2
     }
     assert not lost, lost
+
+
+# NET_ADMIN alone, as /proc shows a process's capability sets (bit 12).
+NET_ADMIN_ONLY = f"{1 << 12:016x}"
+
+
+def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
+    """Every service mounts its own key volume only (read-only) and the public
+    one; the routers none.  Every process runs with NET_ADMIN alone and cannot
+    gain more (no-new-privileges); the key generator had no capability at all."""
+    containers = {
+        c.labels["com.docker.compose.service"]: c
+        for c in bed.docker.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={PROJECT}"}
+        )
+    }
+    assert set(containers) == {"keygen", *ROUTERS, *KEY_HOSTS}, sorted(containers)
+    key_volumes = set(bed.key_volumes())
+    problems = []
+    for service, container in sorted(containers.items()):
+        config = container.attrs["HostConfig"]
+        mounts = {m["Name"]: m for m in container.attrs["Mounts"] if m["Type"] == "volume"}
+        keys = {name for name in mounts if name in key_volumes}
+        if service == "keygen":
+            expected_keys, expected_caps = key_volumes, None
+        else:
+            expected_keys = {f"{PROJECT}_key-{service}"} if service in KEY_HOSTS else set()
+            expected_caps = CAPABILITIES
+            if any(mounts[name]["RW"] for name in keys | {f"{PROJECT}_public"} & set(mounts)):
+                problems.append(f"{service}: a key volume mounted read-write")
+        if keys != expected_keys:
+            problems.append(f"{service}: mounts {sorted(keys)}, expected {sorted(expected_keys)}")
+        # Docker or docker-compose may spell a capability with its CAP_ prefix.
+        added = [cap.removeprefix("CAP_") for cap in config["CapAdd"] or []] or None
+        if config["CapDrop"] != ["ALL"] or added != expected_caps:
+            problems.append(f"{service}: cap_drop {config['CapDrop']}, cap_add {config['CapAdd']}")
+        if "no-new-privileges:true" not in (config["SecurityOpt"] or []):
+            problems.append(f"{service}: may gain privileges ({config['SecurityOpt']})")
+        if service == "keygen":
+            continue
+        # What the container's processes hold: PID 1 (docker-init), the daemon,
+        # wireguard-go, a router's or Prometheus's process, and a docker exec's
+        # (this sh).  (Not every PID: a concurrent exec, such as the healthcheck's,
+        # passes through runc's init, which holds every capability until it
+        # applies the container's.)
+        _, listed = bed.exec(
+            service,
+            [
+                "sh",
+                "-c",
+                "for p in 1 $(pidof -x twistd wireguard-go prometheus sleep) $$; do "
+                "sed -n 's/^\\(Name\\|CapPrm\\|CapEff\\|CapBnd\\):\\t*//p' "
+                "/proc/$p/status | tr '\\n' ' '; echo; done",
+            ],
+        )
+        held = {line.split()[0]: set(line.split()[1:]) for line in listed.splitlines() if line}
+        expected_names = {"docker-init", "sh"}
+        expected_names |= {"wireguard-go"} if service in KEY_HOSTS else {"sleep"}
+        expected_names |= {"twistd"} if service in ("registry", *CLIENTS) else set()
+        expected_names |= {"prometheus"} if service == "prometheus" else set()
+        if set(held) != expected_names:
+            problems.append(
+                f"{service}: processes {sorted(held)}, expected {sorted(expected_names)}"
+            )
+        wider = {name: sorted(caps) for name, caps in held.items() if caps != {NET_ADMIN_ONLY}}
+        if wider:
+            problems.append(f"{service}: capability sets beyond NET_ADMIN {wider}")
+        if service in KEY_HOSTS:
+            _, found = bed.exec(service, ["sh", "-c", "ls /config; cat /config/*/wg0.conf"])
+            private = found.count("PrivateKey")
+            listed = set(found.split("[Interface]")[0].split())
+            expected = {service} if service in ("registry", "prometheus") else {service, "public"}
+            if private != 1 or listed != expected:
+                problems.append(f"{service}: sees {sorted(listed)}, {private} private keys")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_daemon_reports_healthy(bed):
+    """The healthcheck (`wgnat status`, docker/healthcheck.sh) of a formed mesh."""
+    daemons = ("registry", *CLIENTS)
+    try:
+        wait_until(lambda: all(bed.health(n) == "healthy" for n in daemons), 20, interval=1)
+    except AssertionError:
+        states = {name: bed.health(name) for name in daemons}
+        raise AssertionError(f"not every daemon is healthy: {states}\n{bed.report()}") from None
 
 
 def test_prometheus_scrapes_every_daemon_and_every_query_evaluates(bed):
@@ -498,10 +587,13 @@ def test_cut_direct_path_falls_back_to_the_relay_and_returns(bed):
 
 
 def registry_view(bed: Testbed, name: str) -> dict:
-    """The registry part of a client's `wgnat status --json` ({} if it cannot say)."""
-    code, text = bed.exec(name, ["wgnat", "status", "-i", "wg0", "--json"], check=False)
+    """The registry part of a client's `wgnat status --json` ({} if it cannot say).
+    A degraded client (exit 1, the reason on stderr) still prints its document."""
+    code, (out, _) = bed.container(name).exec_run(
+        ["wgnat", "status", "-i", "wg0", "--json"], demux=True
+    )
     try:
-        return json.loads(text)["registry"] if code == 0 else {}
+        return json.loads(out or b"")["registry"] if code in (0, 1) else {}
     except (ValueError, KeyError):
         return {}
 
@@ -518,11 +610,23 @@ def test_registry_killed_and_restarted_is_survived(bed):
         return bool(view.get("connected")) and (view.get("last_sync") or 0) > killed_at
 
     ping = Ping(bed, "a", CLIENTS["c"][0], 200, 0.1)
+    # The clients' health while they reconnect: none is unhealthy within the 30 s
+    # of its reconnect backoff (the healthcheck's grace), whatever it takes.
+    unhealthy: list[str] = []
+
+    def watch_health() -> None:
+        until = time.monotonic() + 30
+        while time.monotonic() < until:
+            unhealthy.extend(n for n in CLIENTS if bed.health(n) == "unhealthy")
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
     # SIGKILL: no goodbye; wireguard-go dies with it, so the hub's device is new
     # and every client's session with the hub too.  The registry's state file
     # (--state-dir, in the container) survives: the new one resumes its epoch.
     killed = time.monotonic()
     bed.container("registry").kill()
+    watcher.start()
     bed.container("registry").start()
     time.sleep(2)
     check(bed.direct("a", "c"), bed, "the mesh stays while the registry restarts")
@@ -544,6 +648,8 @@ def test_registry_killed_and_restarted_is_survived(bed):
     resumed = {name: registry_view(bed, name).get("view_epoch") for name in CLIENTS}
     check(resumed == epochs, bed, f"the epoch was kept across the restart: {resumed} {epochs}")
     wait(bed, lambda: bed.ping("s", CLIENTS["a"][0], count=1), 45, "s to reach a again")
+    watcher.join(40)
+    check(not unhealthy, bed, f"marked unhealthy while reconnecting: {sorted(set(unhealthy))}")
     RECOVERY["registry killed (SIGKILL) and restarted"] = (
         f"no direct ping lost; every client resynchronised and relaying back "
         f"{time.monotonic() - killed:.1f} s after the kill"
@@ -594,3 +700,25 @@ def test_removed_peer_is_removed_everywhere(bed):
     print(f"\nremoved peer gone everywhere {time.monotonic() - started:.1f} s after its removal")
     check(bed.direct("a", "c") and bed.direct("c", "a"), bed, "a and c stay direct")
     check(bed.ping("a", CLIENTS["p"][0]), bed, "a still pings p")
+
+
+def test_healthcheck_fails_on_a_device_error_and_recovers(bed):
+    """x's interface vanishes: `wgnat status` reports the device error (exit 2)
+    and Docker marks x unhealthy; with the interface back, healthy again."""
+    wait(bed, lambda: bed.health("x") == "healthy", 20, "x healthy to begin with", interval=1)
+    bed.exec("x", ["ip", "link", "del", "wg0"])
+    try:
+        code, text = bed.exec("x", ["wgnat", "status", "-i", "wg0"], check=False)
+        check(code == 2, bed, f"wgnat status exited {code}: {text}")
+        check("wgnat status: down: cannot read wg0" in text, bed, text)
+        # Three failed checks, 2 s apart (the image's HEALTHCHECK).
+        wait(bed, lambda: bed.health("x") == "unhealthy", 20, "x unhealthy", interval=1)
+        log = bed.container("x").attrs["State"]["Health"]["Log"]
+        check(
+            log and log[-1]["ExitCode"] == 1 and "down: cannot read wg0" in log[-1]["Output"],
+            bed,
+            f"the health log: {log}",
+        )
+    finally:
+        bed.exec("x", ["sh", "-c", RECREATE_WG0.format(name="x")])
+    wait(bed, lambda: bed.health("x") == "healthy", 20, "x healthy again", interval=1)

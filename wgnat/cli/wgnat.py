@@ -2,8 +2,9 @@
 
 `wgnat status` fetches the daemon's status document over its Unix socket
 (status_socket.py: root only) with a plain HTTP request and prints it as a table
-(tables.py) or, with --json, as it is.  `wgnat ping PEER` fetches the client's
-and pings the peer over the tunnel (ping.py).
+(tables.py) or, with --json, as it is, and exits with the daemon's health
+(health.py: 0 healthy, 1 degraded, 2 down or no daemon answering).  `wgnat ping
+PEER` fetches the client's and pings the peer over the tunnel (ping.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 from wgnat import __version__
 from wgnat.cli import ping
+from wgnat.cli.health import DOWN, health
 from wgnat.cli.tables import format_status
 from wgnat.status_socket import STATUS_DIR, default_socket_path
 
@@ -96,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Show the peers of a running wgnat-client (path, endpoint, handshake, "
             "traffic and why the path is what it is), or with --server every peer a "
-            "wgnat-server sees."
+            "wgnat-server sees.  Exits 0 when the daemon is healthy, 1 when degraded "
+            "(a client without its registry for more than 30 s, a device operation on "
+            "a peer failing, or a state file it cannot write), 2 when down (it cannot "
+            "read its interface) or when no daemon answers."
         ),
     )
     status.add_argument(
@@ -213,7 +218,7 @@ def main(
     ifname = args.interface
     if "/" in ifname or not ifname or len(ifname) > 15:
         print(f"wgnat {args.command}: error: {ifname!r} is not an interface name", file=err)
-        return EXIT_FAILURE
+        return EXIT_FAILURE if args.command == "ping" else DOWN
     if args.command == "ping":
         return _ping(args, out, err)
     role = "server" if args.server else "client"
@@ -230,12 +235,15 @@ def main(
             kind = "wgnat-client" if args.server else "wgnat-server"
             message += f"; a {kind} runs on {ifname}: try {flag}"
         print(f"wgnat status: error: {message}", file=err)
-        return EXIT_FAILURE
+        return DOWN
     if args.json:
         out.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
     else:
         out.write(format_status(document))
-    return 0
+    found = health(document)
+    for reason in found.reasons:
+        print(f"wgnat status: {found.name}: {reason}", file=err)
+    return found.code
 
 
 if __name__ == "__main__":

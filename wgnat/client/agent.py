@@ -103,6 +103,8 @@ class MeshAgent(service.Service):
         # What the state file holds, as last read or written (None: unknown, so
         # the next plan writes it).
         self._written: set[PublicKey] | None = None
+        # Peers whose last device operation failed (`wgnat status`: degraded).
+        self.operation_errors: dict[PublicKey, str] = {}
         self.session = os.urandom(8).hex()  # new at every start: peers re-probe us at once
         self.ready: Deferred[None] = Deferred()
         self._wakeup: IDelayedCall | None = None
@@ -352,8 +354,10 @@ class MeshAgent(service.Service):
                 yield self.device.remove_peer(key)
             for update in action.updates():
                 yield self.device.set_peer(update)
+            self.operation_errors.pop(key, None)
             return True
         except DeviceError as exc:
+            self.operation_errors[key] = f"{action.kind}: {exc}"
             self.metrics.device_errors.labels(operation=action.kind).inc()
             log.error(
                 "{peer}: device operation {kind} failed: {error}",

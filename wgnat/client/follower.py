@@ -73,6 +73,11 @@ class RegistryFollower:
         self.up: bool | None = None  # None: no answer or error yet
         self.error: str | None = None
         self.last_sync: float | None = None
+        # Since when this client has been without the registry: the start of
+        # following it, then the first failure after an answer; None while it
+        # answers.  `wgnat status` calls a client degraded when this is older
+        # than one full backoff (RECONNECT_MAXIMUM).
+        self.down_since: float | None = None
         self.announced: Announcement | None = None
         self._running = False
         self._stream: RegistryStream | None = None
@@ -86,6 +91,7 @@ class RegistryFollower:
 
     def start(self) -> None:
         self._running = True
+        self.down_since = self.clock.seconds()
         self._resync = repeat(
             self.clock, self.resync_interval, self.resync, "the -t resynchronisation"
         )
@@ -266,6 +272,8 @@ class RegistryFollower:
         self.metrics.registry_errors.inc()
         self.metrics.registry_connected.set(0)
         self.error = error
+        if self.down_since is None:
+            self.down_since = self.clock.seconds()
         if self.up is not False:
             log.warn(
                 "registry unreachable ({error}); keeping the mesh as it is and retrying "
@@ -278,7 +286,7 @@ class RegistryFollower:
         now = self.clock.seconds()
         self.metrics.registry_connected.set(1)
         self.metrics.last_sync.set_to_current_time()  # Unix time, for alerts
-        self.last_sync, self.error = now, None
+        self.last_sync, self.error, self.down_since = now, None, None
         if self.up is False:
             log.info("registry reachable again; resynchronising")
         self.up = True

@@ -9,7 +9,7 @@ key, so none can reach this document.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -44,7 +44,11 @@ class ClientInfo:
     registry_up: bool | None = None  # None: no answer or error yet
     registry_error: str | None = None
     last_sync: float | None = None
+    down_since: float | None = None  # without the registry since (None: connected)
     lan_endpoints: tuple[Endpoint, ...] = ()
+    state_error: str | None = None  # the last state file write's, until one works
+    # The peers whose last device operation failed, and how (until one works).
+    operation_errors: dict[PublicKey, str] = field(default_factory=dict)
 
 
 def client_info(agent: MeshAgent) -> ClientInfo:
@@ -60,6 +64,9 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         registry_up=follower.up if follower is not None else None,
         registry_error=follower.error if follower is not None else None,
         last_sync=follower.last_sync if follower is not None else None,
+        down_since=follower.down_since if follower is not None else None,
+        state_error=agent.state_error,
+        operation_errors=dict(agent.operation_errors),
         lan_endpoints=(
             announced.lan_endpoints
             if announced is not None
@@ -179,6 +186,10 @@ def client_status(
             )
             endpoint = endpoint or peer_path.endpoint or (remote.endpoint if remote else None)
         row["endpoint"] = endpoint_text(endpoint)
+        failed = info.operation_errors.get(key)
+        row["device_operation_error"] = failed
+        if failed:
+            row["why"] = f"device operation failed ({failed}); {row['why']}"
         rows.append(row)
     rows.sort(key=row_order)
     counts = {"direct": 0, "relayed": 0, "probing": 0, "manual": 0}
@@ -193,6 +204,7 @@ def client_status(
         "connected": info.registry_up,
         "error": info.registry_error,
         "last_sync": timestamp(info.last_sync),
+        "down_since": timestamp(info.down_since),
         "view_version": view.version,
         "view_epoch": view.epoch,
         **{
@@ -211,6 +223,7 @@ def client_status(
         "public_key": own.base64 if own is not None else None,
         "listen_port": device.listen_port if device is not None else None,
         "device_error": device_error,
+        "state_error": info.state_error,
         "public_endpoint": endpoint_text(view.my_endpoint),
         "lan_endpoints": [str(e) for e in info.lan_endpoints],
         "registry": registry,
