@@ -73,21 +73,26 @@ class MeshLab:
     lab: Lab
     registry: Node | None = None
     clients: dict[str, Node] = field(default_factory=dict)
+    # How long a registry may take to log that it runs: seconds on the host, more
+    # under a VM's emulated CPU (tests/integration/test_kernel_mesh.py).
+    start_timeout: float = 15.0
     _next_tunnel: int = 2
 
     # -- building ----------------------------------------------------------
-    def build_registry(self) -> Node:
+    # `kind`: the WireGuard device, "go" or "kernel" (netns.Lab.wireguard); None
+    # takes the lab's default ($WGNAT_LAB_WIREGUARD).
+    def build_registry(self, kind: str | None = None) -> Node:
         host = self.lab.public_host("reg", f"{REGISTRY_PUBLIC}/24")
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        wg = self.lab.wireguard(host, f"{REGISTRY_TUNNEL}/24", 51820)
+        wg = self.lab.wireguard(host, f"{REGISTRY_TUNNEL}/24", 51820, kind=kind)
         self.registry = Node("reg", host, wg)
         return self.registry
 
-    def add_client(self, name: str, host: Host) -> Node:
+    def add_client(self, name: str, host: Host, kind: str | None = None) -> Node:
         assert self.registry is not None
         address = f"198.51.100.{self._next_tunnel}"
         self._next_tunnel += 1
-        wg = self.lab.wireguard(host, f"{address}/24", 51820)
+        wg = self.lab.wireguard(host, f"{address}/24", 51820, kind=kind)
         # The hub first: the spoke's keepalive sends an initiation at once, and one
         # the hub cannot yet match costs WireGuard's 5 s retry.
         self.registry.wg.set_peer(wg.public_key, allowed_ips=[f"{address}/32"])
@@ -122,7 +127,7 @@ class MeshLab:
         daemon = self._spawn(node, argv)
         wait_until(
             lambda: "wgnat-server on" in daemon.log() or daemon.process.poll() is not None,
-            15,
+            self.start_timeout,
             what="the registry to start",
         )
         assert daemon.process.poll() is None, daemon.log()
