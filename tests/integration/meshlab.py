@@ -9,6 +9,7 @@ user runs them (installed console scripts, or twistd plugins).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -102,6 +103,45 @@ class MeshLab:
             allowed_ips=[TUNNEL],
             keepalive=25,
         )
+        node = Node(name, host, wg, state_dir=os.path.join(self.lab.tmpdir, f"state-{name}"))
+        self.clients[name] = node
+        return node
+
+    def add_wg_quick_client(self, name: str, host: Host, table: str = "auto") -> Node:
+        """A client whose kernel interface `wg-quick up` makes, routing everything
+        to the hub (`AllowedIPs = 0.0.0.0/0`) with `Table = table`: wg-quick's
+        fwmark and policy rules are then in play.  The config holds no private key:
+        a PostUp hook sets it from wg-quick's stdin."""
+        assert self.registry is not None
+        address = f"198.51.100.{self._next_tunnel}"
+        self._next_tunnel += 1
+        ifname = f"{self.lab.prefix}q{self._next_tunnel}"
+        private_key = host.run("wg", "genkey", hide_stdout=True).stdout.strip()
+        public_key = host.run("wg", "pubkey", input=private_key + "\n").stdout.strip()
+        self.registry.wg.set_peer(public_key, allowed_ips=[f"{address}/32"])
+        config = os.path.join(self.lab.tmpdir, f"{ifname}.conf")
+        with open(config, "w") as handle:
+            handle.write(
+                f"[Interface]\nAddress = {address}/24\nListenPort = 51820\nTable = {table}\n"
+                "PostUp = wg set %i private-key /dev/stdin\n\n"
+                f"[Peer]\nPublicKey = {self.registry.wg.public_key}\n"
+                f"Endpoint = {REGISTRY_PUBLIC}:51820\nAllowedIPs = 0.0.0.0/0\n"
+                "PersistentKeepalive = 25\n"
+            )
+        host.run("wg-quick", "up", config, input=private_key + "\n", timeout=60)
+        wg = WireGuard(
+            self.lab,
+            host,
+            ifname,
+            private_key,
+            public_key,
+            51820,
+            ipaddress.IPv4Interface(f"{address}/24"),
+            None,
+            None,
+            "kernel",
+        )
+        self.lab.devices.append(wg)
         node = Node(name, host, wg, state_dir=os.path.join(self.lab.tmpdir, f"state-{name}"))
         self.clients[name] = node
         return node
