@@ -19,6 +19,9 @@
 # Ends with one line: "kernel stage: PASS|FAIL|SKIPPED: ...".  A VM that cannot
 # boot fails the run under CI=true, and skips, saying why, elsewhere.
 #
+# `scripts/kernel-vm.sh bench ARGS...` (make bench-kernel) runs
+# `bench/formation.py --kernel ARGS...` in the VM instead of the tests.
+#
 # Environment: VENV (.venv), WGNAT_VM_KERNEL (a /boot/vmlinuz-* to boot),
 # WGNAT_VM_TIMEOUT (seconds, 900), WGNAT_VM_CPUS (2), WGNAT_VM_TESTS (the pytest
 # arguments run in the guest).
@@ -31,21 +34,28 @@ OUT=$ROOT/build/kernel-vm
 TIMEOUT=${WGNAT_VM_TIMEOUT:-900}
 CPUS=${WGNAT_VM_CPUS:-2}
 TESTS=${WGNAT_VM_TESTS:-tests/test_netlink.py tests/integration/test_kernel_mesh.py}
+MODE=pytest
+STAGE="kernel stage"
+if [ "${1:-}" = bench ]; then
+    MODE=bench STAGE="kernel bench"
+    shift
+    TESTS="$*"
+fi
 started=$(date +%s)
 
 elapsed() { echo "$(($(date +%s) - started)) s"; }
 
 unavailable() {  # the VM cannot run here: fail under CI, skip elsewhere
     if [ "${CI:-}" = true ]; then
-        echo "kernel stage: FAIL: $* (CI=true: the kernel stage must run)"
+        echo "$STAGE: FAIL: $* (CI=true: the kernel stage must run)"
         exit 1
     fi
-    echo "kernel stage: SKIPPED: $*"
+    echo "$STAGE: SKIPPED: $*"
     exit 0
 }
 
 apt_install() {
-    echo "kernel stage: installing $*"
+    echo "$STAGE: installing $*"
     export DEBIAN_FRONTEND=noninteractive
     # Another apt may hold the lock (a shared machine): wait for it.
     apt-get -o DPkg::Lock::Timeout=300 update -qq
@@ -126,15 +136,19 @@ tar -C "$VENV_ABS" \
     -cf - . | tar -C "$stage/venv" -xf -
 # The tests, with pytest's rewritten byte code made here (collecting writes it),
 # so the guest's emulated CPU does not rewrite them.
-cp -a tests pyproject.toml "$stage/src/"
+cp -a tests bench pyproject.toml "$stage/src/"
 mkdir -p "$stage/src/compose" && cp -a compose/testbed.py "$stage/src/compose/"
 find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
-# shellcheck disable=SC2086 # TESTS is a list of pytest arguments
-(cd "$stage/src" && "$VENV_ABS/bin/python" -m pytest -q --collect-only -p no:cacheprovider \
-    $TESTS >/dev/null) || true
+if [ "$MODE" = pytest ]; then
+    # shellcheck disable=SC2086 # TESTS is a list of pytest arguments
+    (cd "$stage/src" && "$VENV_ABS/bin/python" -m pytest -q --collect-only \
+        -p no:cacheprovider $TESTS >/dev/null) || true
+else
+    "$VENV_ABS/bin/python" -m compileall -q "$stage/src/bench" "$stage/src/tests" >/dev/null || true
+fi
 size_mb=$(($(du -sm "$stage" | cut -f1) * 13 / 10 + 64))
 mkfs.ext4 -q -F -L wgnatvm -d "$stage" "$OUT/image.ext4" "${size_mb}M"
-echo "kernel stage: booting $(basename "$KERNEL") (TCG, $CPUS CPUs), image ${size_mb} MB," \
+echo "$STAGE: booting $(basename "$KERNEL") (TCG, $CPUS CPUs), image ${size_mb} MB," \
     "after $(elapsed) of preparation"
 
 # -- the VM ------------------------------------------------------------------
@@ -143,7 +157,7 @@ vm_status=0
 # The root stays read-only: the guest writes only build/kernel-vm (--rwdir).
 timeout --kill-after=10 "$TIMEOUT" vng -r "$KERNEL" --force-9p --disable-kvm \
     --memory 3G --cpus "$CPUS" --rwdir "$OUT" --disk "$OUT/image.ext4" \
-    --exec "bash $ROOT/scripts/kernel-vm-guest.sh $OUT $BASE $VENV_ABS $TESTS" \
+    --exec "bash $ROOT/scripts/kernel-vm-guest.sh $OUT $BASE $VENV_ABS $MODE $TESTS" \
     </dev/null 2>&1 | tee "$OUT/console.log" || vm_status=$?
 
 # -- the verdict -------------------------------------------------------------
@@ -155,6 +169,15 @@ if [ ! -f "$OUT/results/status" ]; then
     unavailable "$reason)"
 fi
 status=$(cat "$OUT/results/status")
+if [ "$MODE" = bench ]; then
+    if [ "$status" != 0 ]; then
+        echo "kernel bench: FAIL: bench/formation.py --kernel exited $status" \
+            "(log: build/kernel-vm/results/bench.log)"
+        exit 1
+    fi
+    echo "kernel bench: done in $(elapsed); figures above and in build/kernel-vm/results/bench.log"
+    exit 0
+fi
 summary=$(grep -E '^=+ .*(passed|failed|error|skipped).* =+$' "$OUT/results/pytest.log" |
     tail -1 | sed -E 's/^=+ //; s/ =+$//')
 # "none skipped": a kernel test that skips in the VM has not run on a kernel.
