@@ -24,8 +24,9 @@ test: system-deps docker-engine venv install $(VENV)/bin/promtool
 # Kernel WireGuard on a real kernel: this host's kernel has no WireGuard module,
 # so a Debian kernel that has it boots in a VM (virtme-ng, QEMU with an emulated
 # CPU) and tests/test_netlink.py and tests/integration/test_kernel_mesh.py run
-# there; 6 to 8 minutes on 2 cores.  Installs QEMU, busybox-static and a kernel package when
-# missing (as root).  Skips, saying why, where no VM can run; fails under CI=true.
+# there; 6 to 8 minutes on 2 cores.  Installs QEMU, busybox-static and a kernel
+# package when missing (as root).  Skips, saying why, where no VM can run; fails
+# under CI=true.
 test-kernel: system-deps venv install
 	@VENV=$(VENV) scripts/kernel-vm.sh
 
