@@ -448,7 +448,7 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> str:
         f"{stat([r['registry_sees'] for r in rebind])}",
         f"  registry -> each peer follows (push, plan): "
         f"{stat([p['registry_to_follow'] for r in rebind for p in r['peers'].values()])}",
-        f"  follows -> the device uses it (UAPI set; observed by a 10 ms poll): "
+        f"  follows -> the device uses it (set over UAPI or netlink; observed by a 10 ms poll): "
         f"{stat([p['follow_to_used'] for r in rebind for p in r['peers'].values()])}",
     ]
     return "\n".join(lines)
