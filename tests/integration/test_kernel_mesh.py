@@ -310,6 +310,12 @@ def test_wg_quick_client_routing_everything_to_the_hub(lab: Lab) -> None:  # noq
         mesh.start_client("a")
         # What a user must set: 0.0.0.0/0 does not tell where the registry is.
         mesh.start_client("w", extra=("--registry-address", "198.51.100.1"))
+        # Timed from both daemons' first lines: their start-up, seconds under
+        # emulation, is not the path's doing.
+        for name in ("a", "w"):
+            timed_wait(mesh, lambda name=name: first_line(mesh, name), f"{name}'s first log line")
+        line = first_line(mesh, "w")
+        check("at 198.51.100.1:51820" in line, mesh, f"w follows the registry it was given: {line}")
         took = timed_wait(mesh, lambda: both_direct(mesh, "a", "w"), "a-w direct")
         check(mesh.direct("a", "w") == "203.0.113.22:51820", mesh, "a reaches w via r2")
         check((mesh.direct("w", "a") or "").startswith("203.0.113.21:"), mesh, "w reaches a via r1")
@@ -327,6 +333,9 @@ def test_wg_quick_client_routing_everything_to_the_hub(lab: Lab) -> None:  # noq
         w.host.run("ping", "-n", "-q", "-c", 5, "-s", 1200, "-i", 0.2, "-W", 3, a_ip)
         crossed = hub.peers()[w.wg.public_key]["rx"] - before
         check(crossed < 3000, mesh, f"w's pings to a crossed the hub ({crossed} bytes)")
-        print(f"wg-quick client (Table = auto, AllowedIPs = 0.0.0.0/0): direct after {took:.1f} s")
+        print(
+            f"wg-quick client (Table = auto, AllowedIPs = 0.0.0.0/0): direct {took:.1f} s "
+            "after both daemons' first lines"
+        )
     finally:
         mesh.stop_all()
