@@ -62,18 +62,25 @@ sys.path.insert(0, HERE)
 from labtools import (  # noqa: E402
     Capture,
     about,
+    close_kernel_sockets,
+    device_get,
     first_time,
+    kernel_set_peer,
     key_of,
     load_average,
     log_lines,
     stat,
-    uapi_get,
     uapi_set,
 )
 from meshlab import REGISTRY_PUBLIC, TUNNEL, MeshLab, Node, wait_until  # noqa: E402
-from netns import Lab, cleanup_leftovers  # noqa: E402
+from netns import LAB_WIREGUARD_ENV, Lab, cleanup_leftovers  # noqa: E402
+
+from wgnat._types import Endpoint, PeerUpdate, parse_network  # noqa: E402
 
 NEW = "n"
+# --kernel runs in make bench-kernel's VM, whose CPU is emulated (about ten times
+# slower): the deadlines (not the figures) are stretched by this much.
+SLOW = 1.0
 KEEPALIVE = 25  # the clients' keepalive to the hub (MeshLab.add_client)
 # A stream's keep-alive (an empty line, as an HTTP chunk) is not a push.
 KEEPALIVE_CHUNK = 16
@@ -90,7 +97,7 @@ CAPTURE_FILTER = (
 
 def build(lab: Lab, clients: int) -> MeshLab:
     """a and b behind r1, every other client behind its own home NAT; n last."""
-    mesh = MeshLab(lab)
+    mesh = MeshLab(lab, start_timeout=15 * SLOW)
     mesh.build_registry()
     names = [chr(ord("a") + i) for i in range(clients - 1)] + [NEW]
     routers = [lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")]
@@ -128,6 +135,16 @@ def add_unconfigured(mesh: MeshLab, name: str, host: Any) -> Node:
 
 def configure_registry_peer(mesh: MeshLab, node: Node) -> None:
     assert mesh.registry is not None
+    if node.wg.kind == "kernel":  # the same change, over netlink
+        update = PeerUpdate(
+            key_of(mesh.registry.wg.public_key),
+            endpoint=Endpoint.parse(f"{REGISTRY_PUBLIC}:51820"),
+            allowed_ips=(parse_network(TUNNEL),),
+            replace_allowed_ips=True,
+            persistent_keepalive=KEEPALIVE,
+        )
+        kernel_set_peer(node.host.name, node.wg.ifname, update)
+        return
     uapi_set(
         node.wg.socket_path,
         [
@@ -141,14 +158,14 @@ def configure_registry_peer(mesh: MeshLab, node: Node) -> None:
 
 
 class Devices:
-    """Every client's device, read over UAPI from this process."""
+    """Every client's device, read from this process (UAPI or netlink)."""
 
     def __init__(self, mesh: MeshLab) -> None:
         self.mesh = mesh
 
     def peer(self, a: str, b: str) -> Any:
         mine, theirs = self.mesh.clients[a], self.mesh.clients[b]
-        return uapi_get(mine.wg.socket_path).peer(key_of(theirs.wg.public_key))
+        return device_get(mine.wg).peer(key_of(theirs.wg.public_key))
 
     def direct(self, a: str, b: str) -> bool:
         entry = self.peer(a, b)
@@ -173,7 +190,7 @@ def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
             pairs = [(x, y) for i, x in enumerate(others) for y in others[i + 1 :]]
             wait_until(
                 lambda: all(devices.direct(x, y) and devices.direct(y, x) for x, y in pairs),
-                60,
+                60 * SLOW,
                 interval=0.1,
                 what=f"the {len(others)} clients to mesh",
             )
@@ -201,9 +218,11 @@ def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
                     devices.direct(NEW, p) and devices.direct(p, NEW) for p in others
                 )
 
-            wait_until(formed, 30, interval=0.05, what="n to be direct with every peer")
+            wait_until(
+                formed, 30 * SLOW, interval=0.05 * SLOW, what="n to be direct with every peer"
+            )
             # Handshake times now, before anything re-handshakes (rekey is 120 s away).
-            hub_entry = uapi_get(mesh.registry.wg.socket_path).peer(key_of(new.wg.public_key))  # type: ignore[union-attr]
+            hub_entry = device_get(mesh.registry.wg).peer(key_of(new.wg.public_key))  # type: ignore[union-attr]
             handshakes = {
                 p: [
                     devices.peer(p, NEW).latest_handshake,
@@ -212,9 +231,7 @@ def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
                 for p in others
             }
             endpoints = {
-                p: str(
-                    uapi_get(mesh.registry.wg.socket_path).peer(key_of(node.wg.public_key)).endpoint
-                )  # type: ignore[union-attr]
+                p: str(device_get(mesh.registry.wg).peer(key_of(node.wg.public_key)).endpoint)  # type: ignore[union-attr]
                 for p, node in mesh.clients.items()
             }
             time.sleep(0.3)  # the captures catch up
@@ -231,6 +248,7 @@ def one_run(clients: int, run_index: int = 0, runs: int = 1) -> dict[str, Any]:
             for capture in captures.values():
                 capture.stop()
             mesh.stop_all()
+            close_kernel_sockets()
 
 
 def ping_counts(output: str) -> dict[str, int]:
@@ -348,7 +366,7 @@ def rebinding(mesh: MeshLab, devices: Devices, stratum: int, strata: int) -> dic
     registry_log_path = mesh.registry.daemon.log_path
     moved_line = about(moved.tunnel_ip) + r".*endpoint moved"
     used: dict[str, float] = {}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60 * SLOW
     # Until the registry has seen the move (up to 25 s) its log is watched, which
     # costs little; then the devices are polled every 10 ms.
     while time.monotonic() < deadline:
@@ -430,7 +448,7 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> str:
         f"{stat([r['registry_sees'] for r in rebind])}",
         f"  registry -> each peer follows (push, plan): "
         f"{stat([p['registry_to_follow'] for r in rebind for p in r['peers'].values()])}",
-        f"  follows -> the device uses it (UAPI set; observed by a 10 ms poll): "
+        f"  follows -> the device uses it (set over UAPI or netlink; observed by a 10 ms poll): "
         f"{stat([p['follow_to_used'] for r in rebind for p in r['peers'].values()])}",
     ]
     return "\n".join(lines)
@@ -441,9 +459,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="clients, the new one included")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="kernel WireGuard devices (needs the module: make bench-kernel runs this in a VM)",
+    )
     args = parser.parse_args()
     if args.clients < 4:
         parser.error("--clients: at least 4 (a and b share a NAT, c is rebound, n is new)")
+    if args.kernel:
+        global SLOW
+        os.environ[LAB_WIREGUARD_ENV] = "kernel"  # every Lab.wireguard() device
+        SLOW = float(os.environ.get("WGNAT_BENCH_SLOW", "4"))
+        print(
+            "kernel WireGuard devices; under an emulated CPU the absolute times are "
+            "not comparable with the host's (compare the parts)",
+            flush=True,
+        )
     cleanup_leftovers()
     print(f"load average before: {load_average()}", flush=True)
     runs = []

@@ -1,6 +1,7 @@
 """What the benchmarks share: statistics, the daemons' JSON logs, reading a
-wireguard-go device over its UAPI socket from this process (no subprocess, so a
-tight poll costs little), packet captures in a namespace, and a process's CPU.
+wireguard-go device over its UAPI socket or a kernel one over netlink from this
+process (no subprocess, so a tight poll costs little), packet captures in a
+namespace, and a process's CPU.
 
 Secrets: a UAPI `get` answer holds the device's private key; it is parsed by
 wgnat.device.uapi.parse_get_answer, which drops it, and never kept or printed.
@@ -125,6 +126,47 @@ def uapi_set(socket_path: str, lines: list[str], timeout: float = 5.0) -> None:
             answer += chunk
     if b"errno=0\n" not in answer:
         raise OSError(f"UAPI set on {socket_path} failed: {answer[:80]!r}")
+
+
+_kernel_sockets: dict[str, Any] = {}
+
+
+def kernel_get(netns: str, ifname: str) -> DeviceState:
+    """Read a kernel WireGuard device in namespace `netns` over generic netlink,
+    as wgnat's netlink backend does (one pyroute2 socket per namespace, kept: a
+    tight poll must not open one each time).  The private key is never read."""
+    from wgnat.device.netlink import state_from_messages
+
+    return state_from_messages(_kernel_socket(netns).info(ifname))
+
+
+def kernel_set_peer(netns: str, ifname: str, update: Any) -> None:
+    """One peer change (a wgnat PeerUpdate) on a kernel device in `netns`."""
+    from wgnat.device.netlink import build_peer_dict
+
+    _kernel_socket(netns).set(ifname, peer=build_peer_dict(update))
+
+
+def _kernel_socket(netns: str) -> Any:
+    if netns not in _kernel_sockets:
+        from pyroute2 import WireGuard
+
+        _kernel_sockets[netns] = WireGuard(netns=netns)
+    return _kernel_sockets[netns]
+
+
+def close_kernel_sockets() -> None:
+    """Before the lab's namespaces go."""
+    for sock in _kernel_sockets.values():
+        sock.close()
+    _kernel_sockets.clear()
+
+
+def device_get(wg: Any) -> DeviceState:
+    """A lab device (tests/netns.py WireGuard), whichever kind, read from here."""
+    if wg.kind == "kernel":
+        return kernel_get(wg.host.name, wg.ifname)
+    return uapi_get(wg.socket_path)
 
 
 def key_of(base64: str) -> PublicKey:

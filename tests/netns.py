@@ -1,4 +1,4 @@
-"""A namespace lab: simulated internet, NAT routers, LAN hosts and wireguard-go devices.
+"""A namespace lab: simulated internet, NAT routers, LAN hosts and WireGuard devices.
 
 Everything lives in network namespaces this module creates; nothing is added to the
 root namespace (its firewall may belong to Docker) and no packet can leave, since no
@@ -21,6 +21,12 @@ Names: every namespace is `<prefix>-<name>`; the prefix is unique per Lab instan
 (`wnl` + the pid in base 36 + a counter), so parallel runs and leftovers never
 collide.  WireGuard interfaces are `<prefix>g<n>`: their UAPI sockets share
 /var/run/wireguard across namespaces, so their names must be unique machine-wide.
+
+A WireGuard device is wireguard-go (`kind="go"`, the default: this machine's kernel
+has no WireGuard module) or a kernel device (`kind="kernel"`: `ip link add NAME type
+wireguard` in the host's namespace, configured with `wg`), where the kernel has the
+module (`make test-kernel` boots one in a VM).  `WGNAT_LAB_WIREGUARD=kernel` changes
+the default for a whole run.
 
 Private keys are generated at run time, passed to `wg` on stdin and never put on a
 command line, in a log line or in a repr.
@@ -58,6 +64,8 @@ MODES = ("home", "symmetric", "accept_all")
 # Port ranges a router's MASQUERADE moves to on successive rebind() calls; none
 # holds 51820 or the ports tests bind by hand, so every mapping really moves.
 REBIND_RANGES = ((40000, 49999), (30000, 39999), (20000, 29999))
+WIREGUARD_KINDS = ("go", "kernel")
+LAB_WIREGUARD_ENV = "WGNAT_LAB_WIREGUARD"  # the default kind of Lab.wireguard()
 WIREGUARD_ENV = {
     "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1",
     "LOG_LEVEL": "verbose",
@@ -88,6 +96,36 @@ def _pid_width() -> int:
 
 
 _PID_WIDTH = _pid_width()
+
+
+def default_wireguard_kind() -> str:
+    kind = os.environ.get(LAB_WIREGUARD_ENV, "go")
+    if kind not in WIREGUARD_KINDS:
+        raise ValueError(f"{LAB_WIREGUARD_ENV}={kind!r}: one of {', '.join(WIREGUARD_KINDS)}")
+    return kind
+
+
+def kernel_wireguard_unavailable() -> str | None:
+    """Why kernel WireGuard devices cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "unshare", "wg"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    try:
+        netns = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
+        if netns.returncode != 0:
+            return "cannot create a network namespace here"
+        probe = subprocess.run(
+            ["unshare", "--net", "ip", "link", "add", "wgprobe0", "type", "wireguard"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot probe for WireGuard: {exc}"
+    if probe.returncode != 0:
+        return "kernel has no WireGuard module (make test-kernel runs these tests in a VM)"
+    return None
 
 
 def default_prefix() -> str:
@@ -381,7 +419,8 @@ class Router(Host):
 
 
 class WireGuard:
-    """A wireguard-go device (`wireguard-go -f`) inside a Host."""
+    """A WireGuard device inside a Host: wireguard-go (`wireguard-go -f`, kind "go",
+    with a process and a log) or a kernel link (kind "kernel", neither)."""
 
     def __init__(
         self,
@@ -392,8 +431,9 @@ class WireGuard:
         public_key: str,
         listen_port: int,
         address: ipaddress.IPv4Interface,
-        process: subprocess.Popen,
-        log_path: str,
+        process: subprocess.Popen | None,
+        log_path: str | None,
+        kind: str = "go",
     ) -> None:
         self.lab = lab
         self.host = host
@@ -404,9 +444,18 @@ class WireGuard:
         self.address = address
         self.process = process
         self.log_path = log_path
+        self.kind = kind
 
     def __repr__(self) -> str:
-        return f"<WireGuard {self.ifname} in {self.host.name} {self.address} :{self.listen_port}>"
+        return (
+            f"<WireGuard {self.kind} {self.ifname} in {self.host.name} {self.address} "
+            f":{self.listen_port}>"
+        )
+
+    @property
+    def backend(self) -> str:
+        """The wgnat device backend that serves this device (what the daemons report)."""
+        return "netlink" if self.kind == "kernel" else "uapi"
 
     @property
     def socket_path(self) -> str:
@@ -481,12 +530,19 @@ class WireGuard:
         return result
 
     def log(self) -> str:
+        """wireguard-go's log; a kernel device logs nothing of its own here."""
+        if self.log_path is None:
+            return ""
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
     def stop(self) -> None:
-        """Terminate wireguard-go (it removes its socket and its interface)."""
-        _terminate(self.process)
+        """Terminate wireguard-go (it removes its socket and its interface), or delete
+        the kernel link."""
+        if self.process is not None:
+            _terminate(self.process)
+        else:
+            self.host.run("ip", "link", "del", self.ifname, check=False)
 
 
 def _terminate(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -692,40 +748,34 @@ class Lab:
         return host
 
     def wireguard(
-        self, host: Host, address: str, listen_port: int = 51820, verbose: bool = True
+        self,
+        host: Host,
+        address: str,
+        listen_port: int = 51820,
+        verbose: bool = True,
+        kind: str | None = None,
     ) -> WireGuard:
-        """Start `wireguard-go -f` in `host` with fresh keys, address it and bring it up.
+        """A WireGuard device in `host` with fresh keys, addressed and up.
 
-        `verbose`: wireguard-go logs every packet (for failing tests); a benchmark
-        measuring wireguard-go's CPU runs it as deployed, errors only."""
+        `kind`: "go" starts `wireguard-go -f`, "kernel" adds a kernel link; None
+        takes $WGNAT_LAB_WIREGUARD (default "go").  `verbose`: wireguard-go logs
+        every packet (for failing tests); a benchmark measuring wireguard-go's CPU
+        runs it as deployed, errors only."""
+        kind = kind or default_wireguard_kind()
+        if kind not in WIREGUARD_KINDS:
+            raise ValueError(f"WireGuard kind {kind!r}: one of {', '.join(WIREGUARD_KINDS)}")
         iface = ipaddress.IPv4Interface(address)
         ifname = f"{self.prefix}g{next(self._wg_counter)}"
         assert len(ifname) <= 15
-        socket_path = os.path.join(UAPI_SOCKET_DIR, f"{ifname}.sock")
         private_key = _run_root(["wg", "genkey"], hide_stdout=True).stdout.strip()
         public_key = _run_root(["wg", "pubkey"], input=private_key + "\n").stdout.strip()
-        log_path = os.path.join(self.tmpdir, f"{ifname}.log")
-        env = dict(os.environ, **WIREGUARD_ENV)
-        if not verbose:
-            env.pop("LOG_LEVEL", None)
-        with open(log_path, "wb") as log:
-            proc = host.popen(
-                ["wireguard-go", "-f", ifname],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        deadline = time.monotonic() + 10
-        while not uapi_ready(socket_path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _terminate(proc)
-                with open(log_path, errors="replace") as f:
-                    log_text = f.read()
-                raise LabError(f"wireguard-go {ifname} in {host.name} did not start:\n{log_text}")
-            time.sleep(0.01)
+        if kind == "kernel":
+            process, log_path = None, None
+            host.run("ip", "link", "add", ifname, "type", "wireguard")
+        else:
+            process, log_path = self._start_wireguard_go(host, ifname, verbose)
         device = WireGuard(
-            self, host, ifname, private_key, public_key, listen_port, iface, proc, log_path
+            self, host, ifname, private_key, public_key, listen_port, iface, process, log_path, kind
         )
         self.devices.append(device)
         device.wg(
@@ -742,6 +792,34 @@ class Lab:
         host.run("ip", "addr", "add", str(iface), "dev", ifname)
         host.run("ip", "link", "set", ifname, "up")
         return device
+
+    def _start_wireguard_go(
+        self, host: Host, ifname: str, verbose: bool
+    ) -> tuple[subprocess.Popen, str]:
+        """`wireguard-go -f IFNAME` in `host`, once its UAPI socket answers."""
+        socket_path = os.path.join(UAPI_SOCKET_DIR, f"{ifname}.sock")
+        log_path = os.path.join(self.tmpdir, f"{ifname}.log")
+        env = dict(os.environ, **WIREGUARD_ENV)
+        if not verbose:
+            env.pop("LOG_LEVEL", None)
+        with open(log_path, "wb") as log:
+            proc = host.popen(
+                ["wireguard-go", "-f", ifname],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        # Generous: under a VM's emulated CPU (make test-kernel) it starts in seconds.
+        deadline = time.monotonic() + 30
+        while not uapi_ready(socket_path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _terminate(proc)
+                with open(log_path, errors="replace") as f:
+                    log_text = f.read()
+                raise LabError(f"wireguard-go {ifname} in {host.name} did not start:\n{log_text}")
+            time.sleep(0.01)
+        return proc, log_path
 
     # -- tearing down ---------------------------------------------------------
     def cleanup(self) -> None:
@@ -761,8 +839,9 @@ class Lab:
             except Exception as exc:
                 problems.append(f"namespace {nsname}: {exc}")
         for device in self.devices:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(device.socket_path)
+            if device.kind == "go":  # a kernel link went with its namespace
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(device.socket_path)
         if leakcheck is not None:  # leak check hook: logs and state files, before they go
             leakcheck.check_directory(self.tmpdir, f"lab {self.prefix} files")
         if os.environ.get("WGNAT_LAB_KEEP_LOGS"):

@@ -15,15 +15,17 @@ import errno
 import functools
 import ipaddress
 import os
-import shutil
 import subprocess
+import sys
 import threading
 import uuid
 from socket import AF_INET, AF_INET6, inet_pton
 from typing import Any
 
+import leakcheck
 import pytest
 import pytest_twisted
+from netns import kernel_wireguard_unavailable
 from pyroute2.netlink import NLM_F_ACK, NLM_F_MULTI, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
@@ -613,28 +615,6 @@ def assert_safe(exc: BaseException, ifname: str) -> None:
 # -- a real kernel device, where the module exists ------------------------------------
 
 
-def kernel_wireguard_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    for tool in ("ip", "unshare", "wg"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    try:
-        netns = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
-        if netns.returncode != 0:
-            return "cannot create a network namespace here"
-        probe = subprocess.run(
-            ["unshare", "--net", "ip", "link", "add", "wgprobe0", "type", "wireguard"],
-            capture_output=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot probe for WireGuard: {exc}"
-    if probe.returncode != 0:
-        return "kernel has no WireGuard module"
-    return None
-
-
 KERNEL_UNAVAILABLE = kernel_wireguard_unavailable()
 
 
@@ -671,6 +651,7 @@ def kernel_device(tmp_path: Any) -> Any:
     try:
         run("ip", "-n", netns, "link", "add", "wgk0", "type", "wireguard")
         private = run("wg", "genkey").strip()
+        leakcheck.record_secret(private)  # the leak check searches every output for it
         public = PublicKey.from_base64(run("wg", "pubkey", stdin=private + "\n").strip())
         key_file = tmp_path / "private"
         key_file.write_text(private + "\n")
@@ -693,6 +674,7 @@ class TestKernelDevice:
     ) -> None:
         peer = new_key()
         psk = run("wg", "genpsk").strip()
+        leakcheck.record_secret(psk)
         psk_file = tmp_path / "psk"
         psk_file.write_text(psk + "\n")
         kernel_device.wg(
@@ -778,6 +760,72 @@ class TestKernelDevice:
         assert set(got.allowed_ips) == set(many)
 
     @pytest_twisted.ensureDeferred
+    async def test_hundreds_of_peers_survive_a_split_dump(
+        self, kernel_device: KernelDevice, tmp_path: Any
+    ) -> None:
+        # A hub with hundreds of clients: the kernel answers GET_DEVICE in several
+        # messages (each a page or so, a few dozen peers), and read() must see all.
+        count = 500
+        keys = [new_key() for _ in range(count)]
+        config = tmp_path / "peers.conf"
+        lines = [
+            f"[Peer]\nPublicKey = {key.base64}\nAllowedIPs = 10.{i // 256}.{i % 256}.1/32\n"
+            f"Endpoint = 198.51.100.{1 + i % 250}:{20000 + i}\n"
+            for i, key in enumerate(keys)
+        ]
+        config.write_text("\n".join(lines))
+        kernel_device.wg("addconf", "wgk0", str(config))  # one wg call, not 500
+
+        from pyroute2 import WireGuard
+
+        wg = WireGuard(netns=kernel_device.netns)
+        try:
+            parts = len(wg.info("wgk0"))
+        finally:
+            wg.close()
+        state = await kernel_device.device().read()
+
+        print(f"{count} peers came in {parts} netlink messages")
+        assert parts > 1, "the dump was not split: the test proves nothing"
+        assert len(state.peers) == count
+        assert {peer.public_key for peer in state.peers} == set(keys)
+        for i, key in enumerate(keys):
+            got = state.peer(key)
+            assert got is not None
+            assert got.allowed_ips == nets(f"10.{i // 256}.{i % 256}.1/32")
+            assert got.endpoint == Endpoint.parse(f"198.51.100.{1 + i % 250}:{20000 + i}")
+
+    @pytest_twisted.ensureDeferred
     async def test_missing_interface_is_device_not_found(self, kernel_device: KernelDevice) -> None:
         with pytest.raises(DeviceNotFound):
             await kernel_device.device("nosuch0").read()
+
+
+# -- pyroute2 only for the kernel backend -----------------------------------------
+
+ONLY_UAPI = r"""
+import os, socket, sys, tempfile
+from twisted.internet import reactor
+import wgnat.cli.daemons, wgnat.cli.wgnat, wgnat.client.agent, wgnat.client.tap
+from wgnat.client.lan import lan_addresses
+from wgnat.device import interface_addresses, open_device
+
+directory = tempfile.mkdtemp()
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(directory, "wgt0.sock"))  # as wireguard-go serves wgt0
+device = open_device("wgt0", reactor, socket_dir=directory)
+interface_addresses("lo")
+lan_addresses("wgt0")
+print(device.backend, [name for name in sys.modules if name.split(".")[0] == "pyroute2"])
+"""
+
+
+def test_a_userspace_client_never_imports_pyroute2() -> None:
+    # Importing pyroute2 costs about 0.3 s of CPU at every client's start (more on a
+    # small router): only the kernel backend needs it.  Everything a client does
+    # before its first device read, in a fresh interpreter.
+    result = subprocess.run(
+        [sys.executable, "-c", ONLY_UAPI], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["uapi", "[]"], result.stdout

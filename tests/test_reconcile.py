@@ -3,6 +3,8 @@ fallback with backoff, rebinding, removal after grace, ownership, route policy."
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.reconcile import (
     Mesh,
@@ -217,6 +219,20 @@ def test_registry_address_convention():
     k = new_key()
     assert str(registry_address_of(peer(k, allowed=("198.51.100.1/32",)))) == "198.51.100.1"
     assert str(registry_address_of(peer(k, allowed=("198.51.100.0/24",)))) == "198.51.100.1"
+
+
+def test_registry_address_is_not_guessed_from_a_default_route():
+    # wg-quick's "send everything to the hub": AllowedIPs = 0.0.0.0/0 (and ::/0).
+    k = new_key()
+    with pytest.raises(ValueError, match="--registry-address"):
+        registry_address_of(peer(k, allowed=("0.0.0.0/0",)))
+    with pytest.raises(ValueError, match="route everything"):
+        registry_address_of(peer(k, allowed=("0.0.0.0/0", "::/0")))
+    both = peer(k, allowed=("0.0.0.0/0", "198.51.100.0/24"))
+    assert str(registry_address_of(both)) == "198.51.100.1"
+    assert str(registry_address_of(peer(k, allowed=("0.0.0.0/0", "198.51.100.1/32")))) == (
+        "198.51.100.1"
+    )
 
 
 def test_next_wakeup_polls_fast_only_while_probing():

@@ -9,6 +9,7 @@ user runs them (installed console scripts, or twistd plugins).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -73,21 +74,26 @@ class MeshLab:
     lab: Lab
     registry: Node | None = None
     clients: dict[str, Node] = field(default_factory=dict)
+    # How long a registry may take to log that it runs: seconds on the host, more
+    # under a VM's emulated CPU (tests/integration/test_kernel_mesh.py).
+    start_timeout: float = 15.0
     _next_tunnel: int = 2
 
     # -- building ----------------------------------------------------------
-    def build_registry(self) -> Node:
+    # `kind`: the WireGuard device, "go" or "kernel" (netns.Lab.wireguard); None
+    # takes the lab's default ($WGNAT_LAB_WIREGUARD).
+    def build_registry(self, kind: str | None = None) -> Node:
         host = self.lab.public_host("reg", f"{REGISTRY_PUBLIC}/24")
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        wg = self.lab.wireguard(host, f"{REGISTRY_TUNNEL}/24", 51820)
+        wg = self.lab.wireguard(host, f"{REGISTRY_TUNNEL}/24", 51820, kind=kind)
         self.registry = Node("reg", host, wg)
         return self.registry
 
-    def add_client(self, name: str, host: Host) -> Node:
+    def add_client(self, name: str, host: Host, kind: str | None = None) -> Node:
         assert self.registry is not None
         address = f"198.51.100.{self._next_tunnel}"
         self._next_tunnel += 1
-        wg = self.lab.wireguard(host, f"{address}/24", 51820)
+        wg = self.lab.wireguard(host, f"{address}/24", 51820, kind=kind)
         # The hub first: the spoke's keepalive sends an initiation at once, and one
         # the hub cannot yet match costs WireGuard's 5 s retry.
         self.registry.wg.set_peer(wg.public_key, allowed_ips=[f"{address}/32"])
@@ -97,6 +103,45 @@ class MeshLab:
             allowed_ips=[TUNNEL],
             keepalive=25,
         )
+        node = Node(name, host, wg, state_dir=os.path.join(self.lab.tmpdir, f"state-{name}"))
+        self.clients[name] = node
+        return node
+
+    def add_wg_quick_client(self, name: str, host: Host, table: str = "auto") -> Node:
+        """A client whose kernel interface `wg-quick up` makes, routing everything
+        to the hub (`AllowedIPs = 0.0.0.0/0`) with `Table = table`: wg-quick's
+        fwmark and policy rules are then in play.  The config holds no private key:
+        a PostUp hook sets it from wg-quick's stdin."""
+        assert self.registry is not None
+        address = f"198.51.100.{self._next_tunnel}"
+        self._next_tunnel += 1
+        ifname = f"{self.lab.prefix}q{self._next_tunnel}"
+        private_key = host.run("wg", "genkey", hide_stdout=True).stdout.strip()
+        public_key = host.run("wg", "pubkey", input=private_key + "\n").stdout.strip()
+        self.registry.wg.set_peer(public_key, allowed_ips=[f"{address}/32"])
+        config = os.path.join(self.lab.tmpdir, f"{ifname}.conf")
+        with open(config, "w") as handle:
+            handle.write(
+                f"[Interface]\nAddress = {address}/24\nListenPort = 51820\nTable = {table}\n"
+                "PostUp = wg set %i private-key /dev/stdin\n\n"
+                f"[Peer]\nPublicKey = {self.registry.wg.public_key}\n"
+                f"Endpoint = {REGISTRY_PUBLIC}:51820\nAllowedIPs = 0.0.0.0/0\n"
+                "PersistentKeepalive = 25\n"
+            )
+        host.run("wg-quick", "up", config, input=private_key + "\n", timeout=60)
+        wg = WireGuard(
+            self.lab,
+            host,
+            ifname,
+            private_key,
+            public_key,
+            51820,
+            ipaddress.IPv4Interface(f"{address}/24"),
+            None,
+            None,
+            "kernel",
+        )
+        self.lab.devices.append(wg)
         node = Node(name, host, wg, state_dir=os.path.join(self.lab.tmpdir, f"state-{name}"))
         self.clients[name] = node
         return node
@@ -130,7 +175,7 @@ class MeshLab:
         daemon = self._spawn(node, argv)
         wait_until(
             lambda: "wgnat-server on" in daemon.log() or daemon.process.poll() is not None,
-            15,
+            self.start_timeout,
             what="the registry to start",
         )
         assert daemon.process.poll() is None, daemon.log()

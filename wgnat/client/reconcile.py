@@ -903,7 +903,11 @@ def first_host(network: IPNetwork) -> IPAddress:
 
 def registry_address_of(peer: PeerState) -> IPAddress:
     """The registry's tunnel address: its allowed IP when that is a single host,
-    else the first host of its first allowed network (wg-nat's convention)."""
+    else the first host of its first allowed network (wg-nat's convention).
+
+    A default route (`AllowedIPs = 0.0.0.0/0`, a client sending everything
+    through the hub) says nothing of where the registry is: its "first host"
+    would be 0.0.0.1.  Such networks are passed over."""
     if not peer.allowed_ips:
         raise ValueError(
             "the registry peer has no allowed IPs, so its tunnel address is "
@@ -912,4 +916,12 @@ def registry_address_of(peer: PeerState) -> IPAddress:
     for network in peer.allowed_ips:
         if network.num_addresses == 1:
             return network.network_address
-    return first_host(peer.allowed_ips[0])
+    networks = [network for network in peer.allowed_ips if network.prefixlen > 0]
+    if not networks:
+        routes = ", ".join(str(network) for network in peer.allowed_ips)
+        raise ValueError(
+            f"the registry peer's allowed IPs ({routes}) route everything to it, so "
+            "they do not tell its tunnel address; pass --registry-address (e.g. the "
+            "hub's Address in its wg-quick file)"
+        )
+    return first_host(networks[0])

@@ -1,0 +1,341 @@
+"""End to end on kernel WireGuard: both daemons on `ip link add NAME type wireguard`
+devices in namespaces behind NAT routers, as tests/integration/test_mesh.py runs
+them on wireguard-go, and one mixed mesh of kernel and wireguard-go devices.
+
+They need a kernel with the WireGuard module.  This machine's kernel has none, so
+`make test-kernel` (scripts/kernel-vm.sh) boots a Debian kernel in a VM and runs
+this module there with tests/test_netlink.py; elsewhere it skips, saying so.
+
+The VM emulates its CPU (TCG, about ten times slower than the host): a daemon takes
+seconds to start and a `wg show` tens of milliseconds.  So the deadlines below are
+for outcomes, not figures: each scenario prints how long it took (the stage's log
+shows it), and `make bench` gives the figures.  To save the VM's time, one lab
+serves the kernel scenarios in order: the paths form, a NAT rebinding, a removal.
+
+    r1 (home)       a 192.168.1.10, b 192.168.1.11     (same NAT: LAN endpoints)
+    r2 (home)       c 192.168.2.10
+    r3 (symmetric)  s 192.168.3.10                     (relayed)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+
+import pytest
+from meshlab import MeshLab, wait_until
+from netns import Lab, cleanup_leftovers, kernel_wireguard_unavailable, leakcheck
+from netns_fixtures import lab  # noqa: F401 - the fixture
+
+KERNEL_UNAVAILABLE = kernel_wireguard_unavailable()
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.kernel,
+    pytest.mark.skipif(KERNEL_UNAVAILABLE is not None, reason=KERNEL_UNAVAILABLE or ""),
+]
+
+# Deadlines under an emulated CPU.  The protocol's own timers (6 s probe, 25 s
+# keepalive, 30 s removal grace) run on the wall clock and do not stretch; what
+# stretches is Python: start-up, each read of a device, each decision.
+OUTCOME = 90.0
+POLL = 0.5  # a `wg show` per poll: polling faster would steal the daemons' CPU
+
+
+def check(condition: object, mesh: MeshLab, message: str) -> None:
+    if not condition:
+        raise AssertionError(f"{message}\n{mesh.report()}")
+
+
+def timed_wait(mesh: MeshLab, predicate, what: str, timeout: float = OUTCOME) -> float:
+    """Wait for `predicate`; the seconds it took.  A timeout fails with the report."""
+    started = time.monotonic()
+    try:
+        wait_until(predicate, timeout, interval=POLL, what=what)
+    except AssertionError as exc:
+        check(False, mesh, str(exc))
+    return time.monotonic() - started
+
+
+def both_direct(mesh: MeshLab, x: str, y: str) -> bool:
+    return bool(mesh.direct(x, y) and mesh.direct(y, x))
+
+
+def first_line(mesh: MeshLab, name: str) -> str:
+    """The daemon's first line of its own (logger namespace `wgnat.*`); only
+    Twisted's "Site starting on ..." lines for its listening ports come before."""
+    node = mesh.registry if name == "reg" else mesh.clients[name]
+    assert node is not None and node.daemon is not None
+    ours = [line for line in node.daemon.log().splitlines() if " [wgnat." in line]
+    return ours[0] if ours else ""
+
+
+def status(mesh: MeshLab, name: str, *flags: str) -> str:
+    """What `wgnat status [--server] FLAGS` prints for a daemon.  Its own code
+    (wgnat.status.main), called here rather than in a new interpreter: under the
+    VM's emulated CPU each Python start costs seconds.  The status socket is a
+    file under /run/wgnat, the same from every namespace."""
+    from wgnat.status import main as wgnat_status
+
+    node = mesh.registry if name == "reg" else mesh.clients[name]
+    assert node is not None
+    argv = ["status", "-i", node.wg.ifname, *flags] + (["--server"] if name == "reg" else [])
+    out, err = io.StringIO(), io.StringIO()
+    code = wgnat_status(argv, out=out, err=err)
+    text = out.getvalue()
+    if leakcheck is not None:  # leak check hook, as for any output a test sees
+        leakcheck.check_text(text + err.getvalue(), f"wgnat status of {name}")
+    check(code == 0, mesh, f"wgnat status {' '.join(argv)} failed: {err.getvalue()}")
+    return text
+
+
+def assert_backends(mesh: MeshLab, names: list[str]) -> None:
+    """Each daemon chose its device's backend without a flag, and says so in its
+    first log line and in `wgnat status`."""
+    for name in names:
+        node = mesh.registry if name == "reg" else mesh.clients[name]
+        assert node is not None
+        expected = node.wg.backend
+        program = "wgnat-server" if name == "reg" else "wgnat-client"
+        timed_wait(mesh, lambda name=name: first_line(mesh, name), f"{name}'s first log line")
+        line = first_line(mesh, name)
+        check(
+            f"{program} on {node.wg.ifname} ({expected})" in line,
+            mesh,
+            f"{name}'s first log line names the {expected} backend: {line!r}",
+        )
+        timed_wait(mesh, lambda name=name: status_socket_ready(mesh, name), f"{name}'s status")
+        header = status(mesh, name).splitlines()[0]
+        check(
+            header.startswith(f"{program} on {node.wg.ifname} ({expected}): "),
+            mesh,
+            f"`wgnat status` of {name} names the {expected} backend: {header!r}",
+        )
+        check(
+            json.loads(status(mesh, name, "--json")).get("backend") == expected,
+            mesh,
+            f"`wgnat status --json` of {name} says {expected}",
+        )
+
+
+def status_socket_ready(mesh: MeshLab, name: str) -> bool:
+    """Whether the daemon's status socket exists (the same path from every
+    namespace: checked from here, without a process)."""
+    node = mesh.registry if name == "reg" else mesh.clients[name]
+    assert node is not None
+    role = "server" if name == "reg" else "client"
+    try:
+        mode = os.stat(f"/run/wgnat/{role}-{node.wg.ifname}.sock").st_mode
+    except FileNotFoundError:
+        return False
+    return stat.S_ISSOCK(mode)
+
+
+def build(where: Lab, kinds: dict[str, str]) -> MeshLab:
+    """The hub (`kinds["reg"]`) and the clients a, b (r1), c (r2), s (r3) present in
+    `kinds`, every spoke reaching the hub before any daemon runs."""
+    mesh = MeshLab(where, start_timeout=OUTCOME)
+    mesh.build_registry(kind=kinds["reg"])
+    r1 = where.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")
+    r2 = where.router("r2", "203.0.113.22/24", "192.168.2.0/24", "home")
+    hosts = {
+        "a": lambda: where.lan_host(r1, "a", "192.168.1.10/24"),
+        "b": lambda: where.lan_host(r1, "b", "192.168.1.11/24"),
+        "c": lambda: where.lan_host(r2, "c", "192.168.2.10/24"),
+    }
+    if "s" in kinds:
+        r3 = where.router("r3", "203.0.113.23/24", "192.168.3.0/24", "symmetric")
+        hosts["s"] = lambda: where.lan_host(r3, "s", "192.168.3.10/24")
+    for name, make in hosts.items():
+        mesh.add_client(name, make(), kind=kinds[name])
+    for node in mesh.clients.values():
+        assert node.host.ping("198.51.100.1", count=3, timeout=3), f"{node.name} reaches the hub"
+    return mesh
+
+
+def start(mesh: MeshLab) -> float:
+    """Start the registry, then every client; the time this took."""
+    started = time.monotonic()
+    mesh.start_registry()
+    for name in mesh.clients:
+        mesh.start_client(name)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def kernel_mesh() -> Iterator[MeshLab]:
+    cleanup_leftovers()
+    own = Lab()  # module-scoped: the `lab` fixture is one per test
+    mesh: MeshLab | None = None
+    try:
+        mesh = build(own, dict.fromkeys(("reg", "a", "b", "c", "s"), "kernel"))
+        took = start(mesh)
+        print(f"\nkernel mesh: registry and {len(mesh.clients)} clients started in {took:.1f} s")
+        yield mesh
+    finally:
+        if mesh is not None:
+            mesh.stop_all()
+        own.cleanup()
+
+
+def test_kernel_devices_use_the_netlink_backend(kernel_mesh: MeshLab) -> None:
+    assert_backends(kernel_mesh, ["reg", "a", "s"])
+
+
+def test_kernel_mesh_forms_with_the_right_paths(kernel_mesh: MeshLab) -> None:
+    mesh = kernel_mesh
+    took = {}
+    for x, y in (("a", "b"), ("a", "c"), ("b", "c")):
+        took[x, y] = timed_wait(mesh, lambda x=x, y=y: both_direct(mesh, x, y), f"{x}-{y} direct")
+    # Same NAT: LAN endpoints (Linux does not hairpin).
+    check(mesh.direct("a", "b") == "192.168.1.11:51820", mesh, "a reaches b on its LAN")
+    check(mesh.direct("b", "a") == "192.168.1.10:51820", mesh, "b reaches a on its LAN")
+    # Different NATs: each other's public mapping (port-preserving home NAT).
+    check(mesh.direct("a", "c") == "203.0.113.22:51820", mesh, "a reaches c via r2")
+    check((mesh.direct("c", "a") or "").startswith("203.0.113.21:"), mesh, "c reaches a via r1")
+    # The symmetric NAT: given up on after the probe, relayed, and the reason logged.
+    for other in ("a", "b", "c"):
+        timed_wait(
+            mesh,
+            lambda other=other: (
+                "relayed: no direct handshake" in mesh.clients[other].daemon.log()  # type: ignore[union-attr]
+                and not mesh.has_entry(other, "s")
+                and not mesh.has_entry("s", other)
+            ),
+            f"s-{other} relayed",
+        )
+    why = [line for line in status(mesh, "a").splitlines() if " relayed " in line]
+    check(why, mesh, "a's `wgnat status` lists s as relayed")
+    print(f"a's status of s: {why}")
+    for x in mesh.clients:
+        for y in mesh.clients:
+            if x != y:
+                check(
+                    mesh.clients[x].host.ping(mesh.clients[y].tunnel_ip, count=2, timeout=3),
+                    mesh,
+                    f"{x} pings {y}",
+                )
+    pairs = ", ".join(f"{x}-{y} after {t:.1f} s" for (x, y), t in took.items())
+    print(f"kernel mesh: direct {pairs} (each from the previous)")
+
+
+def test_kernel_mesh_follows_a_nat_rebinding(kernel_mesh: MeshLab) -> None:
+    mesh = kernel_mesh
+    mesh.clients["c"].host.router.rebind()  # type: ignore[union-attr]
+    took = timed_wait(
+        mesh,
+        lambda: (mesh.direct("a", "c") or "").startswith("203.0.113.22:4"),
+        "a to follow c's new mapping",
+    )
+    check(
+        mesh.clients["a"].host.ping(mesh.clients["c"].tunnel_ip, count=3, timeout=3),
+        mesh,
+        "a pings c after the rebinding",
+    )
+    print(f"kernel mesh: rebinding followed in {took:.1f} s")
+
+
+def test_kernel_mesh_removes_a_removed_peer(kernel_mesh: MeshLab) -> None:
+    mesh = kernel_mesh
+    b = mesh.clients["b"]
+    assert b.daemon is not None and mesh.registry is not None
+    b.daemon.stop()
+    mesh.registry.wg.remove_peer(b.wg.public_key)
+    # 30 s of grace in the client, then the removal.
+    took = timed_wait(
+        mesh,
+        lambda: not mesh.has_entry("a", "b") and not mesh.has_entry("c", "b"),
+        "b's entry to go from a and c",
+        timeout=30 + OUTCOME,
+    )
+    check(both_direct(mesh, "a", "c"), mesh, "a and c stay direct")
+    check(
+        mesh.clients["a"].host.ping(mesh.clients["c"].tunnel_ip, count=2, timeout=3),
+        mesh,
+        "a still pings c",
+    )
+    print(f"kernel mesh: removed peer gone from a and c {took:.1f} s after its removal")
+
+
+def test_mixed_mesh_of_kernel_and_wireguard_go(lab: Lab) -> None:  # noqa: F811
+    """A kernel hub with wireguard-go clients, and a kernel client (b) among them:
+    each daemon picks its own backend, and the paths are the same."""
+    kinds = {"reg": "kernel", "a": "go", "b": "kernel", "c": "go"}
+    mesh = build(lab, kinds)
+    try:
+        start(mesh)
+        assert_backends(mesh, ["reg", "a", "b"])
+        for x, y in (("a", "b"), ("a", "c"), ("b", "c")):
+            took = timed_wait(mesh, lambda x=x, y=y: both_direct(mesh, x, y), f"{x}-{y} direct")
+            print(f"mixed mesh: {x} ({kinds[x]}) - {y} ({kinds[y]}) direct after {took:.1f} s")
+        check(mesh.direct("b", "a") == "192.168.1.10:51820", mesh, "kernel b reaches a on its LAN")
+        check(mesh.direct("a", "b") == "192.168.1.11:51820", mesh, "a reaches kernel b on its LAN")
+        check(mesh.direct("a", "c") == "203.0.113.22:51820", mesh, "a reaches c via r2")
+        check(mesh.direct("b", "c") == "203.0.113.22:51820", mesh, "kernel b reaches c via r2")
+        for x in mesh.clients:
+            for y in mesh.clients:
+                if x != y:
+                    check(
+                        mesh.clients[x].host.ping(mesh.clients[y].tunnel_ip, count=2, timeout=3),
+                        mesh,
+                        f"{x} pings {y}",
+                    )
+    finally:
+        mesh.stop_all()
+
+
+def test_wg_quick_client_routing_everything_to_the_hub(lab: Lab) -> None:  # noqa: F811
+    """A kernel client brought up by `wg-quick up` with `AllowedIPs = 0.0.0.0/0`
+    towards the hub and the default `Table = auto`: wg-quick marks the interface's
+    own packets (fwmark 51820) and sends everything else through table 51820 into
+    the tunnel.  The hole punching must still leave by the real default route, and
+    a direct peer's /32 must win over the hub's /0."""
+    mesh = MeshLab(lab, start_timeout=OUTCOME)
+    mesh.build_registry(kind="kernel")
+    r1 = lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")
+    r2 = lab.router("r2", "203.0.113.22/24", "192.168.2.0/24", "home")
+    mesh.add_client("a", lab.lan_host(r1, "a", "192.168.1.10/24"), kind="kernel")
+    w = mesh.add_wg_quick_client("w", lab.lan_host(r2, "w", "192.168.2.10/24"))
+    try:
+        rules = w.host.run("ip", "rule", "show").stdout
+        check("not from all fwmark 0xca6c lookup 51820" in rules, mesh, f"wg-quick's rule: {rules}")
+        # Anything but the tunnel goes into it (the simulated internet's other hosts).
+        route = w.host.run("ip", "route", "get", "192.0.2.77").stdout
+        check(f"dev {w.wg.ifname}" in route, mesh, f"0.0.0.0/0 is routed to the hub: {route}")
+        mesh.start_registry()
+        mesh.start_client("a")
+        # What a user must set: 0.0.0.0/0 does not tell where the registry is.
+        mesh.start_client("w", extra=("--registry-address", "198.51.100.1"))
+        # Timed from both daemons' first lines: their start-up, seconds under
+        # emulation, is not the path's doing.
+        for name in ("a", "w"):
+            timed_wait(mesh, lambda name=name: first_line(mesh, name), f"{name}'s first log line")
+        line = first_line(mesh, "w")
+        check("at 198.51.100.1:51820" in line, mesh, f"w follows the registry it was given: {line}")
+        took = timed_wait(mesh, lambda: both_direct(mesh, "a", "w"), "a-w direct")
+        check(mesh.direct("a", "w") == "203.0.113.22:51820", mesh, "a reaches w via r2")
+        check((mesh.direct("w", "a") or "").startswith("203.0.113.21:"), mesh, "w reaches a via r1")
+        for x, y in (("w", "a"), ("a", "w")):
+            check(
+                mesh.clients[x].host.ping(mesh.clients[y].tunnel_ip, count=2, timeout=3),
+                mesh,
+                f"{x} pings {y}",
+            )
+        # The ping went direct: the hub relayed nothing between them.
+        # The pings go direct: 5 of 1,200 bytes through the hub would be 6 kB more.
+        hub = mesh.registry.wg  # type: ignore[union-attr]
+        before = hub.peers()[w.wg.public_key]["rx"]
+        a_ip = mesh.clients["a"].tunnel_ip
+        w.host.run("ping", "-n", "-q", "-c", 5, "-s", 1200, "-i", 0.2, "-W", 3, a_ip)
+        crossed = hub.peers()[w.wg.public_key]["rx"] - before
+        check(crossed < 3000, mesh, f"w's pings to a crossed the hub ({crossed} bytes)")
+        print(
+            f"wg-quick client (Table = auto, AllowedIPs = 0.0.0.0/0): direct {took:.1f} s "
+            "after both daemons' first lines"
+        )
+    finally:
+        mesh.stop_all()
