@@ -23,6 +23,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from wgnat.logs import HeldLog
+
 log = Logger(namespace="wgnat.limits")
 
 # A request's head and body must arrive within this from its first byte.
@@ -160,7 +162,7 @@ class DeadlineChannel(http.HTTPChannel):
             (abort or transport.loseConnection)()
 
 
-def raise_descriptor_limit(connections: int, program: str) -> int:
+def raise_descriptor_limit(connections: int, program: str, say: Logger | HeldLog = log) -> int:
     """Raise this process's soft limit on open files towards what `connections`
     need (up to the hard limit); warn when that is not enough.  Returns the
     soft limit now in force."""
@@ -174,7 +176,7 @@ def raise_descriptor_limit(connections: int, program: str) -> int:
         except (OSError, ValueError):
             pass
     if soft < needed:
-        log.warn(
+        say.warn(
             "{program} may open {connections} connections, but this process may open only "
             "{soft} files (hard limit {hard}): raise it (LimitNOFILE= in the systemd unit, "
             "ulimit -n, or --ulimit nofile= for Docker) or lower --max-connections",

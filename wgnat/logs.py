@@ -8,6 +8,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -52,3 +53,27 @@ def start_logging(log_format: str = "text", level: LogLevel = LogLevel.info) -> 
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(observer, [predicate, quiet_factories])], redirectStandardIO=False
     )
+
+
+class HeldLog:
+    """Log lines held back until `release()`, then logged in order: a daemon's
+    first line says what it runs on (its interface and backend), and what its
+    start-up finds on the way (a state file, a low limit) comes after it."""
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+        self.held: list[tuple[str, str, dict[str, object]]] = []
+
+    def info(self, format: str, **fields: object) -> None:
+        self.held.append(("info", format, fields))
+
+    def warn(self, format: str, **fields: object) -> None:
+        self.held.append(("warn", format, fields))
+
+    def error(self, format: str, **fields: object) -> None:
+        self.held.append(("error", format, fields))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for level, format, fields in held:
+            getattr(self.logger, level)(format, **fields)

@@ -76,10 +76,10 @@ def first_line(mesh: MeshLab, name: str) -> str:
 
 def status(mesh: MeshLab, name: str, *flags: str) -> str:
     """What `wgnat status [--server] FLAGS` prints for a daemon.  Its own code
-    (wgnat.status.main), called here rather than in a new interpreter: under the
+    (wgnat.cli.wgnat.main), called here rather than in a new interpreter: under the
     VM's emulated CPU each Python start costs seconds.  The status socket is a
     file under /run/wgnat, the same from every namespace."""
-    from wgnat.status import main as wgnat_status
+    from wgnat.cli.wgnat import main as wgnat_status
 
     node = mesh.registry if name == "reg" else mesh.clients[name]
     assert node is not None

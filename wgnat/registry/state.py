@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey, parse_network
+from wgnat.logs import HeldLog
 from wgnat.registry.model import PeerRecord, RegistryModel
 
 log = Logger(namespace="wgnat.registry")
@@ -122,24 +123,28 @@ def decode_state(
 
 
 def load_state(
-    path: str, ifname: str, hub_key: PublicKey | None, live_window: float
+    path: str,
+    ifname: str,
+    hub_key: PublicKey | None,
+    live_window: float,
+    say: Logger | HeldLog = log,
 ) -> RegistryModel | None:
-    """The saved model, or None (logged once, with why) for a fresh start."""
+    """The saved model, or None (said once, with why) for a fresh start."""
     try:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
     except FileNotFoundError:
-        log.info("no registry state at {path}: starting with a new epoch", path=path)
+        say.info("no registry state at {path}: starting with a new epoch", path=path)
         return None
     except (OSError, ValueError) as exc:
-        _set_aside(path, f"unreadable ({exc})")
+        _set_aside(path, f"unreadable ({exc})", say)
         return None
     try:
         model = decode_state(document, ifname, hub_key, live_window)
     except InvalidValue as exc:
-        _set_aside(path, str(exc))
+        _set_aside(path, str(exc), say)
         return None
-    log.info(
+    say.info(
         "registry state read from {path}: epoch {epoch}, version {version}, {count} live "
         "peers; clients resume from their versions",
         path=path,
@@ -150,14 +155,14 @@ def load_state(
     return model
 
 
-def _set_aside(path: str, why: str) -> None:
+def _set_aside(path: str, why: str, say: Logger | HeldLog) -> None:
     kept = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
     try:
         os.replace(path, kept)
         where = f"kept as {kept}"
     except OSError as exc:
         where = f"cannot move it aside: {exc.strerror or exc}"
-    log.warn(
+    say.warn(
         "ignoring the registry state at {path}: {why} ({where}); starting with a new epoch, "
         "so every client gets a full answer once",
         path=path,

@@ -21,7 +21,7 @@ from wgnat.device import Device, link_is_up, open_device_or_exit
 from wgnat.device.steady import SteadyDevice
 from wgnat.duration import parse_go_duration
 from wgnat.limits import METRICS_LIMITS, LimitedFactory, Limits, raise_descriptor_limit
-from wgnat.logs import QuietSite
+from wgnat.logs import HeldLog, QuietSite
 from wgnat.metrics import DEFAULT_SERVER_METRICS, MetricsResource
 from wgnat.options import CommonOptions, port_number, tcp_endpoint
 from wgnat.registry.api import build_site
@@ -127,6 +127,9 @@ class RegistryDaemon(service.Service):
         self.ports: list[IListeningPort] = []
         self.listeners: dict[str, LimitedFactory] = {}
         self.keeper: StateKeeper | None = None
+        # What start-up finds on the way, said after the first line (which names
+        # the interface and its backend), or before the reason it cannot start.
+        self.held = HeldLog(log)
         self.poller: LoopingCall | None = None
         path = options.get("status-socket")
         self.status = (
@@ -144,6 +147,7 @@ class RegistryDaemon(service.Service):
         self._start().addErrback(self._fatal)
 
     def _fatal(self, failure: Failure) -> None:
+        self.held.release()
         self.failed = True
         report_startup_failure(
             "wgnat-server", failure, self.reactor if self.stop_reactor_on_failure else None
@@ -158,9 +162,10 @@ class RegistryDaemon(service.Service):
                 f"interface {ifname} is down; bring it up first: ip link set {ifname} up"
             )
         state = yield self.device.read()
+        held = self.held
         if self.options["state-dir"]:
             path = default_state_path(self.options["state-dir"], ifname)
-            restored = load_state(path, ifname, state.public_key, self.hub.model.live_window)
+            restored = load_state(path, ifname, state.public_key, self.hub.model.live_window, held)
             if restored is not None:
                 self.hub.model = restored
             hub_key = state.public_key
@@ -184,7 +189,7 @@ class RegistryDaemon(service.Service):
             per_source=self.options["max-connections-per-peer"],
             total=self.options["max-connections"],
         )
-        raise_descriptor_limit(limits.total + METRICS_LIMITS.total, "wgnat-server")
+        raise_descriptor_limit(limits.total + METRICS_LIMITS.total, "wgnat-server", held)
         site = self._limited(build_site(self.hub, self.metrics), limits, "api")
         for address in usable:
             endpoint_class = (
@@ -226,6 +231,7 @@ class RegistryDaemon(service.Service):
             known=len(self.hub.model.known),
             metrics=metrics_at,
         )
+        held.release()
         if ip_forwarding_enabled() is False:
             log.warn(
                 "IP forwarding is off (net.ipv4.ip_forward=0): peers that cannot connect "
