@@ -74,6 +74,27 @@ EXPECTED_DIRECT = [
     ("x", "p"),
 ]
 EXPECTED_RELAYED = [("a", "s"), ("b", "s"), ("c", "s"), ("s", "x")]
+# Why each pair gets what it gets, for the demo's "expected" column: the legend
+# letters and their sentences.
+REASONS = {
+    "L": "one NAT: each reaches the other at its announced LAN endpoint (no hairpinning)",
+    "H": "both behind port-preserving home NATs: the two initiations cross and punch through",
+    "P": "p is public (no NAT): the other end's outgoing packets open its own NAT",
+    "S": "s's NAT is symmetric (a new port per destination): no mapping to punch through",
+    "X": "x's router accepts any inbound packet: who sends first decides (the conntrack race)",
+}
+
+
+def expectation(x: str, y: str) -> tuple[str, str]:
+    """What pair x-y should get in this topology, and the legend letter why."""
+    pair = (x, y) if (x, y) in EXPECTED_DIRECT + EXPECTED_RELAYED else (y, x)
+    if pair in EXPECTED_RELAYED:
+        return "relayed", "S"
+    if pair in EXPECTED_DIRECT:
+        if "p" in pair:
+            return "direct", "P"
+        return ("direct", "L") if set(pair) == {"a", "b"} else ("direct", "H")
+    return "either", "X"
 
 
 def compose_binary() -> list[str] | None:
@@ -298,7 +319,10 @@ class Testbed:
 
     def table(self) -> str:
         snap = self.snapshot()
-        rows = [("pair", "path", "endpoint x->y", "endpoint y->x", "to direct*", "ping")]
+        rows = [
+            ("pair", "path", "expected", "endpoint x->y", "endpoint y->x", "to direct*", "ping")
+        ]
+        differ = []
         for x, y in self.pairs():
             there, back = self.direct(x, y, snap[x]), self.direct(y, x, snap[y])
             if there and back:
@@ -309,10 +333,16 @@ class Testbed:
                 path = "relayed"
             took = self.time_to_direct(x, y) if path == "direct" else None
             ping = "ok" if self.ping(x, CLIENTS[y][0], count=1) else "FAILED"
+            expected, why = expectation(x, y)
+            mark = ""
+            if expected != "either" and path != expected:
+                mark = " !"
+                differ.append(f"{x}-{y}")
             rows.append(
                 (
                     f"{x}-{y}",
-                    path,
+                    path + mark,
+                    f"{expected} ({why})",
                     there or "via registry",
                     back or "via registry",
                     f"{took:.2f} s" if took is not None else "-",
@@ -328,6 +358,13 @@ class Testbed:
             "* from the later of the two clients' start (its 'wgnat-client on' log line) "
             "to both ends' switch to direct"
         )
+        lines.append("expected:")
+        lines.extend(f"  {letter}  {sentence}" for letter, sentence in REASONS.items())
+        if differ:
+            lines.append(
+                f"! differs from what is expected: {', '.join(differ)} (a pair still "
+                "probing settles within seconds: compose/testbed.py table looks again)"
+            )
         return "\n".join(lines)
 
     def report(self) -> str:

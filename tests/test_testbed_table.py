@@ -1,0 +1,60 @@
+"""The demo's table says, for every pair, which path it should get and why, and
+marks a pair that differs (compose/testbed.py; no Docker needed: the testbed's
+observations are stood in for)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compose"))
+import testbed
+
+
+def test_every_pair_has_an_expectation_with_a_reason_in_the_legend():
+    names = list(testbed.CLIENTS)
+    pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1 :]]
+    expected = {pair: testbed.expectation(*pair) for pair in pairs}
+    assert {why for _, why in expected.values()} == set(testbed.REASONS)
+    assert expected[("a", "b")] == ("direct", "L")
+    assert expected[("a", "s")] == ("relayed", "S")
+    assert expected[("s", "p")] == ("direct", "P")
+    assert expected[("c", "x")] == ("either", "X")
+    # The same as what the Compose test requires.
+    for pair in testbed.EXPECTED_DIRECT:
+        assert testbed.expectation(*pair)[0] == "direct"
+    for pair in testbed.EXPECTED_RELAYED:
+        assert testbed.expectation(*pair)[0] == "relayed"
+
+
+class Observed(testbed.Testbed):
+    """A testbed whose observations are given: every pair direct but a-s (as
+    expected) and b-c (not as expected)."""
+
+    def __init__(self) -> None:
+        self.keys = {name: f"key-{name}" for name in testbed.CLIENTS}
+
+    def snapshot(self):  # type: ignore[no-untyped-def]
+        return {name: {} for name in testbed.CLIENTS}
+
+    def direct(self, a, b, peers=None):  # type: ignore[no-untyped-def]
+        return None if {a, b} in ({"a", "s"}, {"b", "c"}) else "198.51.100.1:51820"
+
+    def time_to_direct(self, a, b):  # type: ignore[no-untyped-def]
+        return 0.4
+
+    def ping(self, name, address, count=2, timeout=2):  # type: ignore[no-untyped-def]
+        return True
+
+
+def test_the_table_marks_a_pair_that_differs_and_explains_the_letters():
+    table = Observed().table()
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["pair", "path", "expected"]
+    [a_s] = [line for line in lines if line.startswith("a-s ")]
+    assert a_s.split()[1:4] == ["relayed", "relayed", "(S)"]
+    [b_c] = [line for line in lines if line.startswith("b-c ")]
+    assert b_c.split()[1:5] == ["relayed", "!", "direct", "(H)"]
+    assert "! differs from what is expected: b-c" in table
+    for letter, sentence in testbed.REASONS.items():
+        assert f"  {letter}  {sentence}" in table
