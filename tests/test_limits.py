@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
-from tests.helpers import new_key, peer
+from tests.helpers import ep, new_key, peer
 from tests.memory_http import TwoPeerRegistry
 from wgnat.limits import REQUEST_DEADLINE_SECONDS, LimitedFactory, Limits, raise_descriptor_limit
 from wgnat.registry.hub import UNKNOWN_READ_INTERVAL
@@ -177,6 +177,9 @@ class FillingTransport(StringTransport):
         if self.producer is not None and len(self.value()) - self.read > self.room:
             self.producer.pauseProducing()
 
+    def writeSequence(self, data) -> None:  # a chunked response writes through here
+        self.write(b"".join(data))
+
     def drain(self) -> None:
         """The peer reads everything buffered so far."""
         self.read = len(self.value())
@@ -209,3 +212,32 @@ def test_a_full_answer_is_written_only_as_fast_as_the_caller_reads():
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     assert length > 400_000 and json.loads(body[:length])["full"] is True
     assert transport.value().count(b"HTTP/1.1 200 OK") == 5
+
+
+def test_a_streams_first_full_answer_is_written_as_the_reader_reads_then_its_lines():
+    """A registry restarted without its state sends every client a full answer
+    at once (2 MB each at 10,000 peers): each is written as its reader reads,
+    from the encoding all callers share, and the lines of later changes follow
+    it in order."""
+    from tests.test_registry_stream import body_lines
+
+    hub = Hub()
+    now = hub.http.reactor.seconds()
+    for n in range(3000):
+        ip = f"10.9.{n // 250}.{n % 250}/32"
+        hub.device.add_peer(peer(new_key(), f"203.0.113.{n % 250}:{1000 + n}", (ip,), now))
+    hub.hub.model.observe(hub.device.snapshot(), now)
+    source = address("127.0.0.2")
+    protocol = hub.site.buildProtocol(source)
+    transport = FillingTransport(64 * 1024, peerAddress=source)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /v1/peers?stream=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(transport.value()) < 200 * 1024  # not the whole 560 KB answer
+    # A change meanwhile: its line waits behind the rest of the first answer.
+    hub.device.handshake(hub.b, now + 1, endpoint=ep("203.0.113.22:40000"))
+    hub.hub.refresh()
+    for _ in range(100):
+        transport.drain()
+    first, change = [json.loads(line) for line in body_lines(transport)]
+    assert first["full"] is True and len(first["peers"]) == 3002
+    assert not change["full"] and change["peers"][0]["endpoint"] == "203.0.113.22:40000"

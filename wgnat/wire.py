@@ -186,15 +186,16 @@ def encode_answer(
 
 def encode_full_answer(
     epoch: str, version: int, peers_json: bytes, you: dict[str, Any] | None = None
-) -> bytes:
-    """A full answer (no newline) around `peers_json`, the JSON array of every
-    peer already encoded: the same bytes for every caller at one version, so the
-    registry encodes them once per version however many callers ask."""
+) -> list[bytes]:
+    """A full answer (no newline), in three parts around `peers_json`, the JSON
+    array of every peer already encoded: the same bytes for every caller at one
+    version, so the registry encodes them once per version however many callers
+    ask, and writes them without copying."""
     head: dict[str, Any] = {"epoch": epoch, "version": version, "full": True}
     if you is not None:
         head["you"] = you
     opening = json.dumps(head, separators=(",", ":")).encode("utf-8")[:-1]
-    return opening + b',"peers":' + peers_json + b',"removed":[]}'
+    return [opening + b',"peers":', peers_json, b',"removed":[]}']
 
 
 def encode_line(document: Mapping[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections import Counter
+from collections import Counter, deque
 from io import BytesIO
 from typing import Any
 
@@ -270,6 +270,9 @@ def _query_epoch(request: server.Request) -> str | None:
     return text
 
 
+OWED_PIECE_BYTES = 64 * 1024
+
+
 @implementer(IPushProducer)
 class StreamWriter:
     """Writes one stream's lines to its HTTP response, never buffering without
@@ -287,15 +290,43 @@ class StreamWriter:
         self.backlog = 0
         self.dropped = False
         self.stream: Stream | None = None
+        # What is not yet handed to the connection: the rest of the first
+        # answer (a full answer is 2 MB at 10,000 peers: written as the reader
+        # reads, from the encoding every caller shares, never copied whole),
+        # then the lines that came meanwhile.
+        self._owed: deque[memoryview] = deque()
 
     @property
     def gone(self) -> bool:
         return self.dropped or _gone(self.request)
 
+    def send_first(self, parts: list[bytes]) -> None:
+        """The caller's own first answer, in pieces (see _owed)."""
+        if self.gone:
+            return
+        self._owed.extend(memoryview(part) for part in parts if part)
+        self._write_owed()
+
+    def _write_owed(self) -> None:
+        wrote = False
+        while self._owed and not self.paused and not self.gone:
+            head = self._owed[0]
+            piece = head[:OWED_PIECE_BYTES]
+            if len(head) > OWED_PIECE_BYTES:
+                self._owed[0] = head[OWED_PIECE_BYTES:]
+            else:
+                self._owed.popleft()
+            self.request.write(bytes(piece))
+            wrote = True
+        if wrote:
+            self._flush()
+
     def send(self, line: bytes) -> None:
         if self.gone:
             return
-        if self.paused:
+        if self._owed and not self.paused:
+            self._write_owed()
+        if self.paused or self._owed:
             if line == KEEPALIVE_LINE:
                 return  # data is waiting already: the reader sees no silence
             self.backlog += len(line)
@@ -306,6 +337,9 @@ class StreamWriter:
                     f"it reads too slowly ({self.backlog} bytes waiting past the connection's "
                     "buffers); it will reconnect and catch up"
                 )
+                return
+            if self._owed:
+                self._owed.append(memoryview(line))  # after the first answer's rest
                 return
         self.request.write(line)
         self._flush()
@@ -337,6 +371,7 @@ class StreamWriter:
     def resumeProducing(self) -> None:
         self.paused = False
         self.backlog = 0
+        self._write_owed()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -420,9 +455,10 @@ class PeersResource(RegistryResource):
             _stream_connection(request)
             request.registerProducer(writer, True)
             self.count("ok")
-            return self.registry.open_stream(caller, since, epoch, writer.send).addCallback(
-                opened, writer
+            opening = self.registry.open_stream(
+                caller, since, epoch, writer.send, writer.send_first
             )
+            return opening.addCallback(opened, writer)
 
         def opened(stream: Stream, writer: StreamWriter) -> None:
             writer.stream = stream
@@ -504,12 +540,7 @@ class CheckResource(RegistryResource):
             payload = self.registry.check(caller, epoch, version, digest)
             self.count("ok")
             if payload is None:
-                model = self.registry.model
-                _send_json(
-                    request,
-                    http.OK,
-                    {"current": True, "epoch": model.epoch, "version": model.version},
-                )
+                _send_current(request)
             else:
                 _send_body(request, http.OK, payload)
 
@@ -517,6 +548,23 @@ class CheckResource(RegistryResource):
         result.addCallback(answer)
         result.addErrback(lambda failure: self.fail(request, failure))
         return server.NOT_DONE_YET
+
+
+CURRENT = b'{"current":true}'
+
+
+def _send_current(request: server.Request) -> None:
+    """The answer 10,000 clients get every minute: as few bytes as HTTP allows
+    (no Server or Date header, a length instead of chunks): 80 bytes, not 240."""
+    if _gone(request):
+        return
+    headers = request.responseHeaders
+    headers.removeHeader(b"server")
+    headers.removeHeader(b"date")
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE.encode())
+    request.setHeader(b"content-length", b"%d" % len(CURRENT))
+    request.write(CURRENT)
+    request.finish()
 
 
 class HealthResource(Resource):

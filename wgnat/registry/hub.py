@@ -194,19 +194,25 @@ class Registry:
         since: int | None,
         epoch: str | None,
         send: Callable[[bytes], object],
+        send_first: Callable[[list[bytes]], object] | None = None,
     ) -> Deferred[Stream]:
         """Start a stream: `send` gets the caller's own answer at once (full when
         `since` is None, after a device read as for any full answer), then one
-        shared line per change and keep-alive lines; `close_stream` ends it."""
+        shared line per change and keep-alive lines; `close_stream` ends it.
+        `send_first`, when given, gets that first answer in parts instead (a
+        full answer's peers are the encoding every caller shares: not copied)."""
         ready: Deferred[None] = self.refresh() if since is None else succeed(None)
 
         def start(_: None) -> Stream:
             now = self.clock.seconds()
-            first = self.model.encoded_answer(caller, since, now, epoch) + b"\n"
+            first = [*self.model.encoded_answer_parts(caller, since, now, epoch), b"\n"]
             stream = Stream(caller, send, self.model.version, now)
             self._streams[stream] = None
             self._schedule_keepalive()
-            self._send(stream, first)
+            if send_first is None:
+                self._send(stream, b"".join(first))
+            else:
+                self._send_first(stream, send_first, first)
             return stream
 
         return ready.addCallback(start)
@@ -247,6 +253,18 @@ class Registry:
             self._send(stream, line)
             pushed += 1
         return pushed
+
+    def _send_first(
+        self, stream: Stream, send_first: Callable[[list[bytes]], object], parts: list[bytes]
+    ) -> None:
+        stream.last_sent = self.clock.seconds()
+        try:
+            send_first(parts)
+        except Exception:
+            log.failure(
+                "cannot write to the stream of {peer}; closing it", peer=stream.caller.short
+            )
+            self.close_stream(stream)
 
     def _send(self, stream: Stream, line: bytes) -> None:
         stream.last_sent = self.clock.seconds()
