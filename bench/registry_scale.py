@@ -39,10 +39,12 @@ Phases per N, each bounded by a deadline so the run ends by itself:
   6. checks at rest (--mode stream): every client's -t check, GET
      /v1/check?epoch=E&version=V&digest=D with what its stream told it, once per
      --check-period (wgnat-client's default 1m0s), each at its own random moment
-     in the period, for --check-seconds, on a second persistent connection from
-     its own address (wgnat-client's pool keeps two: the stream and one for short
-     requests); the digest is each client's view digest, which the registry
-     process hands over once (model.view_digest): registry CPU per minute
+     in the period, on a second persistent connection from its own address
+     (wgnat-client's pool keeps two: the stream and one for short requests),
+     opened by its first check: one period of warm-up, then --check-seconds
+     measured (connections reused, as at rest); the digest is each client's view
+     digest, which the registry process hands over once (model.view_digest), as
+     the client's cost is not what is measured: registry CPU per minute
      (absolute and over phase 3's), bytes sent and received, answers "current";
   7. restart (--mode stream): the registry SIGKILLed under the N streams and
      started again on its port, reading the state file the killed one's
@@ -172,6 +174,7 @@ def run_registry(
         default_state_path,
         encode_state,
         load_state,
+        write_atomically,
     )
     from wgnat.wire import encode_line
 
@@ -221,14 +224,29 @@ def run_registry(
     metrics.watch(hub)
     keeper: StateKeeper | None = None
     restored = False
+    saving = {"seconds": 0.0, "last": None, "bytes": None}
     if state_dir is not None:
         path = default_state_path(state_dir, BENCH_IFNAME)
+
+        def timed_write(path: str, document: dict[str, Any]) -> None:
+            # What a save costs the reactor (it runs on it): the JSON and the fsyncs.
+            started = time.time()
+            write_atomically(path, document)
+            saving["last"] = time.time() - started
+            saving["seconds"] += saving["last"]
+            saving["bytes"] = os.path.getsize(path)
+
+        started = time.process_time()
         model = load_state(path, BENCH_IFNAME, device.public_key, hub.model.live_window)
+        saving["load_cpu"] = time.process_time() - started
         if model is not None:
             hub.model = model
             restored = True
         keeper = StateKeeper(
-            path, reactor, lambda: encode_state(hub.model, BENCH_IFNAME, device.public_key)
+            path,
+            reactor,
+            lambda: encode_state(hub.model, BENCH_IFNAME, device.public_key),
+            timed_write,
         )
         hub.on_change = keeper.changed
     if hub.model.observe(device.snapshot(), reactor.seconds()) and keeper is not None:
@@ -300,6 +318,7 @@ def run_registry(
                 time=time.time(),
                 saves=keeper.saves if keeper is not None else None,
                 save_pending=keeper is not None and keeper._timer is not None,
+                saving=saving,
             )
             self.sendLine(json.dumps(fields).encode())
 
@@ -563,7 +582,14 @@ class Client:
         return await built
 
     async def connect(self) -> None:
-        self.conn = await self.open()
+        try:
+            self.conn = await self.open()
+        except Exception as exc:
+            if self.restart is not None:
+                why = type(exc).__name__
+                failed = self.restart.setdefault("failed", {})
+                failed[why] = failed.get(why, 0) + 1
+            raise
 
     async def check(self, epoch: str, version: int) -> None:
         """One -t check (GET /v1/check), as RegistryClient.check sends it, on the
@@ -657,6 +683,8 @@ class Client:
                 await ended
             except Exception:
                 pass
+            if self.restart is not None:
+                self.restart.setdefault("lost_at", time.time())
             if self.polling:
                 self.errors += 1
                 await sleep(self.backoff())
@@ -834,25 +862,15 @@ async def checks_at_rest(
     stats = await registry.ask("stats")
     behind = sum(1 for c in clients if c.since != stats["version"] or c.epoch != stats["epoch"])
 
-    # The check connections, opened before the window: at rest they are long open
-    # (the pool keeps them 240 s, a check comes every 60 s).
-    opened_at = time.time()
-
-    async def open_check(client: Client) -> None:
-        try:
-            client.check_conn = await client.open()
-        except Exception:
-            client.errors += 1
-
-    await bounded_all(
-        [lambda c=c: open_check(c) for c in clients], 32, time.time() + args.connect_seconds
-    )
-    open_seconds = time.time() - opened_at
-    await registry.ask("touch")
+    # Each client's first check opens its check connection (the stream holds the
+    # pool's first), as wgnat-client's does; the next ones reuse it (idle about
+    # one period: under the registry's 75 s idle timeout).  So one period of
+    # warm-up, then the window measured: the steady state at rest.
     marks = [(len(c.checks), len(c.keepalives)) for c in clients]
-    before = await registry.ask("stats")
+    await registry.ask("touch")
     start = time.time()
-    end = start + args.check_seconds
+    measured_from = start + args.check_period
+    end = measured_from + args.check_seconds
     rng = random.Random(11)
     inflight: list[defer.Deferred[None]] = []
 
@@ -869,7 +887,15 @@ async def checks_at_rest(
 
     for client in clients:
         schedule(client, start + rng.uniform(0, args.check_period))
-    await sleep(args.check_seconds)
+    first = await registry.ask("stats")
+    await sleep(max(0.0, measured_from - time.time()))
+    # The window starts here: what the warm-up period cost, then the marks.
+    before = await registry.ask("stats")
+    warmup = [item for c, m in zip(clients, marks, strict=True) for item in c.checks[m[0] :]]
+    warmup_window = before["time"] - first["time"]
+    marks = [(len(c.checks), len(c.keepalives)) for c in clients]
+    await registry.ask("touch")
+    await sleep(max(0.0, end - time.time()))
     # Checks still in flight at the window's end are part of it.
     await wait_until(
         lambda: all(d.called for d in inflight), time.time() + args.control_seconds, step=0.1
@@ -887,10 +913,19 @@ async def checks_at_rest(
     received = sum(item[3] for item in done)
     latencies = [item[1] - item[0] for item in done if item[4] != "error"]
     cpu = after["cpu"] - before["cpu"]
+    warmup_kinds: dict[str, int] = {}
+    for item in warmup:
+        warmup_kinds[item[4]] = warmup_kinds.get(item[4], 0) + 1
     return {
         "period_seconds": args.check_period,
         "window_seconds": window,
-        "check_connections_open_seconds": open_seconds,
+        "warmup": {  # the first period: each client's check connection opened
+            "window_seconds": warmup_window,
+            "checks": len(warmup),
+            "answers": warmup_kinds,
+            "cpu_per_minute": (before["cpu"] - first["cpu"]) * 60 / warmup_window,
+            "bytes_per_minute": sum(item[2] + item[3] for item in warmup) * 60 / warmup_window,
+        },
         "clients_behind_at_start": behind,
         "checks": len(done),
         "answers": kinds,
@@ -942,8 +977,14 @@ async def restart_registry(
     killed_at = time.time()
     registry.transport.signalProcess("KILL")  # type: ignore[union-attr]
     await registry.ended
+    dead_after = time.time() - killed_at
     registry, hello = await start_registry(peers, args, state_dir, port, replay)
     listening_after = hello["time"] - killed_at
+    # The device's handshakes are as fresh as the killed registry's were (a kernel
+    # interface outlives its registry; without this, peers whose start-up
+    # handshake ages past the live window would go "gone" during the phase).
+    await registry.ask("touch")
+    touched = time.time()
     progress(
         f"registry restarted ({'its state read' if hello['restored'] else 'a fresh epoch'}) "
         f"and listening {listening_after:.2f} s after the kill"
@@ -952,15 +993,46 @@ async def restart_registry(
     def current() -> int:
         return sum(1 for c in clients if c.restart is not None and "at" in c.restart)
 
-    everyone = await wait_until(
-        lambda: current() >= peers, killed_at + args.restart_seconds, step=0.1
-    )
+    async def all_current() -> bool:
+        nonlocal touched
+        if time.time() - touched > 30:
+            await registry.ask("touch")
+            touched = time.time()
+        return current() >= peers
+
+    everyone = await wait_until(all_current, killed_at + args.restart_seconds, step=0.1)
     after = await registry.ask("stats")
     states = [c.restart or {} for c in clients]
     for client in clients:
         client.restart = None
     times = [item["at"] - killed_at for item in states if "at" in item]
+    lost = [item["lost_at"] - killed_at for item in states if "lost_at" in item]
+    failed: dict[str, int] = {}
+    for item in states:
+        for why, count in item.get("failed", {}).items():
+            failed[why] = failed.get(why, 0) + count
+    # Where the clients not current at the end were stuck.
+    stuck: dict[str, int] = {}
+    for client, item in zip(clients, states, strict=True):
+        if "at" in item:
+            continue
+        conn = client.conn
+        where = (
+            "no connection"
+            if conn is None or conn.lost
+            else "stream asked, no answer head"
+            if conn.on_line is not None and not conn.head_done
+            else "answer head, no line"
+            if conn.on_line is not None
+            else "connected, no stream asked"
+        )
+        stuck[where] = stuck.get(where, 0) + 1
     result = {
+        "dead_after": dead_after,
+        "lost_p50": percentile(lost, 0.5) if lost else None,
+        "lost_max": max(lost) if lost else None,
+        "connect_failures": failed,
+        "not_current": stuck,
         "state_file": state_dir is not None,
         "restored": hello["restored"],
         "epoch_kept": after["epoch"] == before["epoch"],
@@ -1169,7 +1241,10 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
 
         # 6. Every client's -t check on the default period, over the at-rest streams.
         if args.check_seconds > 0 and args.mode == "stream":
-            progress(f"checks at rest for {args.check_seconds:.0f} s")
+            progress(
+                f"checks at rest: {args.check_period:.0f} s of warm-up, "
+                f"{args.check_seconds:.0f} s measured"
+            )
             result["checks"] = await checks_at_rest(registry, clients, args)
             checks = result["checks"]
             checks["cpu_per_minute_over_rest"] = checks["cpu_per_minute"] - result["rest"][
