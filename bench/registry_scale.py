@@ -82,6 +82,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from twisted.internet import defer, protocol, reactor  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 
+# wgnat-client's: a connection within 5 s, a request's answer (a stream's head)
+# within 15 s, else a failure and the follower's backoff.
+from wgnat.client.registry_client import CONNECT_TIMEOUT, REQUEST_TIMEOUT  # noqa: E402
+
 WAIT = 25  # the long poll's wait, as the client asks it
 KEY_SEED = 20260101
 
@@ -159,6 +163,7 @@ def run_registry(
     state_dir: str | None = None,
     port: int = 0,
     replay: list[int] | None = None,
+    backlog: int = 50,
 ) -> None:
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.stdio import StandardIO
@@ -372,7 +377,10 @@ def run_registry(
     gc.collect()
     # The daemon's endpoint (default backlog) on loopback instead of the tunnel address;
     # a restarted registry listens on its predecessor's port (Twisted sets SO_REUSEADDR).
-    TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(site).addCallback(listening)
+    # --backlog: 50 is Twisted's default, so the daemon's.
+    TCP4ServerEndpoint(reactor, port, backlog=backlog, interface="127.0.0.1").listen(
+        site
+    ).addCallback(listening)
     reactor.run()
 
 
@@ -557,7 +565,7 @@ class Client:
         self.restart: dict[str, Any] | None = None
         self.connect_attempts = 0
 
-    async def open(self) -> HTTPClient:
+    async def open(self, timeout: float = 30) -> HTTPClient:
         """A new connection from this client's own address (the registry tells
         peers apart by it)."""
         built: defer.Deferred[HTTPClient] = defer.Deferred()
@@ -577,13 +585,13 @@ class Client:
 
         self.connect_attempts += 1
         reactor.connectTCP(
-            "127.0.0.1", self.port, Factory(), timeout=30, bindAddress=(self.address, 0)
+            "127.0.0.1", self.port, Factory(), timeout=timeout, bindAddress=(self.address, 0)
         )
         return await built
 
-    async def connect(self) -> None:
+    async def connect(self, timeout: float = 30) -> None:
         try:
-            self.conn = await self.open()
+            self.conn = await self.open(timeout)
         except Exception as exc:
             if self.restart is not None:
                 why = type(exc).__name__
@@ -597,13 +605,17 @@ class Client:
         started = time.time()
         try:
             if self.check_conn is None or self.check_conn.lost:
-                self.check_conn = await self.open()
+                self.check_conn = await self.open(CONNECT_TIMEOUT)
             conn = self.check_conn
             sent_before = conn.sent
-            response = await conn.get(
-                f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}"
-            )
+            answer = conn.get(f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}")
+            answer.addTimeout(REQUEST_TIMEOUT, reactor)  # as RegistryClient's requests
+            response = await answer
         except Exception:
+            # Its answer may still come: the next check opens a new connection.
+            conn, self.check_conn = self.check_conn, None
+            if conn is not None and not conn.lost:
+                conn.transport.abortConnection()  # type: ignore[union-attr]
             self.errors += 1
             self.checks.append((started, time.time(), 0, 0, "error"))
             return
@@ -667,7 +679,9 @@ class Client:
             if self.conn is None or self.conn.lost:
                 self.reconnects += 1
                 try:
-                    await self.connect()
+                    # RegistryClient's connect timeout (a stalled handshake: the
+                    # registry's accept queue full) once streams are up.
+                    await self.connect(CONNECT_TIMEOUT if self.answers else 30)
                 except Exception:
                     self.errors += 1
                     await sleep(self.backoff())
@@ -676,13 +690,24 @@ class Client:
             path = f"/v1/peers?since={self.since}&epoch={self.epoch}&wait={WAIT}&stream=1"
             self.first = True
             sent_before = self.conn.sent
-            ended = self.conn.stream(path, self.line)
+            conn = self.conn
+            ended = conn.stream(path, self.line)
             if self.restart is not None:
-                self.restart["sent"] += self.conn.sent - sent_before
+                self.restart["sent"] += conn.sent - sent_before
+
+            def no_head(conn: HTTPClient = conn) -> None:
+                # RegistryClient: a stream's answer head within REQUEST_TIMEOUT, or
+                # the stream failed (backoff, and a new connection).
+                if not conn.head_done and conn.on_line is not None:
+                    conn._stream_failed(f"no answer within {REQUEST_TIMEOUT:.0f} s")
+
+            timer = reactor.callLater(REQUEST_TIMEOUT, no_head)
             try:
                 await ended
             except Exception:
                 pass
+            if timer.active():
+                timer.cancel()
             if self.restart is not None:
                 self.restart.setdefault("lost_at", time.time())
             if self.polling:
@@ -836,6 +861,8 @@ async def start_registry(
         str(args.poll_interval),
         "--_port",
         str(port),
+        "--backlog",
+        str(args.backlog),
     ]
     if state_dir is not None:
         argv += ["--_state-dir", state_dir]
@@ -1519,7 +1546,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     pinned = pin(1)
-    raise_nofile(max(args.peers) + 256)
+    # A stream and a check connection per client.
+    raise_nofile(2 * max(args.peers) + 256)
     results = []
     for peers in args.peers:
         print(f"N = {peers} ...", file=sys.stderr, flush=True)
@@ -1595,6 +1623,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--poll-interval", type=float, default=1.0, help="the registry's device poll (s)"
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=50,
+        help="the registry's listen backlog (50: Twisted's default, as the daemon listens)",
+    )
     parser.add_argument("--_registry", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_state-dir", help=argparse.SUPPRESS)
     parser.add_argument("--_port", type=int, default=0, help=argparse.SUPPRESS)
@@ -1614,6 +1648,7 @@ if __name__ == "__main__":
             options._state_dir,
             options._port,
             [int(part) for part in options._replay.split(",") if part],
+            options.backlog,
         )
     else:
         failures: list[Any] = []
