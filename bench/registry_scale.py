@@ -611,13 +611,13 @@ class Client:
             answer = conn.get(f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}")
             answer.addTimeout(REQUEST_TIMEOUT, reactor)  # as RegistryClient's requests
             response = await answer
-        except Exception:
+        except Exception as exc:
             # Its answer may still come: the next check opens a new connection.
             conn, self.check_conn = self.check_conn, None
             if conn is not None and not conn.lost:
                 conn.transport.abortConnection()  # type: ignore[union-attr]
             self.errors += 1
-            self.checks.append((started, time.time(), 0, 0, "error"))
+            self.checks.append((started, time.time(), 0, 0, f"error: {type(exc).__name__}"))
             return
         if response.status != 200:
             kind = f"http {response.status}"
@@ -938,7 +938,7 @@ async def checks_at_rest(
     )
     sent = sum(item[2] for item in done)
     received = sum(item[3] for item in done)
-    latencies = [item[1] - item[0] for item in done if item[4] != "error"]
+    latencies = [item[1] - item[0] for item in done if not item[4].startswith("error")]
     cpu = after["cpu"] - before["cpu"]
     warmup_kinds: dict[str, int] = {}
     for item in warmup:
