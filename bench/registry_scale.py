@@ -107,8 +107,8 @@ def raise_nofile(need: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < need:
         # 50,000 clients hold 100,000 connections (a stream and a check connection
-        # each): past the usual hard limit, which root (CAP_SYS_RESOURCE) may raise
-        # up to fs.nr_open.
+        # each): past the usual hard limit, which a process with CAP_SYS_RESOURCE
+        # may raise up to fs.nr_open (not in a container without it).
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
             soft, hard = need, need
@@ -372,7 +372,13 @@ def run_registry(
         poller.start(poll_interval, now=False)
         control = Control()
         StandardIO(control)
-        control.reply(port=port.getHost().port, pinned=pinned, peers=peers, restored=restored)
+        control.reply(
+            port=port.getHost().port,
+            pinned=pinned,
+            peers=peers,
+            restored=restored,
+            nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
 
     gc.collect()
     # The daemon's endpoint (default backlog) on loopback instead of the tunnel address;
@@ -599,9 +605,10 @@ class Client:
                 failed[why] = failed.get(why, 0) + 1
             raise
 
-    async def check(self, epoch: str, version: int) -> None:
+    async def check(self, epoch: str, version: int, short: bool = False) -> None:
         """One -t check (GET /v1/check), as RegistryClient.check sends it, on the
-        check connection (opened again if the registry closed it)."""
+        check connection (opened again if the registry closed it); `short`: on a
+        connection of its own, closed after the answer."""
         started = time.time()
         try:
             if self.check_conn is None or self.check_conn.lost:
@@ -611,6 +618,9 @@ class Client:
             answer = conn.get(f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}")
             answer.addTimeout(REQUEST_TIMEOUT, reactor)  # as RegistryClient's requests
             response = await answer
+            if short:
+                self.check_conn = None
+                conn.transport.loseConnection()  # type: ignore[union-attr]
         except Exception as exc:
             # Its answer may still come: the next check opens a new connection.
             conn, self.check_conn = self.check_conn, None
@@ -893,6 +903,7 @@ async def checks_at_rest(
     # pool's first), as wgnat-client's does; the next ones reuse it (idle about
     # one period: under the registry's 75 s idle timeout).  So one period of
     # warm-up, then the window measured: the steady state at rest.
+    short = args.check_connection == "short"
     marks = [(len(c.checks), len(c.keepalives)) for c in clients]
     await registry.ask("touch")
     start = time.time()
@@ -907,7 +918,7 @@ async def checks_at_rest(
 
         def fire() -> None:
             assert client.epoch is not None and client.since is not None
-            inflight.append(defer.ensureDeferred(client.check(client.epoch, client.since)))
+            inflight.append(defer.ensureDeferred(client.check(client.epoch, client.since, short)))
             schedule(client, at + args.check_period)
 
         reactor.callLater(max(0.0, at - time.time()), fire)
@@ -944,6 +955,7 @@ async def checks_at_rest(
     for item in warmup:
         warmup_kinds[item[4]] = warmup_kinds.get(item[4], 0) + 1
     return {
+        "connection": args.check_connection,
         "period_seconds": args.check_period,
         "window_seconds": window,
         "warmup": {  # the first period: each client's check connection opened
@@ -1094,6 +1106,20 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
     state_dir = tempfile.mkdtemp(prefix="wgnat-bench-state-")
     registry, hello = await start_registry(peers, args, state_dir)
     port = hello["port"]
+    # What bounds N here: each process's descriptors (RLIMIT_NOFILE), which only
+    # CAP_SYS_RESOURCE may raise past the hard limit.  Every client holds a stream,
+    # and with persistent checks a second connection: the registry and this
+    # process each need that many descriptors, plus a few.
+    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hello["nofile"])
+    per_client = 2 if args.check_seconds > 0 and args.check_connection == "persistent" else 1
+    result["descriptor_limit"] = limit
+    result["descriptors_needed"] = per_client * peers + 64
+    if per_client * peers + 64 > limit:
+        notes.append(
+            f"{per_client * peers} connections need more descriptors than a process may "
+            f"open here (RLIMIT_NOFILE {limit}, hard; raising it needs CAP_SYS_RESOURCE): "
+            "some connections fail (EMFILE)"
+        )
     replay: list[int] = []  # the endpoint changes made (a restarted device has them)
     result["registry_pinned_cpu0"] = hello["pinned"]
     result["rss_mib_idle"] = hello["rss_kib"] / 1024
@@ -1595,6 +1621,13 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=60,
         help="phase 6: checks at rest for this long (0: skip)",
+    )
+    parser.add_argument(
+        "--check-connection",
+        choices=("persistent", "short"),
+        default="persistent",
+        help="a check's connection: a second persistent one per client (wgnat-client's "
+        "pool) or one per check, closed after it (half the descriptors)",
     )
     parser.add_argument(
         "--restart-seconds",
