@@ -1067,6 +1067,9 @@ async def restart_registry(
         )
         stuck[where] = stuck.get(where, 0) + 1
     result = {
+        # What the killed registry's StateKeeper did (seconds on its reactor).
+        "state_saves": before.get("saves"),
+        "state_save": before.get("saving"),
         "dead_after": dead_after,
         "lost_p50": percentile(lost, 0.5) if lost else None,
         "lost_max": max(lost) if lost else None,
