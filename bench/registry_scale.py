@@ -1070,6 +1070,7 @@ async def restart_registry(
         # What the killed registry's StateKeeper did (seconds on its reactor).
         "state_saves": before.get("saves"),
         "state_save": before.get("saving"),
+        "state_load_cpu": hello.get("saving", {}).get("load_cpu"),  # the new one's read
         "dead_after": dead_after,
         "lost_p50": percentile(lost, 0.5) if lost else None,
         "lost_max": max(lost) if lost else None,
