@@ -2,6 +2,7 @@
 
     python bench/registry_scale.py [--peers 1000,10000] [--changes 5] [--json FILE]
                                    [--mode stream|longpoll] [--poll-interval 1.0]
+                                   [--check-connection persistent|short] [--backlog 50]
 
 For each N, the registry runs in its own process pinned to CPU 0, built as the
 daemon builds it (RegistryMetrics, Registry hub, the device read once before
@@ -55,6 +56,16 @@ Phases per N, each bounded by a deadline so the run ends by itself:
      N <= --fresh-restart-max, the same without a state file (a fresh epoch).
 A registry that answers no control command for --control-seconds (its reactor
 busy with clients) ends the run for that N: what was measured is reported.
+What bounds N: each process's descriptors.  The registry and this process each
+hold a descriptor per connection: 2N with persistent check connections, N with
+--check-connection short; RLIMIT_NOFILE's hard limit can be raised only with
+CAP_SYS_RESOURCE (a container often lacks it: 20,000 here, so N < 10,000 with
+persistent checks, < 20,000 with short ones; a run past it says so in its
+notes).  Short checks also leave a TIME_WAIT each on the client side, and a
+bind() to (address, 0) draws from the one ephemeral port range whatever the
+loopback address: near 20,000 clients a few binds fail (ConnectBindError).
+Loopback addresses (16 million) and memory (about 14 KiB per client in the
+registry) do not bound it first.
 WGNAT_BENCH_PROFILE=PREFIX writes a cProfile of the registry over the changes.
 Everything stays on 127.0.0.0/8.
 """
