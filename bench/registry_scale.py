@@ -61,11 +61,11 @@ hold a descriptor per connection: 2N with persistent check connections, N with
 --check-connection short; RLIMIT_NOFILE's hard limit can be raised only with
 CAP_SYS_RESOURCE (a container often lacks it: 20,000 here, so N < 10,000 with
 persistent checks, < 20,000 with short ones; a run past it says so in its
-notes).  Short checks also leave a TIME_WAIT each on the client side, and a
-bind() to (address, 0) draws from the one ephemeral port range whatever the
-loopback address: near 20,000 clients a few binds fail (ConnectBindError).
-Loopback addresses (16 million) and memory (about 14 KiB per client in the
-registry) do not bound it first.
+notes).  Near the limit a few check connections fail (ConnectBindError: the
+socket or its bind failed, the descriptors in flight or, for short checks,
+whose TIME_WAITs hold ports of the one ephemeral range every loopback address
+binds from).  Loopback addresses (16 million) and memory (12-15 KiB per client
+in the registry) do not bound it first.
 WGNAT_BENCH_PROFILE=PREFIX writes a cProfile of the registry over the changes.
 Everything stays on 127.0.0.0/8.
 """
