@@ -2,6 +2,7 @@
 
     python bench/registry_scale.py [--peers 1000,10000] [--changes 5] [--json FILE]
                                    [--mode stream|longpoll] [--poll-interval 1.0]
+                                   [--check-connection persistent|short] [--backlog 50]
 
 For each N, the registry runs in its own process pinned to CPU 0, built as the
 daemon builds it (RegistryMetrics, Registry hub, the device read once before
@@ -35,9 +36,36 @@ Phases per N, each bounded by a deadline so the run ends by itself:
      CPU and bytes per change;
   5. (run first, while the registry is idle) in the registry process, the
      per-request CPU of the model's parts: identify, delta and full answers, JSON,
-     the device read, the shared line a change costs a stream push.
+     the device read, the shared line a change costs a stream push;
+  6. checks at rest (--mode stream): every client's -t check, GET
+     /v1/check?epoch=E&version=V&digest=D with what its stream told it, once per
+     --check-period (wgnat-client's default 1m0s), each at its own random moment
+     in the period, on a second persistent connection from its own address
+     (wgnat-client's pool keeps two: the stream and one for short requests),
+     opened by its first check: one period of warm-up, then --check-seconds
+     measured (connections reused, as at rest); the digest is each client's view
+     digest, which the registry process hands over once (model.view_digest), as
+     the client's cost is not what is measured: registry CPU per minute
+     (absolute and over phase 3's), bytes sent and received, answers "current";
+  7. restart (--mode stream): the registry SIGKILLed under the N streams and
+     started again on its port, reading the state file the killed one's
+     StateKeeper saved (as the daemon with --state-dir); every client reconnects
+     as wgnat-client's follower does (full jitter below 1 s, then below 2, 4, ...
+     30 s) from its version: kill -> each client's first line, the new registry's
+     CPU (start-up included) and bytes, full answers (expected: none); then, for
+     N <= --fresh-restart-max, the same without a state file (a fresh epoch).
 A registry that answers no control command for --control-seconds (its reactor
 busy with clients) ends the run for that N: what was measured is reported.
+What bounds N: each process's descriptors.  The registry and this process each
+hold a descriptor per connection: 2N with persistent check connections, N with
+--check-connection short; RLIMIT_NOFILE's hard limit can be raised only with
+CAP_SYS_RESOURCE (a container often lacks it: 20,000 here, so N < 10,000 with
+persistent checks, < 20,000 with short ones; a run past it says so in its
+notes).  Near the limit a few check connections fail (ConnectBindError: the
+socket or its bind failed, the descriptors in flight or, for short checks,
+whose TIME_WAITs hold ports of the one ephemeral range every loopback address
+binds from).  Loopback addresses (16 million) and memory (12-15 KiB per client
+in the registry) do not bound it first.
 WGNAT_BENCH_PROFILE=PREFIX writes a cProfile of the registry over the changes.
 Everything stays on 127.0.0.0/8.
 """
@@ -52,8 +80,10 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -62,6 +92,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from twisted.internet import defer, protocol, reactor  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
+
+# wgnat-client's: a connection within 5 s, a request's answer (a stream's head)
+# within 15 s, else a failure and the follower's backoff.
+from wgnat.client.registry_client import CONNECT_TIMEOUT, REQUEST_TIMEOUT  # noqa: E402
 
 WAIT = 25  # the long poll's wait, as the client asks it
 KEY_SEED = 20260101
@@ -82,6 +116,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def raise_nofile(need: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        # 50,000 clients hold 100,000 connections (a stream and a check connection
+        # each): past the usual hard limit, which a process with CAP_SYS_RESOURCE
+        # may raise up to fs.nr_open (not in a container without it).
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            soft, hard = need, need
+        except (OSError, ValueError):
+            pass
     want = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, need))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -112,7 +155,27 @@ def rss_kib() -> int:
 
 
 # -- the registry process ----------------------------------------------------------
-def run_registry(peers: int, poll_interval: float) -> None:
+# The interface name written in (and required of) the bench registry's state file.
+BENCH_IFNAME = "bench"
+
+
+def next_endpoint(endpoint: Any) -> Any:
+    """A NAT rebinding: the same host, the next port (the "change" command; replayed
+    by a restarted registry so that its device is the one the killed one read, as a
+    kernel interface outlives its registry)."""
+    from wgnat._types import Endpoint
+
+    return Endpoint(endpoint.host, endpoint.port % 64000 + 1024 + 1)
+
+
+def run_registry(
+    peers: int,
+    poll_interval: float,
+    state_dir: str | None = None,
+    port: int = 0,
+    replay: list[int] | None = None,
+    backlog: int = 50,
+) -> None:
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.stdio import StandardIO
     from twisted.internet.task import LoopingCall
@@ -122,10 +185,18 @@ def run_registry(peers: int, poll_interval: float) -> None:
     from wgnat.registry.api import build_site
     from wgnat.registry.hub import Registry
     from wgnat.registry.metrics import RegistryMetrics
+    from wgnat.registry.state import (
+        StateKeeper,
+        default_state_path,
+        encode_state,
+        load_state,
+        write_atomically,
+    )
     from wgnat.wire import encode_line
 
     pinned = pin(0)
-    raise_nofile(peers + 256)
+    # A stream and a check connection per client.
+    raise_nofile(2 * peers + 256)
     rng = random.Random(KEY_SEED)
 
     class TimedDevice(MemoryDevice):
@@ -158,12 +229,44 @@ def run_registry(peers: int, poll_interval: float) -> None:
                 persistent_keepalive=25,
             )
         )
+    for index in replay or ():
+        peer = device.peers[keys[index]]
+        device.peers[keys[index]] = dataclasses.replace(peer, endpoint=next_endpoint(peer.endpoint))
 
-    # As RegistryDaemon builds it.
+    # As RegistryDaemon builds it (_start: the state file read before the first
+    # observe, a StateKeeper saving on every change when --state-dir is set).
     metrics = RegistryMetrics()
     hub = Registry(device, reactor, metrics=metrics)
     metrics.watch(hub)
-    hub.model.observe(device.snapshot(), reactor.seconds())
+    keeper: StateKeeper | None = None
+    restored = False
+    saving = {"seconds": 0.0, "last": None, "bytes": None}
+    if state_dir is not None:
+        path = default_state_path(state_dir, BENCH_IFNAME)
+
+        def timed_write(path: str, document: dict[str, Any]) -> None:
+            # What a save costs the reactor (it runs on it): the JSON and the fsyncs.
+            started = time.time()
+            write_atomically(path, document)
+            saving["last"] = time.time() - started
+            saving["seconds"] += saving["last"]
+            saving["bytes"] = os.path.getsize(path)
+
+        started = time.process_time()
+        model = load_state(path, BENCH_IFNAME, device.public_key, hub.model.live_window)
+        saving["load_cpu"] = time.process_time() - started
+        if model is not None:
+            hub.model = model
+            restored = True
+        keeper = StateKeeper(
+            path,
+            reactor,
+            lambda: encode_state(hub.model, BENCH_IFNAME, device.public_key),
+            timed_write,
+        )
+        hub.on_change = keeper.changed
+    if hub.model.observe(device.snapshot(), reactor.seconds()) and keeper is not None:
+        keeper.changed()
     site = build_site(hub, metrics)
     poller = LoopingCall(hub.poll)
     poller.clock = reactor
@@ -229,6 +332,9 @@ def run_registry(peers: int, poll_interval: float) -> None:
                 version=hub.model.version,
                 epoch=hub.model.epoch,
                 time=time.time(),
+                saves=keeper.saves if keeper is not None else None,
+                save_pending=keeper is not None and keeper._timer is not None,
+                saving=saving,
             )
             self.sendLine(json.dumps(fields).encode())
 
@@ -247,12 +353,9 @@ def run_registry(peers: int, poll_interval: float) -> None:
                 key = keys[int(words[1])]
                 peer = device.peers[key]
                 assert peer.endpoint is not None
-                port = peer.endpoint.port % 64000 + 1024 + 1
                 notices.clear()
                 device.seen_at = None
-                device.peers[key] = dataclasses.replace(
-                    peer, endpoint=Endpoint(peer.endpoint.host, port)
-                )
+                device.peers[key] = dataclasses.replace(peer, endpoint=next_endpoint(peer.endpoint))
                 device.changed_at = time.time()
                 if profiler is not None:
                     profiler.enable()
@@ -264,6 +367,10 @@ def run_registry(peers: int, poll_interval: float) -> None:
                 self.reply(seen_at=device.seen_at, notify=dict(notices))
             elif words[0] == "micro":
                 self.reply(micro=micro())
+            elif words[0] == "digests":
+                # What each client's view hashes to (the digest its -t check sends),
+                # once: the client side's cost of computing it is not measured here.
+                self.reply(digests=[hub.model.view_digest(key) for key in keys])
             elif words[0] == "quit":
                 poller.stop()
                 reactor.stop()
@@ -276,11 +383,21 @@ def run_registry(peers: int, poll_interval: float) -> None:
         poller.start(poll_interval, now=False)
         control = Control()
         StandardIO(control)
-        control.reply(port=port.getHost().port, pinned=pinned, peers=peers)
+        control.reply(
+            port=port.getHost().port,
+            pinned=pinned,
+            peers=peers,
+            restored=restored,
+            nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
 
     gc.collect()
-    # The daemon's endpoint (default backlog) on loopback instead of the tunnel address.
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site).addCallback(listening)
+    # The daemon's endpoint (default backlog) on loopback instead of the tunnel address;
+    # a restarted registry listens on its predecessor's port (Twisted sets SO_REUSEADDR).
+    # --backlog: 50 is Twisted's default, so the daemon's.
+    TCP4ServerEndpoint(reactor, port, backlog=backlog, interface="127.0.0.1").listen(
+        site
+    ).addCallback(listening)
     reactor.run()
 
 
@@ -309,13 +426,18 @@ class HTTPClient(protocol.Protocol):
         self.head_done = False
         self.chunk_left = 0  # bytes of the current chunk still to come (+2: its CRLF)
         self.line = b""
+        self.sent = 0  # request bytes written on this connection
+
+    def _send(self, request: bytes) -> None:
+        self.sent += len(request)
+        self.transport.write(request)  # type: ignore[union-attr]
 
     def stream(self, path: str, on_line: Any) -> defer.Deferred[None]:
         """Start a stream; the Deferred fails when it ends (it never ends well)."""
         assert self.pending is None and self.on_line is None
         self.on_line, self.ended = on_line, defer.Deferred()
         self.buffer, self.size, self.head_done, self.chunk_left, self.line = b"", 0, False, 0, b""
-        self.transport.write(  # type: ignore[union-attr]
+        self._send(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Accept: application/x-ndjson, application/json\r\n\r\n".encode()
         )
@@ -376,7 +498,7 @@ class HTTPClient(protocol.Protocol):
         assert self.pending is None
         self.pending = defer.Deferred()
         self.buffer, self.size = b"", 0
-        self.transport.write(  # type: ignore[union-attr]
+        self._send(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n\r\n".encode()
         )
         return self.pending
@@ -446,8 +568,23 @@ class Client:
         self.errors = 0
         self.reconnects = 0
         self.first = True
+        # The -t check's own connection: wgnat-client's HTTPConnectionPool keeps two
+        # persistent connections to the registry (maxPersistentPerHost = 2), the
+        # stream on one, so its checks reuse the other (cached 240 s > the 60 s
+        # period).  Modelled as a second persistent connection, opened once.
+        self.check_conn: HTTPClient | None = None
+        self.digest: str | None = None
+        self.checks: list[tuple[float, float, int, int, str]] = []  # (sent, got, out, in, kind)
+        # Reconnects as wgnat-client's follower: full jitter below a cap doubling
+        # from 1 s to 30 s, counted from the last answer.
+        self.failures = 0
+        # Set by the restart phase: the first line after the registry was killed.
+        self.restart: dict[str, Any] | None = None
+        self.connect_attempts = 0
 
-    async def connect(self) -> None:
+    async def open(self, timeout: float = 30) -> HTTPClient:
+        """A new connection from this client's own address (the registry tells
+        peers apart by it)."""
         built: defer.Deferred[HTTPClient] = defer.Deferred()
 
         class Factory(protocol.ClientFactory):
@@ -463,10 +600,53 @@ class Client:
                 if not built.called:
                     built.errback(reason)
 
+        self.connect_attempts += 1
         reactor.connectTCP(
-            "127.0.0.1", self.port, Factory(), timeout=30, bindAddress=(self.address, 0)
+            "127.0.0.1", self.port, Factory(), timeout=timeout, bindAddress=(self.address, 0)
         )
-        self.conn = await built
+        return await built
+
+    async def connect(self, timeout: float = 30) -> None:
+        try:
+            self.conn = await self.open(timeout)
+        except Exception as exc:
+            if self.restart is not None:
+                why = type(exc).__name__
+                failed = self.restart.setdefault("failed", {})
+                failed[why] = failed.get(why, 0) + 1
+            raise
+
+    async def check(self, epoch: str, version: int, short: bool = False) -> None:
+        """One -t check (GET /v1/check), as RegistryClient.check sends it, on the
+        check connection (opened again if the registry closed it); `short`: on a
+        connection of its own, closed after the answer."""
+        started = time.time()
+        try:
+            if self.check_conn is None or self.check_conn.lost:
+                self.check_conn = await self.open(CONNECT_TIMEOUT)
+            conn = self.check_conn
+            sent_before = conn.sent
+            answer = conn.get(f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}")
+            answer.addTimeout(REQUEST_TIMEOUT, reactor)  # as RegistryClient's requests
+            response = await answer
+            if short:
+                self.check_conn = None
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+        except Exception as exc:
+            # Its answer may still come: the next check opens a new connection.
+            conn, self.check_conn = self.check_conn, None
+            if conn is not None and not conn.lost:
+                conn.transport.abortConnection()  # type: ignore[union-attr]
+            self.errors += 1
+            self.checks.append((started, time.time(), 0, 0, f"error: {type(exc).__name__}"))
+            return
+        if response.status != 200:
+            kind = f"http {response.status}"
+        elif b'"current":true' in response.body:
+            kind = "current"
+        else:
+            kind = "full" if b'"full":true' in response.body else "delta"
+        self.checks.append((started, response.at, conn.sent - sent_before, response.size, kind))
 
     async def request(self, path: str) -> Response:
         if self.conn is None or self.conn.lost:
@@ -504,31 +684,59 @@ class Client:
                 watch["got"].append((response.at, response.size))
                 self.watch = None
 
+    def backoff(self) -> float:
+        """wgnat-client's reconnect delay (follower: full_jitter(1, 30)), then
+        one more failure counted (reset by the next line)."""
+        delay = random.random() * min(30.0, 2.0**self.failures)
+        self.failures += 1
+        return delay
+
     async def stream_forever(self) -> None:
         """Hold a stream on this client's connection, as wgnat-client does; open
-        it again (after 1 s) when it ends."""
+        it again from its version, after the follower's jittered backoff, when
+        it ends."""
         self.polling = True
         while self.polling:
             if self.conn is None or self.conn.lost:
                 self.reconnects += 1
                 try:
-                    await self.connect()
+                    # RegistryClient's connect timeout (a stalled handshake: the
+                    # registry's accept queue full) once streams are up.
+                    await self.connect(CONNECT_TIMEOUT if self.answers else 30)
                 except Exception:
                     self.errors += 1
-                    await sleep(1.0)
+                    await sleep(self.backoff())
                     continue
             assert self.conn is not None
             path = f"/v1/peers?since={self.since}&epoch={self.epoch}&wait={WAIT}&stream=1"
             self.first = True
+            sent_before = self.conn.sent
+            conn = self.conn
+            ended = conn.stream(path, self.line)
+            if self.restart is not None:
+                self.restart["sent"] += conn.sent - sent_before
+
+            def no_head(conn: HTTPClient = conn) -> None:
+                # RegistryClient: a stream's answer head within REQUEST_TIMEOUT, or
+                # the stream failed (backoff, and a new connection).
+                if not conn.head_done and conn.on_line is not None:
+                    conn._stream_failed(f"no answer within {REQUEST_TIMEOUT:.0f} s")
+
+            timer = reactor.callLater(REQUEST_TIMEOUT, no_head)
             try:
-                await self.conn.stream(path, self.line)
+                await ended
             except Exception:
                 pass
+            if timer.active():
+                timer.cancel()
+            if self.restart is not None:
+                self.restart.setdefault("lost_at", time.time())
             if self.polling:
                 self.errors += 1
-                await sleep(1.0)
+                await sleep(self.backoff())
 
     def line(self, line: bytes, at: float, size: int) -> None:
+        self.failures = 0  # the follower counts failures since its last answer
         if not line:
             self.keepalives.append((at, size))
             return
@@ -536,6 +744,11 @@ class Client:
             self.first = False
             document = json.loads(line)
             self.since, self.epoch = document["version"], document["epoch"]
+            restart = self.restart
+            if restart is not None and "at" not in restart:
+                restart.update(
+                    at=at, received=size, full=bool(document.get("full")), version=self.since
+                )
         else:  # a shared line: its version only
             start = line.index(b'"version":') + 10
             end = start
@@ -651,29 +864,281 @@ async def wait_until(predicate: Any, deadline: float, step: float = 0.05) -> boo
     return False
 
 
+async def start_registry(
+    peers: int,
+    args: argparse.Namespace,
+    state_dir: str | None,
+    port: int = 0,
+    replay: list[int] | None = None,
+) -> tuple[RegistryProcess, dict[str, Any]]:
+    """The registry process and its first line (its port, once it listens)."""
+    registry = RegistryProcess()
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_registry",
+        str(peers),
+        "--poll-interval",
+        str(args.poll_interval),
+        "--_port",
+        str(port),
+        "--backlog",
+        str(args.backlog),
+    ]
+    if state_dir is not None:
+        argv += ["--_state-dir", state_dir]
+    if replay:
+        argv += ["--_replay", ",".join(map(str, replay))]
+    reactor.spawnProcess(
+        registry, sys.executable, argv, env=dict(os.environ, PYTHONPATH=os.path.join(HERE, ".."))
+    )
+    hello = await registry.first
+    registry.timeout = args.control_seconds
+    return registry, hello
+
+
+async def checks_at_rest(
+    registry: RegistryProcess, clients: list[Client], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every client does its -t check (GET /v1/check) once per --check-period, each
+    at its own moment (uniform over the period, as clients started at random
+    moments do), for --check-seconds, from what its stream told it: registry CPU
+    and bytes per minute, and how many answers said "current"."""
+    digests = (await registry.ask("digests"))["digests"]
+    for client, digest in zip(clients, digests, strict=True):
+        client.digest = digest
+    stats = await registry.ask("stats")
+    behind = sum(1 for c in clients if c.since != stats["version"] or c.epoch != stats["epoch"])
+
+    # Each client's first check opens its check connection (the stream holds the
+    # pool's first), as wgnat-client's does; the next ones reuse it (idle about
+    # one period: under the registry's 75 s idle timeout).  So one period of
+    # warm-up, then the window measured: the steady state at rest.
+    short = args.check_connection == "short"
+    marks = [(len(c.checks), len(c.keepalives)) for c in clients]
+    await registry.ask("touch")
+    start = time.time()
+    measured_from = start + args.check_period
+    end = measured_from + args.check_seconds
+    rng = random.Random(11)
+    inflight: list[defer.Deferred[None]] = []
+
+    def schedule(client: Client, at: float) -> None:
+        if at >= end:
+            return
+
+        def fire() -> None:
+            assert client.epoch is not None and client.since is not None
+            inflight.append(defer.ensureDeferred(client.check(client.epoch, client.since, short)))
+            schedule(client, at + args.check_period)
+
+        reactor.callLater(max(0.0, at - time.time()), fire)
+
+    for client in clients:
+        schedule(client, start + rng.uniform(0, args.check_period))
+    first = await registry.ask("stats")
+    await sleep(max(0.0, measured_from - time.time()))
+    # The window starts here: what the warm-up period cost, then the marks.
+    before = await registry.ask("stats")
+    warmup = [item for c, m in zip(clients, marks, strict=True) for item in c.checks[m[0] :]]
+    warmup_window = before["time"] - first["time"]
+    marks = [(len(c.checks), len(c.keepalives)) for c in clients]
+    await registry.ask("touch")
+    await sleep(max(0.0, end - time.time()))
+    # Checks still in flight at the window's end are part of it.
+    await wait_until(
+        lambda: all(d.called for d in inflight), time.time() + args.control_seconds, step=0.1
+    )
+    after = await registry.ask("stats")
+    window = after["time"] - before["time"]
+    done = [item for c, (m, _) in zip(clients, marks, strict=True) for item in c.checks[m:]]
+    kinds: dict[str, int] = {}
+    for item in done:
+        kinds[item[4]] = kinds.get(item[4], 0) + 1
+    keepalive_bytes = sum(
+        size for c, (_, k) in zip(clients, marks, strict=True) for _, size in c.keepalives[k:]
+    )
+    sent = sum(item[2] for item in done)
+    received = sum(item[3] for item in done)
+    latencies = [item[1] - item[0] for item in done if not item[4].startswith("error")]
+    cpu = after["cpu"] - before["cpu"]
+    warmup_kinds: dict[str, int] = {}
+    for item in warmup:
+        warmup_kinds[item[4]] = warmup_kinds.get(item[4], 0) + 1
+    return {
+        "connection": args.check_connection,
+        "period_seconds": args.check_period,
+        "window_seconds": window,
+        "warmup": {  # the first period: each client's check connection opened
+            "window_seconds": warmup_window,
+            "checks": len(warmup),
+            "answers": warmup_kinds,
+            "cpu_per_minute": (before["cpu"] - first["cpu"]) * 60 / warmup_window,
+            "bytes_per_minute": sum(item[2] + item[3] for item in warmup) * 60 / warmup_window,
+        },
+        "clients_behind_at_start": behind,
+        "checks": len(done),
+        "answers": kinds,
+        "current": kinds.get("current", 0),
+        "checks_per_minute": len(done) * 60 / window,
+        "cpu": cpu,
+        "cpu_per_minute": cpu * 60 / window,
+        "bytes_sent_per_minute": sent * 60 / window,
+        "bytes_received_per_minute": received * 60 / window,
+        "bytes_per_minute": (sent + received) * 60 / window,
+        "bytes_per_check": (sent + received) / len(done) if done else None,
+        "keepalive_bytes_per_minute": keepalive_bytes * 60 / window,
+        "latency_p50": percentile(latencies, 0.5) if latencies else None,
+        "latency_p99": percentile(latencies, 0.99) if latencies else None,
+        "rss_mib": after["rss_kib"] / 1024,
+    }
+
+
+async def restart_registry(
+    registry: RegistryProcess,
+    clients: list[Client],
+    args: argparse.Namespace,
+    state_dir: str | None,
+    port: int,
+    replay: list[int],
+) -> tuple[RegistryProcess, dict[str, Any]]:
+    """SIGKILL the registry under its N streams and start another on the same
+    port (reading the state file the killed one saved when `state_dir` is set;
+    a fresh epoch otherwise); every client reconnects as wgnat-client does (full
+    jitter below 1 s, then below 2, 4, ... 30 s while refused) from its version.
+    Measured: kill -> each client's first line (it holds the current view), the
+    new registry's CPU (all of it, start-up included) and bytes, full answers."""
+    peers = len(clients)
+    if state_dir is not None:
+        # The daemon's StateKeeper saves at most SAVE_DELAY after a change: what
+        # a kill loses is under a second of changes; here, none.
+        last: dict[str, Any] = {}
+
+        async def saved() -> bool:
+            last.update(await registry.ask("stats"))
+            return not last["save_pending"] and bool(last["saves"])
+
+        await wait_until(saved, time.time() + 10, step=0.2)
+    before = await registry.ask("stats")
+    peak_before = registry.peak_rss_kib / 1024
+    attempts = [c.connect_attempts for c in clients]
+    for client in clients:
+        client.restart = {"sent": 0}
+    killed_at = time.time()
+    registry.transport.signalProcess("KILL")  # type: ignore[union-attr]
+    await registry.ended
+    dead_after = time.time() - killed_at
+    registry, hello = await start_registry(peers, args, state_dir, port, replay)
+    listening_after = hello["time"] - killed_at
+    # The device's handshakes are as fresh as the killed registry's were (a kernel
+    # interface outlives its registry; without this, peers whose start-up
+    # handshake ages past the live window would go "gone" during the phase).
+    await registry.ask("touch")
+    touched = time.time()
+    progress(
+        f"registry restarted ({'its state read' if hello['restored'] else 'a fresh epoch'}) "
+        f"and listening {listening_after:.2f} s after the kill"
+    )
+
+    def current() -> int:
+        return sum(1 for c in clients if c.restart is not None and "at" in c.restart)
+
+    async def all_current() -> bool:
+        nonlocal touched
+        if time.time() - touched > 30:
+            await registry.ask("touch")
+            touched = time.time()
+        return current() >= peers
+
+    everyone = await wait_until(all_current, killed_at + args.restart_seconds, step=0.1)
+    after = await registry.ask("stats")
+    states = [c.restart or {} for c in clients]
+    for client in clients:
+        client.restart = None
+    times = [item["at"] - killed_at for item in states if "at" in item]
+    lost = [item["lost_at"] - killed_at for item in states if "lost_at" in item]
+    failed: dict[str, int] = {}
+    for item in states:
+        for why, count in item.get("failed", {}).items():
+            failed[why] = failed.get(why, 0) + count
+    # Where the clients not current at the end were stuck.
+    stuck: dict[str, int] = {}
+    for client, item in zip(clients, states, strict=True):
+        if "at" in item:
+            continue
+        conn = client.conn
+        where = (
+            "no connection"
+            if conn is None or conn.lost
+            else "stream asked, no answer head"
+            if conn.on_line is not None and not conn.head_done
+            else "answer head, no line"
+            if conn.on_line is not None
+            else "connected, no stream asked"
+        )
+        stuck[where] = stuck.get(where, 0) + 1
+    result = {
+        # What the killed registry's StateKeeper did (seconds on its reactor).
+        "state_saves": before.get("saves"),
+        "state_save": before.get("saving"),
+        "state_load_cpu": hello.get("saving", {}).get("load_cpu"),  # the new one's read
+        "dead_after": dead_after,
+        "lost_p50": percentile(lost, 0.5) if lost else None,
+        "lost_max": max(lost) if lost else None,
+        "connect_failures": failed,
+        "not_current": stuck,
+        "state_file": state_dir is not None,
+        "restored": hello["restored"],
+        "epoch_kept": after["epoch"] == before["epoch"],
+        "version_before": before["version"],
+        "version_after": after["version"],
+        "listening_after": listening_after,
+        "current": len(times),
+        "at_current_version": sum(1 for item in states if item.get("version") == after["version"]),
+        "p50": percentile(times, 0.5) if times else None,
+        "p99": percentile(times, 0.99) if everyone else None,
+        "max": max(times) if everyone else None,
+        "full_answers": sum(1 for item in states if item.get("full")),
+        "cpu_startup": hello["cpu"],
+        "cpu": after["cpu"],  # the new process's, from its start (getrusage)
+        "bytes_received": sum(item.get("received", 0) for item in states),
+        "bytes_sent": sum(item.get("sent", 0) for item in states),
+        "connect_attempts": sum(
+            c.connect_attempts - a for c, a in zip(clients, attempts, strict=True)
+        ),
+        "rss_mib": after["rss_kib"] / 1024,
+        "rss_mib_peak_killed": peak_before,
+    }
+    if not everyone:
+        result["p99_lower_bound"] = time.time() - killed_at
+    return registry, result
+
+
 async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"peers": peers, "mode": args.mode, "notes": []}
     notes = result["notes"]
-    registry = RegistryProcess()
-    reactor.spawnProcess(
-        registry,
-        sys.executable,
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--_registry",
-            str(peers),
-            "--poll-interval",
-            str(args.poll_interval),
-        ],
-        env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")),
-    )
-    hello = await registry.first
+    # The registry keeps its state as the daemon does with --state-dir.
+    state_dir = tempfile.mkdtemp(prefix="wgnat-bench-state-")
+    registry, hello = await start_registry(peers, args, state_dir)
     port = hello["port"]
+    # What bounds N here: each process's descriptors (RLIMIT_NOFILE), which only
+    # CAP_SYS_RESOURCE may raise past the hard limit.  Every client holds a stream,
+    # and with persistent checks a second connection: the registry and this
+    # process each need that many descriptors, plus a few.
+    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hello["nofile"])
+    per_client = 2 if args.check_seconds > 0 and args.check_connection == "persistent" else 1
+    result["descriptor_limit"] = limit
+    result["descriptors_needed"] = per_client * peers + 64
+    if per_client * peers + 64 > limit:
+        notes.append(
+            f"{per_client * peers} connections need more descriptors than a process may "
+            f"open here (RLIMIT_NOFILE {limit}, hard; raising it needs CAP_SYS_RESOURCE): "
+            "some connections fail (EMFILE)"
+        )
+    replay: list[int] = []  # the endpoint changes made (a restarted device has them)
     result["registry_pinned_cpu0"] = hello["pinned"]
     result["rss_mib_idle"] = hello["rss_kib"] / 1024
     # 5 (first, while the registry is idle): the model's parts, per request.
-    registry.timeout = args.control_seconds
     result["micro"] = (await registry.ask("micro"))["micro"]
     clients = [Client(index, port) for index in range(peers)]
     changes: list[dict[str, Any]] = []
@@ -794,7 +1259,9 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
             watch = {"version": before["version"] + 1, "got": got}
             for client in clients:
                 client.watch = watch
-            changed = await registry.ask(f"change {rng.randrange(peers)}")
+            index = rng.randrange(peers)
+            changed = await registry.ask(f"change {index}")
+            replay.append(index)
             changed_at = changed["changed_at"]
             deadline = time.time() + args.change_seconds
             await wait_until(lambda got=got: len(got) >= peers, deadline, step=0.05)
@@ -839,6 +1306,56 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
                 if len(got) == peers:
                     change["p99_after_observed"] = percentile(after_observed, 0.99)
             await registry.ask("touch")
+
+        # 6. Every client's -t check on the default period, over the at-rest streams.
+        if args.check_seconds > 0 and args.mode == "stream":
+            progress(
+                f"checks at rest: {args.check_period:.0f} s of warm-up, "
+                f"{args.check_seconds:.0f} s measured"
+            )
+            result["checks"] = await checks_at_rest(registry, clients, args)
+            checks = result["checks"]
+            checks["cpu_per_minute_over_rest"] = checks["cpu_per_minute"] - result["rest"][
+                "cpu_per_minute"
+            ] * (1 if args.rest_seconds > 0 else 0)
+            result["rss_mib_waiting"] = max(result["rss_mib_waiting"], checks["rss_mib"])
+            progress(
+                f"checks: {checks['current']} of {checks['checks']} current, "
+                f"{checks['cpu_per_minute']:.2f} CPU-s/min"
+            )
+
+        # 7. The registry killed and restarted under N streams: with its state file,
+        # then (N <= --fresh-restart-max) without one, for comparison.
+        if args.restart_seconds > 0 and args.mode == "stream":
+            progress("restart (state file)")
+            registry, result["restart"] = await restart_registry(
+                registry, clients, args, state_dir, port, replay
+            )
+            progress(
+                f"restart: {result['restart']['current']} of {peers} current, p99 "
+                f"{fmt(result['restart']['p99'], ' s')}, {result['restart']['full_answers']} full"
+            )
+            if peers <= args.fresh_restart_max:
+                progress("restart (no state file: a fresh epoch)")
+                await wait_until(
+                    lambda: sum(1 for c in clients if c.conn and not c.conn.lost) >= peers,
+                    time.time() + 30,
+                    step=0.2,
+                )
+                registry, result["restart_fresh"] = await restart_registry(
+                    registry, clients, args, None, port, replay
+                )
+                fresh = result["restart_fresh"]
+                progress(
+                    f"fresh restart: {fresh['current']} of {peers} current, p99 "
+                    f"{fmt(fresh['p99'], ' s')}, {fresh['full_answers']} full"
+                )
+            else:
+                notes.append(
+                    f"restart without a state file skipped at N > {args.fresh_restart_max} "
+                    "(--fresh-restart-max): N full answers on streams are buffered whole "
+                    "by the registry"
+                )
     except RegistryStuck as exc:
         progress(f"stopped early: {exc}")
         notes.append(f"stopped early: {exc} (its reactor was busy answering clients)")
@@ -896,7 +1413,14 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
     if killer.active():
         killer.cancel()
     result["seconds"] = time.time() - phase_start
-    result["rss_mib_peak"] = registry.peak_rss_kib / 1024
+    result["rss_mib_peak"] = max(
+        registry.peak_rss_kib / 1024,
+        *(
+            result.get(name, {}).get("rss_mib_peak_killed", 0)
+            for name in ("restart", "restart_fresh")
+        ),
+    )
+    shutil.rmtree(state_dir, ignore_errors=True)
     return result
 
 
@@ -977,6 +1501,67 @@ def table(results: list[dict[str, Any]]) -> str:
         "ours at rest: keep-alive lines per minute",
         lambda r: f"{r['rest'].get('keepalives_per_minute', 0):.0f}",
     )
+    row(
+        "checks at rest (-t each period): CPU s/min (<= 15)",
+        lambda r: fmt(r["checks"]["cpu_per_minute"], " s"),
+    )
+    row("  over the rest baseline", lambda r: fmt(r["checks"]["cpu_per_minute_over_rest"], " s"))
+    row(
+        "checks at rest: bytes/min, sent + received (<= 2 MiB)",
+        lambda r: (
+            f"{fmt(r['checks']['bytes_per_minute'], 'B')} "
+            f"({fmt(r['checks']['bytes_sent_per_minute'], 'B')} + "
+            f"{fmt(r['checks']['bytes_received_per_minute'], 'B')})"
+        ),
+    )
+    row(
+        "  with the streams' keep-alives",
+        lambda r: fmt(
+            r["checks"]["bytes_per_minute"] + r["checks"]["keepalive_bytes_per_minute"], "B"
+        ),
+    )
+    row(
+        "checks answered current / made",
+        lambda r: f"{r['checks']['current']} / {r['checks']['checks']}",
+    )
+    row(
+        "check round trip p50 / p99",
+        lambda r: (
+            f"{fmt(r['checks']['latency_p50'], ' s')} / {fmt(r['checks']['latency_p99'], ' s')}"
+        ),
+    )
+    for name, label in (("restart", "restart"), ("restart_fresh", "restart, no state")):
+
+        def restart_p99(r: dict[str, Any], name: str = name) -> str:
+            item = r[name]
+            if item["p99"] is not None:
+                return fmt(item["p99"], " s")
+            return f"> {fmt(item['p99_lower_bound'], ' s')} ({item['current']}/{r['peers']})"
+
+        row(
+            f"{label}: kill -> all current p50 / p99 (<= 30 s)",
+            lambda r, name=name, p99=restart_p99: f"{fmt(r[name]['p50'], ' s')} / {p99(r)}",
+        )
+        row(
+            f"  {label}: listening again after",
+            lambda r, name=name: fmt(r[name]["listening_after"], " s"),
+        )
+        row(
+            f"  {label}: registry CPU, all / start-up (<= 30 s)",
+            lambda r, name=name: (
+                f"{fmt(r[name]['cpu'], ' s')} / {fmt(r[name]['cpu_startup'], ' s')}"
+            ),
+        )
+        row(
+            f"  {label}: bytes received / sent",
+            lambda r, name=name: (
+                f"{fmt(r[name]['bytes_received'], 'B')} / {fmt(r[name]['bytes_sent'], 'B')}"
+            ),
+        )
+        row(
+            f"  {label}: full answers (no state: N) / connects",
+            lambda r, name=name: f"{r[name]['full_answers']} / {r[name]['connect_attempts']}",
+        )
     row("per request: identify caller", lambda r: fmt(r["micro"]["identify_caller"], " s"))
     row("per request: delta answer (model)", lambda r: fmt(r["micro"]["delta_answer_doc"], " s"))
     row("per request: delta JSON encode", lambda r: fmt(r["micro"]["delta_json"], " s"))
@@ -1002,7 +1587,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     pinned = pin(1)
-    raise_nofile(max(args.peers) + 256)
+    # A stream and a check connection per client.
+    raise_nofile(2 * max(args.peers) + 256)
     results = []
     for peers in args.peers:
         print(f"N = {peers} ...", file=sys.stderr, flush=True)
@@ -1043,6 +1629,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rest-seconds", type=float, default=30, help="phase 3 (>= 25 s)")
     parser.add_argument("--change-seconds", type=float, default=20, help="budget per change")
     parser.add_argument(
+        "--check-period", type=float, default=60, help="every client's -t (wgnat-client's 1m0s)"
+    )
+    parser.add_argument(
+        "--check-seconds",
+        type=float,
+        default=60,
+        help="phase 6: checks at rest for this long (0: skip)",
+    )
+    parser.add_argument(
+        "--check-connection",
+        choices=("persistent", "short"),
+        default="persistent",
+        help="a check's connection: a second persistent one per client (wgnat-client's "
+        "pool) or one per check, closed after it (half the descriptors)",
+    )
+    parser.add_argument(
+        "--restart-seconds",
+        type=float,
+        default=120,
+        help="phase 7: budget from the registry's kill to every client current (0: skip)",
+    )
+    parser.add_argument(
+        "--fresh-restart-max",
+        type=int,
+        default=1000,
+        help="the restart without a state file runs up to this N",
+    )
+    parser.add_argument(
         "--control-seconds",
         type=float,
         default=60,
@@ -1057,7 +1671,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--poll-interval", type=float, default=1.0, help="the registry's device poll (s)"
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=50,
+        help="the registry's listen backlog (50: Twisted's default, as the daemon listens)",
+    )
     parser.add_argument("--_registry", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_state-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--_port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--_replay", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._registry is None:
         args.peers = [int(part) for part in args.peers.split(",") if part]
@@ -1067,7 +1690,14 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     options = parse_args()
     if options._registry is not None:
-        run_registry(options._registry, options.poll_interval)
+        run_registry(
+            options._registry,
+            options.poll_interval,
+            options._state_dir,
+            options._port,
+            [int(part) for part in options._replay.split(",") if part],
+            options.backlog,
+        )
     else:
         failures: list[Any] = []
 
