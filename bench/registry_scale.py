@@ -2,7 +2,7 @@
 
     python bench/registry_scale.py [--peers 1000,10000] [--changes 5] [--json FILE]
                                    [--mode stream|longpoll] [--poll-interval 1.0]
-                                   [--check-connection persistent|short] [--backlog 50]
+                                   [--check-connection persistent|short] [--backlog 1024]
 
 For each N, the registry runs in its own process pinned to CPU 0, built as the
 daemon builds it (RegistryMetrics, Registry hub, the device read once before
@@ -174,7 +174,7 @@ def run_registry(
     state_dir: str | None = None,
     port: int = 0,
     replay: list[int] | None = None,
-    backlog: int = 50,
+    backlog: int = 1024,
 ) -> None:
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.stdio import StandardIO
@@ -394,7 +394,8 @@ def run_registry(
     gc.collect()
     # The daemon's endpoint (default backlog) on loopback instead of the tunnel address;
     # a restarted registry listens on its predecessor's port (Twisted sets SO_REUSEADDR).
-    # --backlog: 50 is Twisted's default, so the daemon's.
+    # --backlog: the daemon's is 1024 (Twisted's default, 50, dropped a restart's
+    # reconnects).
     TCP4ServerEndpoint(reactor, port, backlog=backlog, interface="127.0.0.1").listen(
         site
     ).addCallback(listening)
@@ -1145,7 +1146,7 @@ async def measure(peers: int, args: argparse.Namespace) -> dict[str, Any]:
     result["changes"] = changes
     phase_start = time.time()
     try:
-        # Connections, a few at a time (the daemon's listen backlog is Twisted's 50).
+        # Connections, a few at a time.
         async def connect(client: Client) -> None:
             try:
                 await client.connect()
@@ -1674,8 +1675,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--backlog",
         type=int,
-        default=50,
-        help="the registry's listen backlog (50: Twisted's default, as the daemon listens)",
+        default=1024,
+        help="the registry's listen backlog (1024, as the daemon listens: "
+        "wgnat.registry.tap.LISTEN_BACKLOG; 50 is Twisted's default)",
     )
     parser.add_argument("--_registry", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_state-dir", help=argparse.SUPPRESS)
