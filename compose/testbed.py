@@ -574,7 +574,7 @@ def main(argv: list[str]) -> int:
         bed = Testbed()
         bed.down()
         print(
-            "testbed removed (containers, networks, the key volume, the host's DOCKER-USER rules)"
+            "testbed removed (containers, networks, the key volumes, the host's DOCKER-USER rules)"
         )
         if command == "clean":
             try:
