@@ -514,3 +514,23 @@ def test_a_corrupt_state_file_is_set_aside_and_wgnats_peers_are_taken_back(net, 
     net.clock.advance(45)
     assert kb not in device.peers and StateStore(path).load() == set()
     assert device.peers[hand] == hand_before
+
+
+def test_a_full_answer_to_the_check_leaves_a_view_the_next_check_finds_current(net):
+    """Found in review: a full answer lists the caller too; through the check
+    (not a stream's decoder) the client's own record entered its view, and its
+    digest never matched again: a full answer at every -t, for good."""
+    from wgnat.wire import view_digest
+
+    a, _ = net.direct_pair()
+    client = net.hosts["a"].client
+    a.view.peers.clear()  # the view drifted: the check sends the whole view
+    a.follower.resync()
+    assert net.hosts["a"].key not in a.view.peers
+    assert view_digest(a.view.peers.values(), a.view.my_endpoint) == net.hub.model.view_digest(
+        net.hosts["a"].key
+    )
+    full = client.full_answers
+    checks = client.checks
+    a.follower.resync()
+    assert client.checks == checks + 1 and client.full_answers == full

@@ -241,3 +241,20 @@ def test_a_streams_first_full_answer_is_written_as_the_reader_reads_then_its_lin
     first, change = [json.loads(line) for line in body_lines(transport)]
     assert first["full"] is True and len(first["peers"]) == 3002
     assert not change["full"] and change["peers"][0]["endpoint"] == "203.0.113.22:40000"
+
+
+def test_a_request_pipelined_behind_a_long_poll_is_not_cut_while_it_waits():
+    """Found in review: bytes of a pipelined request started its deadline while
+    Twisted held them behind a long poll still being answered."""
+    hub = Hub()
+    hub.hub.refresh()
+    version, epoch = hub.hub.model.version, hub.hub.model.epoch
+    transport, protocol = hub.connect("127.0.0.2")
+    assert protocol is not None
+    poll = f"GET /v1/peers?since={version}&epoch={epoch}&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n"
+    protocol.dataReceived(poll.encode())
+    protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # while it waits
+    hub.http.reactor.advance(2 * REQUEST_DEADLINE_SECONDS)
+    assert not (transport.disconnecting or transport.disconnected)
+    hub.http.reactor.advance(30)  # the long poll ends, then the pipelined request is answered
+    assert b"HTTP/1.1 200 OK" in transport.getOutBuffer()

@@ -632,3 +632,18 @@ def test_the_route_index_names_a_route_of_another_peer_only():
     assert index.nested_in(nets("10.0.1.5/32"), a) == {}
     assert index.nested_in(nets("fd00::/64"), b) == {nets("fd00::/64")[0]: nets("fd00::5/128")[0]}
     assert index.nested_in(nets("10.0.2.0/24"), b) == {}
+
+
+def test_retry_moments_stay_on_the_wall_clock_when_now_is_a_steady_clock():
+    """Found in review: the daemons' `now` is a steady clock, which keeps a
+    wall-clock step made after start-up; the retry moments both ends must
+    meet at are wall-clock moments, so they are computed on the wall clock."""
+    world, b, view = direct_world()
+    world.device.traffic(b, tx=640)
+    world.step(view, T0 + 17)
+    offset = 3600.0 + 7.3  # this host's clock was stepped an hour after it started
+    actions = world.mesh.plan(view, world.device.snapshot(), T0 + 19, wall=T0 + 19 + offset)
+    assert [a.kind for a in actions] == ["remove"]
+    retry_at = world.mesh.paths[b].retry_at
+    # The other end, whose steady clock reads the wall clock, retries at the same moment.
+    assert retry_at + offset == retry_moment(ME, b, T0 + 19 + offset, 10.0)

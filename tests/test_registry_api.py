@@ -331,3 +331,21 @@ def test_the_check_says_current_in_a_few_bytes_or_sends_what_changed(setup):
         code, text = setup.raw(b"GET", f"/v1/check?{query}")
         assert code == 400, (query, text)
     stream.close()
+
+
+def test_a_registry_that_accepts_and_never_answers_is_a_registry_error_in_time():
+    """Found in review: the request's own deadline surfaced as a plain
+    CancelledError, which the follower takes for its own cancellation, and it
+    then re-read the failed stream in a loop that never gave the reactor a turn."""
+    from wgnat.client.registry_client import REQUEST_TIMEOUT
+
+    canned = CannedRegistry(b"", b"application/x-ndjson", hold=True)
+    silent = canned.http.sites[("127.0.0.1", 51820)].resource.children[b"v1"].children[b"peers"]
+    silent.render_GET = lambda request: server.NOT_DONE_YET  # no head, no line
+    stream = canned.client.follow(3, "e1")
+    waiting = stream.next()
+    outcome = []
+    waiting.addBoth(lambda result: (outcome.append(result), None)[1])
+    canned.http.advance(REQUEST_TIMEOUT + 0.1)
+    [failure] = outcome
+    assert failure.check(RegistryError) and "in time" in failure.getErrorMessage()

@@ -73,6 +73,7 @@ def test_a_restarted_registry_with_its_state_sends_deltas_not_full_answers(tmp_p
     restarted = Registry(net.registry_device, net.clock)
     restored = load_state(path, "wg0", net.registry_key, LIVE_WINDOW)
     assert restored is not None
+    restored.resume_after_restart()  # as the daemon does
     restarted.model = restored
     for client in clients:
         assert client is not None
@@ -139,3 +140,36 @@ def test_the_state_is_saved_at_most_once_a_second_and_a_failure_is_logged_once(l
     keeper.stop()  # at stop: saved now, not a second later
     assert len(written) == 2
     assert any("saved again" in line for line in logged)
+
+
+def test_a_client_told_more_than_the_file_holds_gets_a_full_answer_not_a_wrong_delta():
+    """Found in review: the file is saved up to a second after a change; a
+    registry killed in that second resumed its epoch and stamped the next
+    changes with versions its clients had already seen for others."""
+    model, device = populated_model()
+    saved = json.loads(json.dumps(encode_state(model, "wg0", device.public_key)))
+    told = model.version
+    # A change after the last save, which clients hear of; then the crash.
+    key = next(iter(model.records))
+    device.handshake(key, NOW + 2, endpoint=ep("203.0.113.99:40000"))
+    model.observe(device.snapshot(), NOW + 2)
+    seen_by_clients = model.version
+    assert seen_by_clients == told + 1
+    restored = decode_state(saved, "wg0", device.public_key, LIVE_WINDOW)
+    restored.resume_after_restart()
+    restored.observe(device.snapshot(), NOW + 3)  # the change again, at a new version
+    client = next(k for k in restored.records if k != key)
+    assert json.loads(restored.encoded_answer(client, seen_by_clients, NOW + 3, model.epoch))[
+        "full"
+    ]
+    # A client at the file's version resumes with a delta holding that change.
+    delta = json.loads(restored.encoded_answer(client, told, NOW + 3, model.epoch))
+    assert not delta["full"] and [p["public_key"] for p in delta["peers"]] == [key.base64]
+    # And the gap survives the next save and restart.
+    again = decode_state(
+        json.loads(json.dumps(encode_state(restored, "wg0", device.public_key))),
+        "wg0",
+        device.public_key,
+        LIVE_WINDOW,
+    )
+    assert again.gap == restored.gap

@@ -129,15 +129,24 @@ class DeadlineChannel(http.HTTPChannel):
 
     request_deadline = REQUEST_DEADLINE_SECONDS
     _deadline: IDelayedCall | None = None
+    # A request is being answered: bytes that come meanwhile (a pipelined
+    # request) are held by Twisted and handed on when it is done, which is
+    # when their deadline starts (a long poll may take a minute).
+    _answering = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and data:
+        if self._deadline is None and data and not self._answering:
             self._deadline = self.callLater(self.request_deadline, self._too_slow)
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         self._stop_deadline()
+        self._answering = True
         super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        self._answering = False
+        super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()

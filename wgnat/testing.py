@@ -39,7 +39,7 @@ from wgnat.client.reconcile import Settings
 from wgnat.client.registry_client import RegistryError, RegistryStream
 from wgnat.device.memory import MemoryDevice
 from wgnat.registry.hub import Registry, Stream
-from wgnat.wire import Answer, StreamDecoder, decode_json, encode_line, parse_answer
+from wgnat.wire import Answer, StreamDecoder, decode_json, encode_line, parse_own_answer
 
 # -- a registry connection in memory --------------------------------------------
 
@@ -140,7 +140,7 @@ class MemoryRegistryClient:
             if payload is None:
                 return None
             try:
-                return parse_answer(decode_json(payload, "the registry's answer"))
+                return parse_own_answer(decode_json(payload, "the registry's answer"))
             except InvalidValue as exc:
                 raise RegistryError(f"refused the registry's answer: {exc}") from None
 
@@ -312,6 +312,7 @@ class SimulatedNetwork:
             lan_addresses=lambda ifname: succeed([lan]),
             client_factory=lambda reactor, address, port: client,
             state_store=host.store,
+            wall=self.clock.seconds,  # the simulation's clock is its wall clock
         )
         host.agent = agent
         if start:

@@ -333,6 +333,19 @@ def parse_answer(document: Any) -> Answer:
     return Answer(epoch, version, full, my_endpoint, peers, tuple(removed))
 
 
+def parse_own_answer(document: Any) -> Answer | None:
+    """A single answer to this peer (GET /v1/check): None for {"current": true};
+    otherwise the answer with this peer's own record taken out (a full answer
+    lists the caller too), as a stream's decoder does."""
+    if isinstance(document, dict) and document.get("current") is True:
+        return None
+    decoder = StreamDecoder()
+    answer = decoder.decode(json.dumps(document).encode("utf-8"))
+    if answer is None:
+        raise InvalidValue("the registry's answer is empty")
+    return answer
+
+
 class StreamDecoder:
     """The lines of a stream (GET /v1/peers?stream=1) as answers.
 

@@ -7,6 +7,7 @@ logs and metrics).  The agent decides nothing itself.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -81,6 +82,7 @@ class MeshAgent(service.Service):
         lan_addresses: LanLookup | None = None,
         client_factory: ConnectionFactory = RegistryClient,
         state_store: StateStore | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.device = device
         self.reactor = reactor
@@ -89,6 +91,7 @@ class MeshAgent(service.Service):
         self._lan_addresses = lan_addresses
         self._client_factory = client_factory
         self.state_store = state_store
+        self.wall = wall  # the wall clock, for the retry moments both ends share
         self.view = RegistryView()
         self.mesh: Mesh | None = None
         # Bytes by path, from every device read the reconciliation makes (in order).
@@ -258,7 +261,7 @@ class MeshAgent(service.Service):
                     break
                 self._read_works()
                 self.traffic.observe(state)
-                actions = mesh.plan(self.view, state, self.reactor.seconds())
+                actions = mesh.plan(self.view, state, self.reactor.seconds(), self.wall())
                 self._planned = True
                 yield self._apply_all(actions)
                 if not self._again:

@@ -144,8 +144,8 @@ class RegistryFollower:
         self._restart_stream()
 
     def _check_failed(self, failure: Failure) -> None:
-        if failure.check(CancelledError):
-            return
+        if failure.check(CancelledError) or self.up is not True or self._stream is None:
+            return  # the stream failed too (or was stopped): its backoff decides
         # Most often the registry just went away (its stream fails too, and is
         # reopened with backoff).  Either way the stream is followed again from
         # this view's version: the registry sends what changed (a full answer
@@ -159,9 +159,10 @@ class RegistryFollower:
         self._restart_stream()
 
     def _restart_stream(self) -> None:
+        """Follow the stream again from the view's version: closing it fails
+        the loop's wait with CancelledError, and the loop opens a new one (a
+        loop in its backoff, with no stream, is left to it)."""
         self._close_stream()
-        if self._inflight is not None:
-            self._inflight.cancel()
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -189,6 +190,9 @@ class RegistryFollower:
                 self._inflight = self._stream.next()
                 answer = yield self._inflight
             except CancelledError:
+                # We cancelled it (a check's answer, a restart, a stop): follow
+                # again from the view's version; never read a failed stream twice.
+                self._close_stream()
                 continue
             except StreamEnded:
                 self._stream = None  # ended cleanly: ask again, from our version

@@ -320,6 +320,8 @@ class Mesh:
     unplanned: dict[PublicKey, str] = field(default_factory=dict)
     # Our own public endpoint as the last plan saw it.
     my_endpoint: Endpoint | None = None
+    # The wall clock minus `now`, as the last plan was told (see plan()).
+    _wall_offset: float = 0.0
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
@@ -525,7 +527,12 @@ class Mesh:
         self.managed -= keys
 
     # -- the decisions ----------------------------------------------------
-    def plan(self, view: RegistryView, device: DeviceState, now: float) -> list[Action]:
+    def plan(
+        self, view: RegistryView, device: DeviceState, now: float, wall: float | None = None
+    ) -> list[Action]:
+        """`wall`: the wall clock now, when `now` is a steady clock (the daemons'):
+        retry moments are wall-clock moments, which the other end computes too."""
+        self._wall_offset = 0.0 if wall is None else wall - now
         if self.recovering:
             self._recover(view, device, now)
         kicks = self._follow_own_endpoint(view.my_endpoint, now)
@@ -717,11 +724,14 @@ class Mesh:
         step = self.backoff(peer_path.attempts)
         peer_path.path = Path.RELAYED
         peer_path.since = now
-        peer_path.retry_at = (
-            retry_moment(self.my_key, key, now, step)
-            if self.settings.align_retries and self.my_key is not None
-            else now + step
-        )
+        if self.settings.align_retries and self.my_key is not None:
+            # The moments both ends compute alike are wall-clock moments; `now`
+            # is the daemon's steady clock, which keeps a wall-clock step made
+            # after it started out of its timers.
+            wall = now + self._wall_offset
+            peer_path.retry_at = retry_moment(self.my_key, key, wall, step) - self._wall_offset
+        else:
+            peer_path.retry_at = now + step
         peer_path.reason = why
         self.events.append(Event("fallback", key, kind))
         return Action("remove", key, f"relayed: {why}, retry in {peer_path.retry_at - now:.0f} s")

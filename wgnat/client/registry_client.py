@@ -31,7 +31,7 @@ from wgnat.wire import (
     decode_json,
     encode_announcement,
     encode_body,
-    parse_answer,
+    parse_own_answer,
 )
 
 CONNECT_TIMEOUT = 5.0
@@ -256,10 +256,21 @@ class RegistryClient:
             if body is not None
             else None,
         )
-        request.addTimeout(REQUEST_TIMEOUT, self.reactor)
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            # Our own deadline cancelled the request: a registry failure (with
+            # its backoff), not the caller giving up, which a plain
+            # CancelledError means to the follower.
+            if isinstance(result, Failure):
+                return Failure(RegistryError(f"no answer from the registry at {self.url} in time"))
+            return result
+
+        request.addTimeout(REQUEST_TIMEOUT, self.reactor, onTimeoutCancel=timed_out)
 
         def failed(failure: Failure) -> Any:
             assert failure.value is not None
+            if failure.check(RegistryError):
+                return failure
             if _cancelled(failure.value):
                 # Our caller gave up (a resync, a shutdown): not a registry failure.
                 raise CancelledError()
@@ -332,7 +343,10 @@ class RegistryClient:
         query = urlencode({"epoch": epoch, "version": version, "digest": digest})
         response = yield self._send(b"GET", f"/v1/check?{query}")
         document = yield self._document(response)
-        return _check_answer(document)
+        try:
+            return parse_own_answer(document)
+        except InvalidValue as exc:
+            raise RegistryError(f"refused the registry's answer: {exc}") from None
 
     @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
@@ -344,16 +358,6 @@ class RegistryClient:
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
-
-
-def _check_answer(document: Any) -> Answer | None:
-    """GET /v1/check's answer: {"current": true, ...}, or an answer to apply."""
-    if isinstance(document, dict) and document.get("current") is True:
-        return None
-    try:
-        return parse_answer(document)
-    except InvalidValue as exc:
-        raise RegistryError(f"refused the registry's answer: {exc}") from None
 
 
 def _cancelled(exc: BaseException) -> bool:

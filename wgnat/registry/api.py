@@ -353,7 +353,11 @@ class StreamWriter:
         transport = getattr(self.request.channel, "transport", None)
         while isinstance(transport, ProtocolWrapper):  # the connection limits' wrapper
             transport = transport.transport
-        if IWriteDescriptor.providedBy(transport):
+        # Not on a closing connection: what doWrite returns there (its end) is
+        # the reactor's to act on.  A failed send is seen by the reactor anyway.
+        if IWriteDescriptor.providedBy(transport) and not getattr(
+            transport, "disconnecting", False
+        ):
             transport.doWrite()
 
     def drop(self, why: str) -> None:

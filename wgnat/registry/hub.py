@@ -373,7 +373,13 @@ class Registry:
         is live) and push them to the others."""
 
         def keep(_: None) -> bool:
+            before = self.model.announcements.get(caller)
             changed = self.model.announce(caller, announcement)
+            if not changed and self.model.announcements.get(caller) != before:
+                # Kept for a peer not live yet: no new version, but the state
+                # file must hold it (clients do not announce twice to an epoch).
+                if self.on_change is not None:
+                    self.on_change()
             if changed:
                 log.info(
                     "{peer} announced LAN endpoints {endpoints}",

@@ -44,6 +44,8 @@ LIVE_WINDOW = 180.0
 # Removals are remembered so that a delta can say "gone"; a client older than the
 # oldest remembered removal gets a full answer instead.
 MAX_TOMBSTONES = 4096
+# More versions than a registry hands out between two saves of its state.
+RESTART_VERSION_GAP = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class RegistryModel:
     # Every peer on the device (live or not): callers are identified among them.
     known: dict[PublicKey, PeerState] = field(default_factory=dict)
     endpoint_changes: int = 0
+    # Versions skipped at a restart (resume_after_restart): (after, up to].
+    gap: tuple[int, int] = (0, 0)
     # The XOR of every record's digest (wire.peer_digest), kept up to date.
     digest: int = 0
     # The encoded peers of the last full answer, and its version.
@@ -331,7 +335,21 @@ class RegistryModel:
         return encode_answer(self.epoch, self.version, full, peers, removed)
 
     def _needs_full(self, since: int | None, epoch: str | None) -> bool:
-        return since is None or epoch != self.epoch or since < self.horizon or since > self.version
+        return (
+            since is None
+            or epoch != self.epoch
+            or since < self.horizon
+            or since > self.version
+            or self.gap[0] < since <= self.gap[1]
+        )
+
+    def resume_after_restart(self) -> None:
+        """The state file may be behind what clients were told (a change in the
+        second before a crash, or saves that failed): the versions after the
+        file's are skipped, and a client holding one of them (a view this
+        registry no longer knows) gets a full answer, not a wrong delta."""
+        self.gap = (self.version, self.version + RESTART_VERSION_GAP)
+        self.version += RESTART_VERSION_GAP
 
     def _changes(
         self, since: int | None, now: float, leave_out: PublicKey | None

@@ -63,6 +63,7 @@ def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -
         "epoch": model.epoch,
         "version": model.version,
         "horizon": model.horizon,
+        "gap": list(model.gap),
         "records": [
             {
                 "key": record.public_key.base64,
@@ -99,6 +100,8 @@ def decode_state(
             version=int(document["version"]),
             horizon=int(document["horizon"]),
         )
+        gap = document.get("gap", [0, 0])
+        model.gap = (int(gap[0]), int(gap[1]))
         for item in document["records"]:
             record = PeerRecord(
                 PublicKey.from_base64(item["key"]),
@@ -117,7 +120,12 @@ def decode_state(
                 model.announcements[PublicKey.from_base64(key)] = restored
     except (KeyError, TypeError, ValueError) as exc:  # InvalidValue is a ValueError
         raise InvalidValue(f"it is corrupt ({exc})") from None
-    if not 0 < len(model.epoch) <= 32 or model.version < 0 or model.horizon > model.version:
+    if (
+        not 0 < len(model.epoch) <= 32
+        or model.version < 0
+        or model.horizon > model.version
+        or not 0 <= model.gap[0] <= model.gap[1] <= model.version
+    ):
         raise InvalidValue("it is corrupt (epoch or versions out of range)")
     return model
 

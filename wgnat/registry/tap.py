@@ -172,6 +172,7 @@ class RegistryDaemon(service.Service):
             path = default_state_path(self.options["state-dir"], ifname)
             restored = load_state(path, ifname, state.public_key, self.hub.model.live_window, held)
             if restored is not None:
+                restored.resume_after_restart()
                 self.hub.model = restored
             hub_key = state.public_key
             self.keeper = StateKeeper(
