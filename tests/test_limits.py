@@ -187,9 +187,9 @@ class FillingTransport(StringTransport):
             self.producer.resumeProducing()
 
 
-def test_a_full_answer_is_written_only_as_fast_as_the_caller_reads():
-    """100 GET /v1/peers from one peer that never read made the registry buffer
-    100 full answers (1.9 MB each at 10,000 peers) and stalled other peers."""
+def hub_of_3000_with_a_slow_reader():
+    """A hub whose full answer is hundreds of KB, and one connection whose
+    reader has not read yet (64 KB fit in its socket)."""
     hub = Hub()
     now = hub.http.reactor.seconds()
     for n in range(3000):
@@ -200,6 +200,13 @@ def test_a_full_answer_is_written_only_as_fast_as_the_caller_reads():
     protocol = hub.site.buildProtocol(source)
     transport = FillingTransport(64 * 1024, peerAddress=source)
     protocol.makeConnection(transport)
+    return hub, now, protocol, transport
+
+
+def test_a_full_answer_is_written_only_as_fast_as_the_caller_reads():
+    """100 GET /v1/peers from one peer that never read made the registry buffer
+    100 full answers (1.9 MB each at 10,000 peers) and stalled other peers."""
+    hub, _, protocol, transport = hub_of_3000_with_a_slow_reader()
     # Pipelined requests, never read: one answer's first pieces are buffered.
     protocol.dataReceived(b"GET /v1/peers HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
     buffered = len(transport.value())
@@ -221,16 +228,7 @@ def test_a_streams_first_full_answer_is_written_as_the_reader_reads_then_its_lin
     it in order."""
     from tests.test_registry_stream import body_lines
 
-    hub = Hub()
-    now = hub.http.reactor.seconds()
-    for n in range(3000):
-        ip = f"10.9.{n // 250}.{n % 250}/32"
-        hub.device.add_peer(peer(new_key(), f"203.0.113.{n % 250}:{1000 + n}", (ip,), now))
-    hub.hub.model.observe(hub.device.snapshot(), now)
-    source = address("127.0.0.2")
-    protocol = hub.site.buildProtocol(source)
-    transport = FillingTransport(64 * 1024, peerAddress=source)
-    protocol.makeConnection(transport)
+    hub, now, protocol, transport = hub_of_3000_with_a_slow_reader()
     protocol.dataReceived(b"GET /v1/peers?stream=1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(transport.value()) < 200 * 1024  # not the whole 560 KB answer
     # A change meanwhile: its line waits behind the rest of the first answer.

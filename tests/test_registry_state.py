@@ -12,6 +12,7 @@ from tests.helpers import ep, new_key, peer
 from wgnat._types import Announcement
 from wgnat.client.registry_client import RegistryError
 from wgnat.device.memory import MemoryDevice
+from wgnat.files import write_atomically
 from wgnat.registry.hub import Registry
 from wgnat.registry.model import LIVE_WINDOW, RegistryModel
 from wgnat.registry.state import (
@@ -20,7 +21,6 @@ from wgnat.registry.state import (
     decode_state,
     encode_state,
     load_state,
-    write_atomically,
 )
 from wgnat.testing import SimulatedNetwork
 

@@ -203,13 +203,9 @@ def encode_line(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def encode_body(document: Mapping[str, Any]) -> bytes:
-    """A whole JSON answer or request body."""
+def encode_body(document: Mapping[str, Any] | list[Any]) -> bytes:
+    """A whole JSON answer or request body (or a full answer's list of peers)."""
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
-
-
-def encode_body_list(items: list[Any]) -> bytes:
-    return json.dumps(items, separators=(",", ":")).encode("utf-8")
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 from wgnat._types import InvalidValue, PublicKey
+from wgnat.files import write_atomically
 
 FORMAT = 1
 
@@ -99,26 +99,8 @@ def _set_aside(path: str, problem: str) -> CorruptStateFile:
 
 
 def save_managed(path: str, managed: set[PublicKey]) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     document = {"format": FORMAT, "managed_peers": sorted(key.base64 for key in managed)}
-    handle, temporary = tempfile.mkstemp(prefix=".client-", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    # The rename is an entry in the directory: until the directory reaches the
-    # disk, a power cut can bring the old file back under a peer just created.
-    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    write_atomically(path, document, indent=1)
 
 
 class StateStore:

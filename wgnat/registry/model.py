@@ -29,7 +29,6 @@ from wgnat.wire import (
     MAX_LAN_ENDPOINTS,
     encode_answer,
     encode_body,
-    encode_body_list,
     encode_full_answer,
     encode_peer,
     encode_you,
@@ -296,7 +295,7 @@ class RegistryModel:
         cached = self._full_peers
         if cached is None or cached[0] != self.version:
             peers = [_peer_json(record, now) for record in self.records.values()]
-            cached = self._full_peers = (self.version, encode_body_list(peers))
+            cached = self._full_peers = (self.version, encode_body(peers))
         me = self.known.get(caller)
         you = encode_you(caller, me.endpoint if me else None, me.allowed_ips if me else ())
         return encode_full_answer(self.epoch, self.version, cached[1], you)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey, parse_network
+from wgnat.files import write_atomically
 from wgnat.logs import HeldLog
 from wgnat.registry.model import PeerRecord, RegistryModel
 
@@ -177,31 +177,6 @@ def _set_aside(path: str, why: str, say: Logger | HeldLog) -> None:
         why=why,
         where=where,
     )
-
-
-def write_atomically(path: str, document: dict[str, Any]) -> None:
-    """Temporary file, fsync, rename, fsync of the directory: after a crash the
-    file is the old one or the new one, whole."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".server-", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, separators=(",", ":"))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class StateKeeper:
