@@ -16,7 +16,9 @@ are punched.  Allowed IPs are both the route out and the filter in, so the two
 ends must give each other their addresses at the same moment: both switch at
 "handshake time + switch_delay", a moment both ends derive from the same
 handshake, which keeps the window in which one end routes directly and the other
-still expects the relay to about a round trip.  RELAYED: the peer is not on the
+still expects the relay to about a round trip.  The delay only has to cover the
+time each end takes to see the handshake (its next probe poll and a device
+read); an end that sees it later switches at once and says how late.  RELAYED: the peer is not on the
 device at all, so the registry's broader allowed IPs carry its traffic.
 """
 
@@ -53,8 +55,15 @@ class Settings:
     keepalive: int = 25
     # One lost initiation costs WireGuard's 5 s rekey timeout; 6 s allows one retry.
     probe_timeout: float = 6.0
-    switch_delay: float = 0.25
+    # While probing, the device is read this often: each end sees a handshake
+    # at most one poll (and a read) after it completed.
     probe_poll: float = 0.05
+    # Both ends switch at handshake + switch_delay.  It must be one figure
+    # every client shares (each end computes the moment on its own), and it
+    # must lie after both ends have seen the handshake: two poll periods.  The
+    # lag each end measured is logged at the switch; bench/formation.py reports
+    # it (p95 under load well inside this; a late end switches at once).
+    switch_delay: float = 0.1
     health_interval: float = 15.0
     # While data flows on a direct path (more than keepalives went out lately),
     # its health is read this often: a path cut under traffic is then noticed
@@ -103,6 +112,8 @@ class PeerPath:
     allowed_ips: tuple[IPNetwork, ...] = ()
     session: str | None = None  # the remote client's, when we last probed
     probed_at: float | None = None  # the start of the last direct attempt
+    # SWITCHING: how long after the handshake this end's poll saw it.
+    seen_after: float = 0.0
 
 
 # A WireGuard keepalive on the wire: a transport header and the tag of an
@@ -478,7 +489,8 @@ class Mesh:
         return Action(
             "promote",
             key,
-            f"direct at {peer_path.endpoint}: handshake completed",
+            f"direct at {peer_path.endpoint}: handshake completed "
+            f"(seen {peer_path.seen_after * 1000:.0f} ms after it{_lateness(peer_path, now)})",
             allowed_ips=peer_path.allowed_ips,
         )
 
@@ -749,7 +761,8 @@ class Mesh:
         if handshake is not None and now - handshake < self.settings.handshake_dead_after:
             peer_path.path = Path.SWITCHING
             # Both ends see (almost) the same handshake time and switch together.
-            peer_path.deadline = max(now, handshake + self.settings.switch_delay)
+            peer_path.seen_after = max(0.0, now - handshake)
+            peer_path.deadline = handshake + self.settings.switch_delay
             return []
         if now >= peer_path.deadline:
             return [
@@ -858,6 +871,14 @@ class Mesh:
                 )
             ]
         return []
+
+
+def _lateness(peer_path: PeerPath, now: float) -> str:
+    """How much later than the shared moment this end switches, when it is
+    late enough to cost the other end packets (the handshake was seen late, or
+    the timer fired late)."""
+    late = now - peer_path.deadline
+    return f"; switched {late * 1000:.0f} ms after the shared moment" if late >= 0.005 else ""
 
 
 def _why_not_probed(
