@@ -18,8 +18,9 @@ ends must give each other their addresses at the same moment: both switch at
 handshake, which keeps the window in which one end routes directly and the other
 still expects the relay to about a round trip.  The delay only has to cover the
 time each end takes to see the handshake (its next probe poll and a device
-read); an end that sees it later switches at once and says how late.  RELAYED: the peer is not on the
-device at all, so the registry's broader allowed IPs carry its traffic.
+read); an end that sees it later switches at once and says how late.  RELAYED:
+the peer is not on the device at all, so the registry's broader allowed IPs
+carry its traffic.
 """
 
 from __future__ import annotations
