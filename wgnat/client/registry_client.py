@@ -243,9 +243,9 @@ class RegistryClient:
         method: bytes,
         path: str,
         body: bytes | None = None,
-        accept: str = JSON_CONTENT_TYPE,
+        accept: str | None = JSON_CONTENT_TYPE,
     ) -> Deferred[IResponse]:
-        headers = Headers({b"accept": [accept.encode()]})
+        headers = Headers({b"accept": [accept.encode()]} if accept else {})
         if body is not None:
             headers.addRawHeader(b"content-type", JSON_CONTENT_TYPE.encode())
         request = self.http.request(
@@ -341,7 +341,9 @@ class RegistryClient:
         """The -t safety net: None when our view is current, else the answer
         (a delta, or a full answer) that brings it up to date."""
         query = urlencode({"epoch": epoch, "version": version, "digest": digest})
-        response = yield self._send(b"GET", f"/v1/check?{query}")
+        # No Accept header: the check has one kind of answer, and every byte
+        # counts ten thousand times a minute at rest.
+        response = yield self._send(b"GET", f"/v1/check?{query}", accept=None)
         document = yield self._document(response)
         try:
             return parse_own_answer(document)
