@@ -67,6 +67,11 @@ class RemotePeer:
     # None until a wgnat client runs there (it announces itself): such a peer
     # would not punch back, so probing it is pointless.
     session: str | None = None
+    # How long before the registry encoded this record it last saw a handshake
+    # from the peer ("last_handshake_age"): a client following several
+    # registries takes the freshest record (client.merge).  Not compared: it
+    # ages by itself, and a view must not "change" because of it.
+    handshake_age: float | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -292,8 +297,18 @@ def _peer(document: Any, index: int) -> RemotePeer:
         not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS
     ):
         raise InvalidValue(f"{where}: 'session' is not a short string")
+    age = document.get("last_handshake_age")
+    if age is not None and (
+        not isinstance(age, int | float) or isinstance(age, bool) or not 0 <= age < 1e10
+    ):
+        raise InvalidValue(f"{where}: 'last_handshake_age' is not a number of seconds")
     return RemotePeer(
-        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+        key,
+        _optional_endpoint(document.get("endpoint"), where),
+        tuple(allowed),
+        lan,
+        session,
+        None if age is None else float(age),
     )
 
 

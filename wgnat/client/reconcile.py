@@ -251,6 +251,8 @@ class Policy:
     registry_address: IPAddress
     own_addresses: tuple[IPAddress, ...] = ()
     accept_routes: tuple[IPNetwork, ...] = ()
+    # The other registries' tunnel addresses (several -r), guarded like the first's.
+    hub_addresses: tuple[IPAddress, ...] = ()
 
     def filter(
         self,
@@ -273,7 +275,7 @@ class Policy:
             )
             if not inside:
                 rejected.append(f"{network} (outside the tunnel networks; see --accept-routes)")
-            elif self.registry_address in network:
+            elif any(hub in network for hub in (self.registry_address, *self.hub_addresses)):
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
@@ -320,8 +322,14 @@ class Mesh:
     unplanned: dict[PublicKey, str] = field(default_factory=dict)
     # Our own public endpoint as the last plan saw it.
     my_endpoint: Endpoint | None = None
+    # The other registries (several -r): hub peers like the registry's, never
+    # managed, their routes refined by direct peers like the registry's.
+    other_hubs: frozenset[PublicKey] = frozenset()
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
+
+    def is_hub(self, key: PublicKey) -> bool:
+        return key == self.registry_key or key in self.other_hubs
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
@@ -419,7 +427,7 @@ class Mesh:
         self.recovering = False
         for peer in device.peers:
             key = peer.public_key
-            if key in (self.my_key, self.registry_key) or key in self.managed:
+            if key == self.my_key or self.is_hub(key) or key in self.managed:
                 continue
             remote = view.peers.get(key)
             if remote is None:
@@ -544,13 +552,13 @@ class Mesh:
         held = tuple(
             net
             for key, peer in unmanaged.items()
-            if key != self.registry_key
+            if not self.is_hub(key)
             for net in peer.allowed_ips
         )
         listed = [
             (key, net)
             for key, remote in view.peers.items()
-            if key not in (self.my_key, self.registry_key)
+            if key != self.my_key and not self.is_hub(key)
             for net in remote.allowed_ips
         ]
         routes = RouteIndex(
@@ -558,14 +566,14 @@ class Mesh:
             + [
                 (key, net)
                 for key, peer in unmanaged.items()
-                if key != self.registry_key
+                if not self.is_hub(key)
                 for net in peer.allowed_ips
             ],
             widest=(net for _, net in listed),  # every candidate
         )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
-            if key in (self.my_key, self.registry_key) or key in unmanaged:
+            if key == self.my_key or self.is_hub(key) or key in unmanaged:
                 continue
             allowed, rejected = self.policy.filter(
                 remote.allowed_ips, taken, held, routes.nested_in(remote.allowed_ips, key)
