@@ -284,3 +284,166 @@ def test_status_snapshot_names_the_relay() -> None:
     rows = hubs.choice.snapshot(hubs.now)
     assert [row["relays"] for row in rows] == [True, False]
     assert all(row["live"] for row in rows)
+
+
+# -- the wire: optional, compatible both ways -------------------------------------
+
+
+def test_the_handshake_age_is_read_and_not_compared() -> None:
+    from wgnat.wire import parse_answer
+
+    document = {
+        "epoch": "e",
+        "version": 1,
+        "full": True,
+        "peers": [
+            {"public_key": A.base64, "endpoint": "192.0.2.1:1", "last_handshake_age": 4.5},
+            {"public_key": B.base64, "endpoint": "192.0.2.2:1"},  # an older registry's
+        ],
+    }
+    first, second = parse_answer(document).peers
+    assert first.handshake_age == 4.5 and second.handshake_age is None
+    assert first == RemotePeer(A, ep("192.0.2.1:1"), (), (), None, 99.0)
+    document["peers"][0]["last_handshake_age"] = "soon"
+    try:
+        parse_answer(document)
+    except ValueError as exc:
+        assert "last_handshake_age" in str(exc)
+    else:
+        raise AssertionError("a bad age was accepted")
+
+
+def test_symmetric_nat_is_on_the_wire_only_when_true() -> None:
+    from wgnat._types import Announcement
+    from wgnat.wire import encode_announcement, encode_peer, parse_announcement, peer_digest
+
+    plain, flagged = Announcement("aa"), Announcement("aa", (), True)
+    # A registry older than the field refuses unknown fields: never sent unless set.
+    assert "symmetric_nat" not in encode_announcement(plain)
+    assert parse_announcement(encode_announcement(flagged)) == flagged
+    assert parse_announcement(encode_announcement(plain)) == plain
+    assert "symmetric_nat" not in encode_peer(A, None, (), plain, None)
+    assert encode_peer(A, None, (), flagged, None)["symmetric_nat"] is True
+    # Digests of peers without it are what older registries and clients compute.
+    assert peer_digest(A, None, (), (), "aa") == peer_digest(A, None, (), (), "aa", False)
+    assert peer_digest(A, None, (), (), "aa") != peer_digest(A, None, (), (), "aa", True)
+
+
+# -- the agent with two registries, in memory ---------------------------------------
+
+
+class TwoHubs:
+    """Two registries sharing nothing, each over its own MemoryDevice; client
+    hosts have both as peers (hub 1 with the tunnel network), each hub every
+    client, all on one Clock."""
+
+    HUB_ADDRESSES = ("198.51.100.1", "198.51.100.201")
+
+    def __init__(self) -> None:
+        import ipaddress
+
+        from twisted.internet.task import Clock
+
+        from wgnat.device.memory import MemoryDevice
+        from wgnat.registry.hub import Registry
+
+        self.ipaddress = ipaddress
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.keys = (new_key(), new_key())
+        self.devices = [MemoryDevice(public_key=key) for key in self.keys]
+        self.registries = [Registry(device, self.clock) for device in self.devices]
+        self.hosts: dict = {}
+
+    def add_host(self, name: str, tunnel: str, publics: tuple[str, str]):
+        from wgnat._types import PeerState
+        from wgnat.device.memory import MemoryDevice
+
+        key, now = new_key(), self.clock.seconds()
+        host = MemoryDevice(public_key=key, addresses=[self.ipaddress.ip_interface(f"{tunnel}/24")])
+        for index, hub in enumerate(self.keys):
+            routes = (f"{self.HUB_ADDRESSES[index]}/32",) + ((TUNNEL,) if index == 0 else ())
+            host.add_peer(
+                PeerState(hub, ep(f"203.0.113.{10 + index}:51820"), nets(*routes), now, 0, 0, 25)
+            )
+            self.devices[index].add_peer(
+                PeerState(key, ep(publics[index]), nets(f"{tunnel}/32"), now)
+            )
+        self.hosts[name] = (key, host, tunnel)
+        return key, host
+
+    def agent(self, name: str):
+        from twisted.internet.defer import succeed
+
+        from wgnat.client.agent import AgentConfig, MeshAgent
+        from wgnat.testing import MemoryRegistryClient
+
+        _key, host, tunnel = self.hosts[name]
+        clients = {
+            ip(address): MemoryRegistryClient(registry, ip(tunnel))
+            for address, registry in zip(self.HUB_ADDRESSES, self.registries, strict=True)
+        }
+        agent = MeshAgent(
+            host,
+            self.clock,
+            AgentConfig(registry_key=self.keys[0], more_registries=(self.keys[1],)),
+            lan_addresses=lambda ifname: succeed([]),
+            client_factory=lambda reactor, address, port: clients[address],
+            wall=self.clock.seconds,
+        )
+        agent.startService()
+        agent.test_clients = clients  # type: ignore[attr-defined]
+        return agent
+
+
+def test_an_agent_follows_both_registries_and_merges_them() -> None:
+    net = TwoHubs()
+    ka, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
+    kb, _db = net.add_host("b", "198.51.100.3", ("203.0.113.22:51820", "203.0.113.22:51820"))
+    a, b = net.agent("a"), net.agent("b")
+    for agent in (a, b):
+        assert [client.fetches for client in agent.test_clients.values()] == [1, 1]
+        assert all(client.announced for client in agent.test_clients.values())
+    assert set(a.view.peers) == {kb} and set(b.view.peers) == {ka}
+    assert str(da.peers[kb].endpoint) == "203.0.113.22:51820"  # probing b
+    assert not a.symmetric_nat and a.hubs is not None and a.hubs.relay == net.keys[0]
+    # The other hub is never managed: its peer is untouched, not in the mesh.
+    assert net.keys[1] not in a.paths()
+    assert all(update.public_key not in net.keys for kind, update in da.operations if kind == "set")
+
+
+def test_an_agent_moves_the_relay_when_its_hub_goes_silent() -> None:
+    net = TwoHubs()
+    _, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
+    a = net.agent("a")
+    hub1, hub2 = net.keys
+    for second in range(40):
+        net.clock.advance(1)
+        da.traffic(hub2, rx=60)  # hub 2 keeps talking; hub 1 was killed
+        da.handshake(hub2, net.clock.seconds())
+        if second == 0:
+            a.test_clients[ip("198.51.100.1")].down = "connection timed out"
+    assert a.hubs is not None and a.hubs.relay == hub2
+    assert da.peers[hub2].allowed_ips == nets("198.51.100.201/32", TUNNEL)
+    assert da.peers[hub1].allowed_ips == nets("198.51.100.1/32")
+    assert a.metrics.hub_moves is not None and a.metrics.hub_moves._value.get() == 1
+
+
+def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed() -> None:
+    net = TwoHubs()
+    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    kp, _dp = net.add_host("p", "198.51.100.4", ("203.0.113.30:51820", "203.0.113.30:51820"))
+    s, t, p = net.agent("s"), net.agent("t"), net.agent("p")
+    net.clock.advance(1)
+    assert s.symmetric_nat and t.symmetric_nat and not p.symmetric_nat
+    for agent in (s, t):
+        for client in agent.test_clients.values():
+            assert client.announced[-1].symmetric_nat
+    net.clock.advance(1)
+    # s and t: both symmetric, never probed; each still tries p (public).
+    assert kt not in s.paths() and ks not in t.paths()
+    assert "symmetric" in s.mesh.unplanned[kt]
+    assert ("set", kt) not in [(kind, u.public_key) for kind, u in ds.operations]
+    assert kp in s.paths() and kp in t.paths()
+    assert p.view.peers[ks].symmetric_nat

@@ -59,6 +59,10 @@ log = Logger(namespace="wgnat.client")
 
 # A device that cannot be read (its interface deleted, say) is tried this often.
 READ_RETRY_SECONDS = 1.0
+# Several registries: the first plan waits this long at most for every one of
+# them to answer, so that it knows whether they see a symmetric NAT here before
+# it probes anyone (the streams answer within milliseconds when they can).
+FIRST_ANSWERS_WAIT = 2.0
 
 
 class StateStore(Protocol):
@@ -128,6 +132,7 @@ class MeshAgent(service.Service):
         self.hubs: HubChoice | None = None
         self.hub_endpoints: list[tuple[IPAddress, int]] = []
         self.symmetric_nat = False
+        self._first_answers_by: float | None = None  # several registries: see above
         self.registry_address: IPAddress | None = None
         self.registry_port: int | None = None
         self.lan: list[IPInterface] = []
@@ -266,6 +271,8 @@ class MeshAgent(service.Service):
             )
             self.followers.append(follower)
         self.follower = self.followers[0]
+        if more:
+            self._first_answers_by = self.reactor.seconds() + FIRST_ANSWERS_WAIT
         for follower in self.followers:
             follower.start()
 
@@ -318,7 +325,9 @@ class MeshAgent(service.Service):
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
-            return Announcement(self.session, tuple(lan_endpoints(lan, self.listen_port)))
+            return Announcement(
+                self.session, tuple(lan_endpoints(lan, self.listen_port)), self.symmetric_nat
+            )
 
         return self._find_lan().addCallback(announce)
 
@@ -331,6 +340,15 @@ class MeshAgent(service.Service):
         if changed or (full and not self._planned):
             self.reconcile_soon()
 
+    def _waiting_for_answers(self) -> bool:
+        """Several registries, before the first plan: some has not answered
+        yet, and FIRST_ANSWERS_WAIT has not passed."""
+        if self._first_answers_by is None or self._planned:
+            return False
+        if all(view.version is not None for view in self.hub_views):
+            return False
+        return self.reactor.seconds() < self._first_answers_by
+
     def _merge(self) -> None:
         """Several registries: the mesh's view from theirs, and whether they
         see this host behind a symmetric NAT."""
@@ -338,6 +356,10 @@ class MeshAgent(service.Service):
         symmetric = symmetric_nat([view.my_endpoint for view in self.hub_views])
         if symmetric != self.symmetric_nat:
             self.symmetric_nat = symmetric
+            if self.mesh is not None:
+                self.mesh.symmetric_nat = symmetric
+            for follower in self.followers:
+                follower.resync()  # re-announces this host (the flag changed)
             seen = ", ".join(
                 f"{key.short} sees {view.my_endpoint}"
                 for key, view in zip(self.config.registry_keys, self.hub_views, strict=True)
@@ -369,7 +391,7 @@ class MeshAgent(service.Service):
         try:
             while True:
                 self._again = False
-                if self.view.version is None:
+                if self.view.version is None or self._waiting_for_answers():
                     break  # nothing is decided before the registry's first answer
                 yield self._apply_all(mesh.promote_due(self.reactor.seconds()))
                 try:
@@ -402,6 +424,9 @@ class MeshAgent(service.Service):
             if self.view.version is not None
             else self.config.settings.health_interval
         )
+        if self._waiting_for_answers():
+            assert self._first_answers_by is not None
+            delay = max(0.0, self._first_answers_by - now)
         if self.hubs is not None and self.view.version is not None:
             check = self.hubs.next_check(now)
             if check is not None:

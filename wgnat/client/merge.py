@@ -11,7 +11,9 @@ one registry's view when there is one.  Per peer:
 - what the peer announced (its session, its LAN endpoints) comes from the
   winning record, or when that registry has no announcement from it (the peer
   could not reach it), from the freshest record that has one;
-- a peer is in the merge while any registry lists it: removed only when none does.
+- a peer is in the merge while any registry lists it: removed only when none does;
+- a peer two registries see at one public address with different ports is
+  behind a symmetric NAT, whether or not it announced so itself.
 
 A full answer is encoded once per version and shared, so its ages may be as old
 as that version: such a record looks fresher than it is by at most that much,
@@ -92,6 +94,8 @@ def merge_views(views: Sequence[HubView], up: Sequence[bool | None]) -> Registry
                 best = dataclasses.replace(
                     best, session=announced.session, lan_endpoints=announced.lan_endpoints
                 )
+        if not best.symmetric_nat and symmetric_nat([peer.endpoint for _, _, peer in ranked]):
+            best = dataclasses.replace(best, symmetric_nat=True)
         merged.peers[key] = best
     return merged
 

@@ -325,6 +325,10 @@ class Mesh:
     # The other registries (several -r): hub peers like the registry's, never
     # managed, their routes refined by direct peers like the registry's.
     other_hubs: frozenset[PublicKey] = frozenset()
+    # The registries see this host behind a symmetric NAT (client.merge): pairs
+    # with a peer that announced one too are not probed (no hole punching gets
+    # through two of them); they stay relayed from the start.
+    symmetric_nat: bool = False
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
 
@@ -607,6 +611,11 @@ class Mesh:
                         )
                     )
             skipped = _why_not_probed(remote, target, allowed, rejected)
+            if skipped is None and self.symmetric_nat and remote.symmetric_nat:
+                skipped = (
+                    "both ends are behind symmetric NATs (a port per destination), which no "
+                    "hole punching gets through; relayed through the registry"
+                )
             if skipped is not None or target is None:
                 self.unplanned[key] = skipped or "no endpoint"
                 continue  # nothing to punch with (yet): traffic stays relayed
