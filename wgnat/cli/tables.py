@@ -129,6 +129,8 @@ def format_registry(status: Mapping[str, Any]) -> str:
         f"wgnat-server on {status['interface']} ({status['backend']}): public key "
         f"{status.get('public_key') or '?'}, listening on port "
         f"{status.get('listen_port') or '?'}",
+        f"hub {str(status.get('public_key') or '?')[:8]} at "
+        f"{', '.join(status.get('tunnel_addresses') or []) or '?'}: "
         f"view version {status['version']} (epoch {status['epoch']}), "
         f"{status['peers_live']} of {status['peers_known']} peers live, "
         f"{status['waiting_clients']} clients waiting",
