@@ -272,7 +272,7 @@ def test_the_registry_answering_counts_as_hearing_from_the_hub() -> None:
 
 def test_quiet_relay_hub_is_read_every_second() -> None:
     hubs = Hubs()
-    hubs.tick(1)
+    hubs.tick(2)  # the first read is the baseline; the second hears them
     assert hubs.choice.next_check(hubs.now) is None
     hubs.tick(11, alive=(HUB2,))
     assert hubs.choice.next_check(hubs.now) == hubs.now + 1
@@ -280,7 +280,7 @@ def test_quiet_relay_hub_is_read_every_second() -> None:
 
 def test_status_snapshot_names_the_relay() -> None:
     hubs = Hubs()
-    hubs.tick(1)
+    hubs.tick(2)
     rows = hubs.choice.snapshot(hubs.now)
     assert [row["relays"] for row in rows] == [True, False]
     assert all(row["live"] for row in rows)
@@ -447,3 +447,11 @@ def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed()
     assert ("set", kt) not in [(kind, u.public_key) for kind, u in ds.operations]
     assert kp in s.paths() and kp in t.paths()
     assert p.view.peers[ks].symmetric_nat
+
+
+def test_a_handshake_from_before_the_start_does_not_keep_a_dead_hub_relaying() -> None:
+    hubs = Hubs(handshake=T0 - 30)  # the client restarted; hub 1 died since
+    moves = hubs.tick(10, alive=(HUB2,))
+    at, move = moves[0]
+    assert move.to_key == HUB2 and "since the start" in move.reason
+    assert 6 <= at <= 7

@@ -15,8 +15,10 @@ are never touched: they route their own addresses, which are more specific.
 
 A hub is dead when (`why_dead`):
 - no handshake for 180 s (WireGuard's REJECT_AFTER_TIME; a client's keepalive
-  re-handshakes every two minutes), or none at all `start_grace` s after we
-  began watching it;
+  re-handshakes every two minutes);
+- nothing heard from it `start_grace` s after we began watching it (a live
+  hub's registry answers our stream within milliseconds; a handshake from
+  before our start proves nothing of a hub that died since);
 - nothing received from it for `silent_after` s: its registry writes a line to
   our stream at least every 15 s (the registry's keep-alive), so a silent hub
   is gone (killed, its interface deleted, its path cut);
@@ -77,6 +79,7 @@ class HubLink:
     unanswered_since: float | None = None
     handshake: float | None = None
     on_device: bool = True
+    heard: bool = False  # anything received from it since we began watching
 
     @property
     def host_route(self) -> IPNetwork:
@@ -184,13 +187,13 @@ class HubChoice:
         )
         if peer.rx_bytes != link.last_rx:
             if link.last_rx >= 0:
-                link.rx_changed_at = now
+                link.rx_changed_at, link.heard = now, True
             link.last_rx = peer.rx_bytes
             link.unanswered_since = None
         elif data_sent and link.unanswered_since is None:
             link.unanswered_since = now
-        if heard is not None and heard > link.rx_changed_at:
-            link.rx_changed_at = heard
+        if heard is not None and heard >= link.watched_since and heard > link.rx_changed_at:
+            link.rx_changed_at, link.heard = heard, True
             link.unanswered_since = None
         link.last_tx, link.tx_read_at = peer.tx_bytes, now
 
@@ -199,10 +202,14 @@ class HubChoice:
         settings = self.settings
         if not link.on_device:
             return "its peer is not on the device"
-        if link.handshake is None:
-            if now - link.watched_since >= settings.start_grace:
+        if not link.heard:
+            if now - link.watched_since < settings.start_grace:
+                return None
+            if link.handshake is None:
                 return f"no handshake in {now - link.watched_since:.0f} s"
-            return None
+            return f"nothing received from it in {now - link.watched_since:.0f} s since the start"
+        if link.handshake is None:
+            return "no handshake"
         if now - link.handshake > settings.handshake_dead_after:
             return f"no handshake for {now - link.handshake:.0f} s"
         silent = now - link.rx_changed_at
@@ -213,9 +220,9 @@ class HubChoice:
         return None
 
     def live(self, link: HubLink, now: float) -> bool:
-        """Dead-proof and proven: a handshake seen (a hub we have not yet
-        heard from is not moved to)."""
-        return link.handshake is not None and self.why_dead(link, now) is None
+        """Not dead, and proven: heard from since the start, with a handshake
+        (a hub we have not yet heard from is not moved to)."""
+        return link.heard and link.handshake is not None and self.why_dead(link, now) is None
 
     def _decide(self, now: float) -> RelayMove | None:
         if not self.routes:
@@ -259,7 +266,7 @@ class HubChoice:
         for link in self.links:
             if not link.on_device:
                 continue
-            if link.handshake is None and now - link.watched_since < self.settings.start_grace:
+            if not link.heard and now - link.watched_since < self.settings.start_grace:
                 return now + self.settings.quiet_recheck
             if link.key == self.relay or self.relay is None:
                 if (
