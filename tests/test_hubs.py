@@ -455,3 +455,67 @@ def test_a_handshake_from_before_the_start_does_not_keep_a_dead_hub_relaying() -
     at, move = moves[0]
     assert move.to_key == HUB2 and "since the start" in move.reason
     assert 6 <= at <= 7
+
+
+# -- flags and status -------------------------------------------------------------
+
+
+def test_r_may_be_given_again_for_each_further_registry() -> None:
+    import pytest
+    from twisted.python import usage
+
+    from wgnat.client import tap
+
+    def options(*argv: str) -> tap.Options:
+        parsed = tap.Options()
+        parsed.parseOptions(list(argv))
+        return parsed
+
+    one = options("-r", HUB1.base64)
+    assert one["registry"] == HUB1 and one["more-registries"] == ()
+    two = options("-r", HUB1.base64, "--registry", HUB2.base64, "-r", HUB3.base64)
+    assert two["registry"] == HUB1 and two["more-registries"] == (HUB2, HUB3)
+    with pytest.raises(usage.UsageError, match="given twice"):
+        options("-r", HUB1.base64, "-r", HUB1.base64)
+    with pytest.raises(usage.UsageError, match="-r:"):
+        options("-r", HUB1.base64, "-r", "not-a-key")
+
+
+def test_status_names_each_hub_and_the_relay() -> None:
+    from wgnat.cli.tables import format_client
+    from wgnat.client.status import client_info, client_status
+
+    net = TwoHubs()
+    net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    net.add_host("p", "198.51.100.4", ("203.0.113.30:51820", "203.0.113.30:51820"))
+    s = net.agent("s")
+    net.agent("p")
+    net.clock.advance(1)
+    document = client_status(
+        client_info(s), s.mesh, s.view, s.device.snapshot(), net.clock.seconds()
+    )
+    assert document["relay_hub"] == net.keys[0].base64
+    assert document["symmetric_nat"] is True
+    assert [hub["sees_us_as"] for hub in document["hubs"]] == [
+        "203.0.113.23:40001",
+        "203.0.113.23:40002",
+    ]
+    # The second hub is no peer row ("configured by hand"): it is a hub.
+    assert net.keys[1].base64 not in [row["public_key"] for row in document["peers"]]
+    text = format_client(document)
+    assert "RELAYS" in text and "standby" in text and "symmetric NAT" in text
+
+
+def test_status_with_one_registry_is_as_before() -> None:
+    from wgnat.client.status import client_info, client_status
+    from wgnat.testing import SimulatedNetwork
+
+    net = SimulatedNetwork()
+    net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+    a = net.agent("a")
+    document = client_status(
+        client_info(a), a.mesh, a.view, a.device.snapshot(), net.clock.seconds()
+    )
+    assert not {"hubs", "relay_hub", "symmetric_nat"} & set(document)
+    assert a.hubs is None and a.view is a.hub_views[0]
+    net.stop()

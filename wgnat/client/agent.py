@@ -404,6 +404,12 @@ class MeshAgent(service.Service):
                 if self.hubs is not None:
                     self._merge()
                     yield self._choose_hub(state)
+                if not self._planned and len(self.hub_views) > 1:
+                    log.info(
+                        "first plan, {answered} of {total} registries answered",
+                        answered=sum(view.version is not None for view in self.hub_views),
+                        total=len(self.hub_views),
+                    )
                 actions = mesh.plan(self.view, state, self.reactor.seconds(), self.wall())
                 self._planned = True
                 yield self._apply_all(actions)
