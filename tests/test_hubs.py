@@ -519,3 +519,44 @@ def test_status_with_one_registry_is_as_before() -> None:
     assert not {"hubs", "relay_hub", "symmetric_nat"} & set(document)
     assert a.hubs is None and a.view is a.hub_views[0]
     net.stop()
+
+
+def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_it() -> None:
+    from twisted.internet.defer import fail, succeed
+    from twisted.internet.task import Clock
+
+    from wgnat._types import Announcement
+    from wgnat.client.follower import RegistryFollower
+    from wgnat.client.metrics import ClientMetrics
+    from wgnat.client.registry_client import RegistryRefused
+    from wgnat.testing import ScriptedRegistryClient
+
+    class OldRegistry(ScriptedRegistryClient):
+        """Refuses any field it does not know, as registries before it did."""
+
+        def __init__(self) -> None:
+            super().__init__(A, [{"epoch": "e1", "version": 1, "full": True, "peers": []}])
+            self.received: list[Announcement] = []
+
+        def announce(self, announcement: Announcement):
+            if announcement.symmetric_nat:
+                return fail(RegistryRefused("the registry refused the request: HTTP 400", 400))
+            self.received.append(announcement)
+            return succeed({"version": 0})
+
+    clock, old = Clock(), OldRegistry()
+    follower = RegistryFollower(
+        old,
+        clock,
+        HubView(),
+        lambda: succeed(Announcement("aa", (), True)),
+        lambda changed, full: None,
+        ClientMetrics(),
+        60.0,
+    )
+    follower.start()
+    assert old.received == [Announcement("aa")]
+    assert follower.plain_announcements and follower.up is True
+    follower.resync()  # the -t check: nothing new to announce
+    assert old.received == [Announcement("aa")]
+    follower.stop()

@@ -221,6 +221,11 @@ def client_status(
             )
             endpoint = endpoint or peer_path.endpoint or (remote.endpoint if remote else None)
         row["endpoint"] = endpoint_text(endpoint)
+        if info.hubs and row["path"] in ("relayed", "probing"):
+            # Several hubs: which one carries this peer's traffic now.
+            row["relay_hub"] = next(
+                (hub["public_key"] for hub in info.hubs if hub.get("relays")), None
+            )
         failed = info.operation_errors.get(key)
         row["device_operation_error"] = failed
         if failed:
