@@ -560,3 +560,28 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
     follower.resync()  # the -t check: nothing new to announce
     assert old.received == [Announcement("aa")]
     follower.stop()
+
+
+def test_a_peer_removed_from_one_hub_stays_and_from_both_goes() -> None:
+    from wgnat.client.reconcile import Path
+
+    net = TwoHubs()
+    _, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
+    kb, _ = net.add_host("b", "198.51.100.3", ("203.0.113.22:51820", "203.0.113.22:51820"))
+    a, _ = net.agent("a"), net.agent("b")
+    da.handshake(kb, net.clock.seconds())
+    net.clock.advance(1)
+    assert a.paths() == {kb: Path.DIRECT}
+    net.devices[0].peers.pop(kb)  # hub 1's operator removes b
+    net.registries[0].refresh()
+    net.clock.advance(60)
+    da.handshake(kb, net.clock.seconds())
+    da.traffic(kb, rx=100)
+    net.clock.advance(1)
+    assert kb in a.view.peers and kb in a.paths()  # hub 2 still lists it
+    net.devices[1].peers.pop(kb)  # and hub 2's
+    net.registries[1].refresh()
+    net.clock.advance(1)
+    assert kb not in a.view.peers
+    net.clock.advance(31)  # the removal grace
+    assert kb not in a.paths() and kb not in da.peers
