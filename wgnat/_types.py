@@ -151,6 +151,9 @@ class Announcement:
 
     session: str
     lan_endpoints: tuple[Endpoint, ...] = ()
+    # Two registries saw this host at one public address with different ports:
+    # its NAT maps each destination to a port of its own (several -r only).
+    symmetric_nat: bool = False
 
     def __post_init__(self) -> None:
         if (

@@ -67,6 +67,14 @@ class RemotePeer:
     # None until a wgnat client runs there (it announces itself): such a peer
     # would not punch back, so probing it is pointless.
     session: str | None = None
+    # How long before the registry encoded this record it last saw a handshake
+    # from the peer ("last_handshake_age"): a client following several
+    # registries takes the freshest record (client.merge).  Not compared: it
+    # ages by itself, and a view must not "change" because of it.
+    handshake_age: float | None = dataclasses.field(default=None, compare=False)
+    # It announced that its NAT maps each destination to a port of its own
+    # (two registries saw it so): no direct path with another such peer.
+    symmetric_nat: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ def peer_digest(
     allowed_ips: Iterable[IPNetwork],
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
+    symmetric_nat: bool = False,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
@@ -111,6 +120,8 @@ def peer_digest(
             session or "",
         )
     )
+    if symmetric_nat:  # only then: digests of peers without it stay as they were
+        text += "|symmetric"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -129,7 +140,12 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
     total = own_endpoint_digest(my_endpoint)
     for peer in peers:
         total ^= peer_digest(
-            peer.public_key, peer.endpoint, peer.allowed_ips, peer.lan_endpoints, peer.session
+            peer.public_key,
+            peer.endpoint,
+            peer.allowed_ips,
+            peer.lan_endpoints,
+            peer.session,
+            peer.symmetric_nat,
         )
     return format_digest(total)
 
@@ -147,7 +163,7 @@ def encode_peer(
     announcement: Announcement | None,
     handshake_age: float | None,
 ) -> dict[str, Any]:
-    return {
+    document = {
         "public_key": public_key.base64,
         "endpoint": str(endpoint) if endpoint else None,
         "allowed_ips": [str(net) for net in allowed_ips],
@@ -155,6 +171,9 @@ def encode_peer(
         "session": announcement.session if announcement else None,
         "last_handshake_age": None if handshake_age is None else round(handshake_age, 3),
     }
+    if announcement is not None and announcement.symmetric_nat:
+        document["symmetric_nat"] = True  # only then: older clients never see it
+    return document
 
 
 def encode_you(
@@ -209,10 +228,14 @@ def encode_body(document: Mapping[str, Any] | list[Any]) -> bytes:
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:
-    return {
+    document: dict[str, Any] = {
         "session": announcement.session,
         "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.symmetric_nat:
+        # Only then: a registry older than this field refuses unknown fields.
+        document["symmetric_nat"] = True
+    return document
 
 
 # -- decoding -------------------------------------------------------------------
@@ -229,8 +252,17 @@ def decode_json(body: bytes, what: str) -> Any:
 def parse_announcement(document: Any) -> Announcement:
     """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
     each reachable from another host, duplicates dropped."""
-    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
-        raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
+    if not isinstance(document, dict) or set(document) - {
+        "lan_endpoints",
+        "session",
+        "symmetric_nat",
+    }:
+        raise InvalidValue(
+            'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], "symmetric_nat": false}'
+        )
+    symmetric = document.get("symmetric_nat", False)
+    if not isinstance(symmetric, bool):
+        raise InvalidValue("symmetric_nat must be true or false")
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
         raise InvalidValue(f"lan_endpoints must be a list of at most {MAX_LAN_ENDPOINTS} 'IP:PORT'")
@@ -245,7 +277,7 @@ def parse_announcement(document: Any) -> Announcement:
         if endpoint not in endpoints:
             endpoints.append(endpoint)
     try:
-        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+        return Announcement(document.get("session"), tuple(endpoints), symmetric)  # type: ignore[arg-type]
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
 
@@ -292,8 +324,22 @@ def _peer(document: Any, index: int) -> RemotePeer:
         not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS
     ):
         raise InvalidValue(f"{where}: 'session' is not a short string")
+    age = document.get("last_handshake_age")
+    if age is not None and (
+        not isinstance(age, int | float) or isinstance(age, bool) or not 0 <= age < 1e10
+    ):
+        raise InvalidValue(f"{where}: 'last_handshake_age' is not a number of seconds")
+    symmetric = document.get("symmetric_nat", False)
+    if not isinstance(symmetric, bool):
+        raise InvalidValue(f"{where}: 'symmetric_nat' is not true or false")
     return RemotePeer(
-        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+        key,
+        _optional_endpoint(document.get("endpoint"), where),
+        tuple(allowed),
+        lan,
+        session,
+        None if age is None else float(age),
+        symmetric,
     )
 
 

@@ -263,6 +263,8 @@ class Policy:
     registry_address: IPAddress
     own_addresses: tuple[IPAddress, ...] = ()
     accept_routes: tuple[IPNetwork, ...] = ()
+    # The other registries' tunnel addresses (several -r), guarded like the first's.
+    hub_addresses: tuple[IPAddress, ...] = ()
 
     def filter(
         self,
@@ -285,7 +287,7 @@ class Policy:
             )
             if not inside:
                 rejected.append(f"{network} (outside the tunnel networks; see --accept-routes)")
-            elif self.registry_address in network:
+            elif any(hub in network for hub in (self.registry_address, *self.hub_addresses)):
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
@@ -332,8 +334,18 @@ class Mesh:
     unplanned: dict[PublicKey, str] = field(default_factory=dict)
     # Our own public endpoint as the last plan saw it.
     my_endpoint: Endpoint | None = None
+    # The other registries (several -r): hub peers like the registry's, never
+    # managed, their routes refined by direct peers like the registry's.
+    other_hubs: frozenset[PublicKey] = frozenset()
+    # The registries see this host behind a symmetric NAT (client.merge): pairs
+    # with a peer that announced one too are not probed (no hole punching gets
+    # through two of them); they stay relayed from the start.
+    symmetric_nat: bool = False
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
+
+    def is_hub(self, key: PublicKey) -> bool:
+        return key == self.registry_key or key in self.other_hubs
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
@@ -431,7 +443,7 @@ class Mesh:
         self.recovering = False
         for peer in device.peers:
             key = peer.public_key
-            if key in (self.my_key, self.registry_key) or key in self.managed:
+            if key == self.my_key or self.is_hub(key) or key in self.managed:
                 continue
             remote = view.peers.get(key)
             if remote is None:
@@ -557,13 +569,13 @@ class Mesh:
         held = tuple(
             net
             for key, peer in unmanaged.items()
-            if key != self.registry_key
+            if not self.is_hub(key)
             for net in peer.allowed_ips
         )
         listed = [
             (key, net)
             for key, remote in view.peers.items()
-            if key not in (self.my_key, self.registry_key)
+            if key != self.my_key and not self.is_hub(key)
             for net in remote.allowed_ips
         ]
         routes = RouteIndex(
@@ -571,14 +583,14 @@ class Mesh:
             + [
                 (key, net)
                 for key, peer in unmanaged.items()
-                if key != self.registry_key
+                if not self.is_hub(key)
                 for net in peer.allowed_ips
             ],
             widest=(net for _, net in listed),  # every candidate
         )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
-            if key in (self.my_key, self.registry_key) or key in unmanaged:
+            if key == self.my_key or self.is_hub(key) or key in unmanaged:
                 continue
             allowed, rejected = self.policy.filter(
                 remote.allowed_ips, taken, held, routes.nested_in(remote.allowed_ips, key)
@@ -612,6 +624,11 @@ class Mesh:
                         )
                     )
             skipped = _why_not_probed(remote, target, allowed, rejected)
+            if skipped is None and self.symmetric_nat and remote.symmetric_nat:
+                skipped = (
+                    "both ends are behind symmetric NATs (a port per destination), which no "
+                    "hole punching gets through; relayed through the registry"
+                )
             if skipped is not None or target is None:
                 self.unplanned[key] = skipped or "no endpoint"
                 continue  # nothing to punch with (yet): traffic stays relayed

@@ -49,6 +49,14 @@ class RegistryError(Exception):
     """The registry could not be asked, or answered something unusable."""
 
 
+class RegistryRefused(RegistryError):
+    """The registry answered, refusing the request (`code`: its HTTP status)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class StreamEnded(Exception):
     """The registry ended a stream cleanly after answering: ask again at once."""
 
@@ -298,9 +306,10 @@ class RegistryClient:
             raise RegistryError(str(exc)) from None
         if response.code != 200:
             message = document.get("error") if isinstance(document, dict) else None
-            raise RegistryError(
+            raise RegistryRefused(
                 f"the registry refused the request: HTTP {response.code}: "
-                f"{str(message)[:200] if message else 'no reason given'}"
+                f"{str(message)[:200] if message else 'no reason given'}",
+                response.code,
             )
         return document
 

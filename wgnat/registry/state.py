@@ -43,16 +43,23 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    return Announcement(value["session"], tuple(Endpoint.parse(e) for e in value["lan"]))
+    return Announcement(
+        value["session"],
+        tuple(Endpoint.parse(e) for e in value["lan"]),
+        bool(value.get("symmetric_nat", False)),
+    )
 
 
 def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | None:
     if announcement is None:
         return None
-    return {
+    encoded: dict[str, Any] = {
         "session": announcement.session,
         "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.symmetric_nat:
+        encoded["symmetric_nat"] = True
+    return encoded
 
 
 def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -> dict[str, Any]:
