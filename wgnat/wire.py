@@ -13,8 +13,15 @@ An answer:
     {"epoch": "5f0c…", "version": 7, "full": true,
      "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
      "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
-                "last_handshake_age"}, ...],
+                "last_handshake_age", ["mapped_endpoint"]}, ...],
      "removed": ["<public key>", ...]}
+
+"mapped_endpoint" ("IP:PORT", the public endpoint the peer's gateway maps to its
+listen port: NAT-PMP, PCP or UPnP IGD) is there only for a peer that announced
+one, and an announcement carries it only when the client holds a mapping: a
+registry or client that predates it never sees it (nor its bytes), and ignores
+it where it does (a client ignores unknown fields of an answer; a client whose
+announcement an older registry refuses for it announces again without it).
 
 A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
 answer first, then one shared line per change (the same document for every
@@ -45,6 +52,7 @@ from wgnat._types import (
 MAX_PEERS = 100_000
 MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
+ANNOUNCEMENT_FIELDS = frozenset({"session", "lan_endpoints", "mapped_endpoint"})
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -67,6 +75,8 @@ class RemotePeer:
     # None until a wgnat client runs there (it announces itself): such a peer
     # would not punch back, so probing it is pointless.
     session: str | None = None
+    # The public endpoint its gateway maps to its listen port (port mapping).
+    mapped_endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -98,10 +108,12 @@ def peer_digest(
     allowed_ips: Iterable[IPNetwork],
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
+    mapped_endpoint: Endpoint | None = None,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
-    in O(1) per change and adjusts per caller in O(1)."""
+    in O(1) per change and adjusts per caller in O(1).  A mapped endpoint is
+    added only when there is one, so a peer without it digests as before."""
     text = "|".join(
         (
             public_key.base64,
@@ -111,6 +123,8 @@ def peer_digest(
             session or "",
         )
     )
+    if mapped_endpoint is not None:
+        text += f"|mapped {mapped_endpoint}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -129,7 +143,12 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
     total = own_endpoint_digest(my_endpoint)
     for peer in peers:
         total ^= peer_digest(
-            peer.public_key, peer.endpoint, peer.allowed_ips, peer.lan_endpoints, peer.session
+            peer.public_key,
+            peer.endpoint,
+            peer.allowed_ips,
+            peer.lan_endpoints,
+            peer.session,
+            peer.mapped_endpoint,
         )
     return format_digest(total)
 
@@ -147,7 +166,7 @@ def encode_peer(
     announcement: Announcement | None,
     handshake_age: float | None,
 ) -> dict[str, Any]:
-    return {
+    document = {
         "public_key": public_key.base64,
         "endpoint": str(endpoint) if endpoint else None,
         "allowed_ips": [str(net) for net in allowed_ips],
@@ -155,6 +174,9 @@ def encode_peer(
         "session": announcement.session if announcement else None,
         "last_handshake_age": None if handshake_age is None else round(handshake_age, 3),
     }
+    if announcement is not None and announcement.mapped_endpoint is not None:
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    return document
 
 
 def encode_you(
@@ -209,10 +231,13 @@ def encode_body(document: Mapping[str, Any] | list[Any]) -> bytes:
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:
-    return {
+    document: dict[str, Any] = {
         "session": announcement.session,
         "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.mapped_endpoint is not None:
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    return document
 
 
 # -- decoding -------------------------------------------------------------------
@@ -228,9 +253,13 @@ def decode_json(body: bytes, what: str) -> Any:
 
 def parse_announcement(document: Any) -> Announcement:
     """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
-    each reachable from another host, duplicates dropped."""
-    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
-        raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
+    each reachable from another host, duplicates dropped; at most one mapped
+    endpoint, reachable from another host."""
+    if not isinstance(document, dict) or set(document) - ANNOUNCEMENT_FIELDS:
+        raise InvalidValue(
+            'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
+            '"mapped_endpoint": "IP:PORT" (optional)}'
+        )
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
         raise InvalidValue(f"lan_endpoints must be a list of at most {MAX_LAN_ENDPOINTS} 'IP:PORT'")
@@ -244,8 +273,11 @@ def parse_announcement(document: Any) -> Announcement:
             raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
         if endpoint not in endpoints:
             endpoints.append(endpoint)
+    mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
+    if mapped is not None and not reachable_from_elsewhere(mapped):
+        raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
     try:
-        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+        return Announcement(document.get("session"), tuple(endpoints), mapped)  # type: ignore[arg-type]
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
 
@@ -293,7 +325,12 @@ def _peer(document: Any, index: int) -> RemotePeer:
     ):
         raise InvalidValue(f"{where}: 'session' is not a short string")
     return RemotePeer(
-        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+        key,
+        _optional_endpoint(document.get("endpoint"), where),
+        tuple(allowed),
+        lan,
+        session,
+        _optional_endpoint(document.get("mapped_endpoint"), f"{where}: mapped_endpoint"),
     )
 
 

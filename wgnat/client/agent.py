@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +28,7 @@ from wgnat._types import Announcement, IPAddress, IPInterface, IPNetwork, Public
 from wgnat.client.follower import RegistryConnection, RegistryFollower
 from wgnat.client.lan import lan_endpoints
 from wgnat.client.metrics import ClientMetrics
+from wgnat.client.portmap import PortMapper, PortMapping
 from wgnat.client.reconcile import (
     Action,
     Event,
@@ -83,6 +90,7 @@ class MeshAgent(service.Service):
         client_factory: ConnectionFactory = RegistryClient,
         state_store: StateStore | None = None,
         wall: Callable[[], float] = time.time,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.device = device
         self.reactor = reactor
@@ -91,6 +99,8 @@ class MeshAgent(service.Service):
         self._lan_addresses = lan_addresses
         self._client_factory = client_factory
         self.state_store = state_store
+        # None: --no-port-mapping.  Started after the registry is first asked.
+        self.port_mapper = port_mapper
         self.wall = wall  # the wall clock, for the retry moments both ends share
         self.view = RegistryView()
         self.mesh: Mesh | None = None
@@ -184,6 +194,9 @@ class MeshAgent(service.Service):
         self.registry_address, self.registry_port = address, port
         self.metrics.watch(mesh.counts)
         self.metrics.watch_traffic(self.traffic, self.device.ifname, self.path_names)
+        if self.port_mapper is not None:
+            mapper = self.port_mapper
+            self.metrics.watch_port_mapping(lambda: mapper.describe(self.reactor.seconds()))
         self.metrics.registry_connected.set(0)
         log.info(
             "wgnat-client on {ifname} ({backend}): registry {registry} at {address}:{port}, "
@@ -206,13 +219,19 @@ class MeshAgent(service.Service):
             config.resync_interval,
         )
         self.follower.start()
+        if self.port_mapper is not None:
+            self.port_mapper.on_change = self._mapping_changed
+            self.port_mapper.start(self.listen_port)
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         cancel(self._wakeup)
+        stopping: list[Deferred[Any]] = []
+        if self.port_mapper is not None:
+            stopping.append(self.port_mapper.stop())
         if self.follower is not None:
-            return self.follower.stop()
-        return succeed(None)
+            stopping.append(self.follower.stop())
+        return gatherResults(stopping) if stopping else succeed(None)
 
     # -- what the registry says -------------------------------------------
     def _find_lan(self) -> Deferred[list[IPInterface]]:
@@ -223,9 +242,18 @@ class MeshAgent(service.Service):
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
-            return Announcement(self.session, tuple(lan_endpoints(lan, self.listen_port)))
+            mapping = self.port_mapper.mapping if self.port_mapper is not None else None
+            return Announcement(
+                self.session,
+                tuple(lan_endpoints(lan, self.listen_port)),
+                mapping.external if mapping is not None else None,
+            )
 
         return self._find_lan().addCallback(announce)
+
+    def _mapping_changed(self, mapping: PortMapping | None) -> None:
+        if self.follower is not None and self.running:
+            self.follower.announcement_changed()
 
     def _view_changed(self, changed: bool, full: bool) -> None:
         # An unchanged full answer (the -t safety net, a reconnection) needs no

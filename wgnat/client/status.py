@@ -49,6 +49,8 @@ class ClientInfo:
     state_error: str | None = None  # the last state file write's, until one works
     # The peers whose last device operation failed, and how (until one works).
     operation_errors: dict[PublicKey, str] = field(default_factory=dict)
+    # PortMapper.describe()'s document; None with --no-port-mapping.
+    port_mapping: dict[str, Any] | None = None
 
 
 def client_info(agent: MeshAgent) -> ClientInfo:
@@ -67,6 +69,11 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         down_since=follower.down_since if follower is not None else None,
         state_error=agent.state_error,
         operation_errors=dict(agent.operation_errors),
+        port_mapping=(
+            agent.port_mapper.describe(agent.reactor.seconds())
+            if agent.port_mapper is not None
+            else None
+        ),
         lan_endpoints=(
             announced.lan_endpoints
             if announced is not None
@@ -151,6 +158,7 @@ def client_status(
             "wgnat_client": remote is not None and remote.session is not None,
             "registry_endpoint": endpoint_text(remote.endpoint) if remote else None,
             "lan_endpoints": [str(e) for e in remote.lan_endpoints] if remote else [],
+            "mapped_endpoint": endpoint_text(remote.mapped_endpoint) if remote else None,
             "in_registry": remote is not None,
             **device_fields(device_peer, now),
         }
@@ -226,6 +234,7 @@ def client_status(
         "state_error": info.state_error,
         "public_endpoint": endpoint_text(view.my_endpoint),
         "lan_endpoints": [str(e) for e in info.lan_endpoints],
+        "port_mapping": info.port_mapping or {"state": "disabled (--no-port-mapping)"},
         "registry": registry,
         "counts": counts,
         "peers": rows,

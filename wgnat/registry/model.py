@@ -64,6 +64,7 @@ class PeerRecord:
             self.allowed_ips,
             announcement.lan_endpoints if announcement else (),
             announcement.session if announcement else None,
+            announcement.mapped_endpoint if announcement else None,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -151,7 +152,9 @@ class RegistryModel:
 
     def announce(self, key: PublicKey, announcement: Announcement) -> bool:
         announcement = Announcement(
-            announcement.session, tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS])
+            announcement.session,
+            tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
+            announcement.mapped_endpoint,
         )
         if self.announcements.get(key) == announcement:
             return False

@@ -43,16 +43,24 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    return Announcement(value["session"], tuple(Endpoint.parse(e) for e in value["lan"]))
+    mapped = value.get("mapped")  # absent in files of registries before port mapping
+    return Announcement(
+        value["session"],
+        tuple(Endpoint.parse(e) for e in value["lan"]),
+        Endpoint.parse(mapped) if mapped else None,
+    )
 
 
 def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | None:
     if announcement is None:
         return None
-    return {
+    encoded: dict[str, Any] = {
         "session": announcement.session,
         "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.mapped_endpoint is not None:
+        encoded["mapped"] = str(announcement.mapped_endpoint)
+    return encoded
 
 
 def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -> dict[str, Any]:
