@@ -227,3 +227,52 @@ def test_a_registry_that_refuses_the_field_is_announced_to_without_it(logged):
         http.result(client.announce(Announcement("dead")))
     with pytest.raises(RegistryError, match="HTTP 400"):
         http.result(client.announce(Announcement("dead", (), ep("203.0.113.23:51820"))))
+
+
+class LateGateway(OneShotGateway):
+    """Answers when the test says so (a mapping announced after the peers
+    first probed the observed endpoint)."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.pending = []
+
+    def map(self, internal_port, lifetime):
+        from twisted.internet.defer import Deferred
+
+        answer = Deferred()
+        self.pending.append((answer, internal_port))
+        return answer
+
+    def answer(self):
+        answer, port = self.pending.pop()
+        answer.callback(
+            PortMapping("pcp", ep("203.0.113.23:51820"), port, 600, self.clock.seconds())
+        )
+
+
+def test_a_mapping_announced_while_a_peer_probes_makes_it_probe_anew_at_once():
+    """WireGuard sends no second initiation for 5 s while one is pending: a
+    peer already probing the observed endpoint is re-created at the mapped one."""
+    net = SimulatedNetwork()
+    try:
+        net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+        net.add_host("s", "198.51.100.3", "203.0.113.23:40123")
+        a = net.agent("a")
+        s = net.agent("s", start=False)
+        gateway = LateGateway(net.clock)
+        s.port_mapper = PortMapper(net.clock, lambda: None, None, upnp=gateway)
+        s.startService()
+        net.clock.advance(0)
+        ks = net.hosts["s"].key
+        device = net.hosts["a"].device
+        assert str(device.peers[ks].endpoint) == "203.0.113.23:40123"
+        before = len(device.operations)
+        gateway.answer()
+        net.clock.advance(0)
+        assert str(device.peers[ks].endpoint) == "203.0.113.23:51820"
+        kinds = [kind for kind, _ in device.operations[before:]]
+        assert kinds[:2] == ["remove", "set"]  # made anew: it initiates at once
+        assert a.paths()[ks] is Path.PROBING and ks in a.mesh.managed
+    finally:
+        net.stop()

@@ -1,7 +1,7 @@
 """Port mapping (client/portmap_wire.py, client/portmap.py): NAT-PMP and PCP
 messages byte by byte, and the PortMapper on a Clock against a gateway made
-of constructed answers (what RFC 6886 and RFC 6887 say a gateway sends, and
-what miniupnpd sends: see tests/integration/test_portmap.py for the real one)."""
+of constructed answers, as RFC 6886 and RFC 6887 lay them out (the real
+gateway, miniupnpd: tests/integration/test_portmap_gateway.py)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ MIN_RENEW_DELAY = 1.0
 DELETE_TIMEOUT = 1.0
 # Asked of UPnP IGD gateways (IGD v1 treats 0 as "forever": never ask that).
 UPNP_LIFETIME = 3600
-UPNP_DISCOVER_MS = 2000
+# miniupnpc waits this long for each of the device types it asks for in turn.
+UPNP_DISCOVER_MS = 1000
 UPNP_DESCRIPTION = "wgnat WireGuard"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -342,7 +343,11 @@ class UpnpIgd:
         if self._client is None:
             client = self.make_client()
             client.discoverdelay = UPNP_DISCOVER_MS
-            if not client.discover():
+            try:
+                found = client.discover()
+            except Exception as exc:  # miniupnpc says "Success" (errno 0) for none
+                raise MappingFailed(f"no UPnP IGD answered discovery ({exc})") from None
+            if not found:
                 raise MappingFailed("no UPnP IGD answered discovery")
             try:
                 client.selectigd()

@@ -716,6 +716,22 @@ class Mesh:
         if peer_path.path is Path.PROBING:
             peer_path.deadline = now + self.settings.probe_timeout
         self.events.append(Event("rebinding", key, f"{old} -> {target}"))
+        if peer_path.path is Path.PROBING:
+            # Its first initiation went to the old endpoint and is still pending:
+            # WireGuard sends no other for 5 s (REKEY_TIMEOUT), whatever we set,
+            # so the peer is made anew, which initiates at once (a port mapping
+            # announced just after the peer was first probed, say).
+            return [
+                Action("remove", key, f"endpoint moved from {old} to {target} while probing"),
+                Action(
+                    "probe",
+                    key,
+                    f"probing {target} (its endpoint moved); traffic stays relayed until a "
+                    "handshake",
+                    endpoint=target,
+                    keepalive=self.settings.keepalive,
+                ),
+            ]
         return [
             Action("endpoint", key, f"endpoint moved from {old} to {target}", endpoint=target),
             self._kick(key, "to open the new NAT mapping at once"),
