@@ -307,13 +307,15 @@ class PcpOrNatPmp:
             request = wire.pcp_map_request(
                 self.channel.local_address, mapping.internal_port, 0, self.nonce
             )
-            yield self._ask(request, self._pcp_answer, quick)
+            result = yield self._ask(request, self._pcp_answer, quick)
         else:
-            yield self._ask(
+            result = yield self._ask(
                 wire.natpmp_map_request(mapping.internal_port, 0),
                 wire.parse_natpmp_map_response,
                 quick,
             )
+        if not result.ok:
+            raise MappingFailed(f"the gateway {self.gateway} refused the deletion: {result.reason}")
 
     def close(self) -> None:
         self.channel.close()
