@@ -6,9 +6,11 @@ gateway, miniupnpd: tests/integration/test_portmap_gateway.py)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
@@ -20,6 +22,7 @@ from wgnat.client.portmap import (
     PcpOrNatPmp,
     PortMapper,
     PortMapping,
+    UdpChannel,
     UpnpIgd,
     parse_proc_route,
 )
@@ -408,3 +411,26 @@ def test_upnp_igd_through_miniupnpc_in_a_thread():
     refusing.map(51820, 7200).addBoth(results.append)
     assert isinstance(results[1].value, MappingFailed)
     assert "ConflictInMappingEntry" in str(results[1].value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_real_socket_survives_a_gateway_without_a_pcp_server():
+    """Port unreachable (no PCP server on the gateway) must not close the
+    socket: Twisted's epoll reactor closes a *connected* UDP socket on the
+    ICMP error, and every later retransmission then failed with a traceback."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        free = holder.getsockname()[1]  # nobody listens there once closed
+    channel = UdpChannel(reactor, ipaddress.ip_address("127.0.0.1"), lambda data: None)
+    try:
+        assert channel.local_address == ipaddress.ip_address("127.0.0.1")
+        for _ in range(3):
+            channel.port.write(b"\x02\x01", ("127.0.0.1", free))
+            channel.send(b"\x02\x01")
+            yield deferLater(reactor, 0.05, lambda: None)
+        assert channel.port.connected  # still listening
+    finally:
+        channel.close()

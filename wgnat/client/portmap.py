@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import struct
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -136,30 +137,51 @@ class Channel(Protocol):
 
 
 class _GatewaySocket(DatagramProtocol):
-    def __init__(self, received: Callable[[bytes], None]) -> None:
+    def __init__(self, gateway: str, received: Callable[[bytes], None]) -> None:
+        self.gateway = gateway
         self.received = received
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.received(datagram)
+        if addr[0] == self.gateway and addr[1] == wire.SERVER_PORT:
+            self.received(datagram)
+
+
+def local_address_towards(gateway: IPAddress) -> IPAddress:
+    """The address this host sends from to `gateway` (what PCP must carry:
+    the server refuses any other, ADDRESS_MISMATCH): a UDP connect sends
+    nothing, it only picks the route."""
+    family = socket.AF_INET if gateway.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((str(gateway), wire.SERVER_PORT))
+        return ipaddress.ip_address(probe.getsockname()[0])
 
 
 class UdpChannel:
-    """The real Channel: a connected UDP socket (the kernel then delivers only
-    the gateway's datagrams, and names the local address PCP must carry)."""
+    """The real Channel: a UDP socket bound to the address that routes to the
+    gateway, taking only the gateway's datagrams.  Not a connected socket: an
+    ICMP error on one (no PCP server: port unreachable) makes Twisted's epoll
+    reactor close it."""
 
     def __init__(self, reactor: Any, gateway: IPAddress, received: Callable[[bytes], None]) -> None:
-        self.port = reactor.listenUDP(0, _GatewaySocket(received))
-        self.port.connect(str(gateway), wire.SERVER_PORT)
-        self.local_address = ipaddress.ip_address(self.port.getHost().host)
+        self.gateway = str(gateway)
+        self.local_address = local_address_towards(gateway)
+        self.port = reactor.listenUDP(
+            0, _GatewaySocket(self.gateway, received), interface=str(self.local_address)
+        )
+        self.closed = False
 
     def send(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
-            self.port.write(data)
+            self.port.write(data, (self.gateway, wire.SERVER_PORT))
         except OSError:
-            pass  # ICMP unreachable from the last send, say: the retransmission times out
+            pass  # unreachable just now, say: the retransmission or its timeout follows
 
     def close(self) -> None:
-        self.port.stopListening()
+        if not self.closed:
+            self.closed = True
+            self.port.stopListening()
 
 
 ChannelFactory = Callable[[IPAddress, Callable[[bytes], None]], Channel]
