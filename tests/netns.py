@@ -433,10 +433,11 @@ class Router(Host):
         for rule in rules:
             self.run(self.iptables, "-w", *rule)
 
-    def start_miniupnpd(self, allowed: str | None = None) -> subprocess.Popen:
+    def start_miniupnpd(self, allowed: str | None = None, pcp: bool = True) -> subprocess.Popen:
         """miniupnpd on this ("upnp") router: PCP/NAT-PMP and UPnP IGD on the LAN,
         its external address checked by STUN (Lab.stun_server must run), mapping
-        only for `allowed` (a network: the LAN by default; others are refused).
+        only for `allowed` (a network: the LAN by default; others are refused),
+        with PCP/NAT-PMP (`pcp`) or with UPnP IGD only.
         It answers no request before its STUN test ends (about 10 s):
         `miniupnpd_ready()` says when."""
         assert self.mode == "upnp", "miniupnpd runs on a router made with mode='upnp'"
@@ -446,7 +447,7 @@ class Router(Host):
                 "ext_ifname=wan\n"
                 "listening_ip=lan\n"
                 "http_port=0\n"
-                "enable_natpmp=yes\n"
+                f"enable_natpmp={'yes' if pcp else 'no'}\n"
                 "enable_upnp=yes\n"
                 "secure_mode=yes\n"
                 "system_uptime=yes\n"
@@ -471,7 +472,10 @@ class Router(Host):
             return handle.read()
 
     def miniupnpd_ready(self) -> bool:
-        return "Listening for NAT-PMP/PCP traffic" in self.miniupnpd_output()
+        output = self.miniupnpd_output()
+        return "Listening for NAT-PMP/PCP traffic" in output or (
+            "HTTP listening on port" in output and "Port forwarding is now enabled" in output
+        )
 
     def rebind(self) -> None:
         """Move every NAT mapping: MASQUERADE to a new port range, conntrack flushed."""

@@ -3,12 +3,13 @@ symmetric NAT router ("upnp" mode of tests/netns.py: its rules in the legacy
 iptables tables, which miniupnpd changes through libiptc), its external address
 made "public" for it by a STUN test against coturn on the simulated internet.
 
-    r3 (upnp: symmetric NAT + miniupnpd)  s 192.168.3.10
+    r3 (upnp: symmetric NAT + miniupnpd)  s 192.168.3.10   (PCP)
+    r5 (the same, UPnP IGD only)          u 192.168.5.10   (UPnP: no PCP answer)
     r1 (home)                             a 192.168.1.10
     public                                p 203.0.113.30
 
-Without a mapping, s is relayed with a (test_mesh.py shows it); with one, s is
-direct with a and p at its mapped endpoint.  A refusal is tested against
+Without a mapping, s and u are relayed with a (test_mesh.py shows it); with
+one, they are direct with a and p at their mapped endpoints.  A refusal is tested against
 constructed answers only (tests/test_portmap.py): miniupnpd 2.3.1 refuses a PCP
 request its permission rules deny by trying every external port in turn (a log
 line each, about 50 s here) before it answers NOT_AUTHORIZED, and answers
@@ -36,6 +37,7 @@ pytestmark = [
 
 WGNAT = os.path.join(BIN, "wgnat")
 MAPPED = "203.0.113.23:51820"
+UPNP_MAPPED = "203.0.113.25:51820"
 
 
 def status(mesh: MeshLab, name: str) -> dict | None:
@@ -64,6 +66,8 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
     lab.stun_server()
     r3 = lab.router("r3", "203.0.113.23/24", "192.168.3.0/24", "upnp")
     r3.start_miniupnpd()
+    r5 = lab.router("r5", "203.0.113.25/24", "192.168.5.0/24", "upnp")
+    r5.start_miniupnpd(pcp=False)
     mesh = MeshLab(lab)
     try:
         mesh.build_registry()
@@ -72,12 +76,14 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
             "a": lab.lan_host(r1, "a", "192.168.1.10/24"),
             "p": lab.public_host("p", "203.0.113.30/24"),
             "s": lab.lan_host(r3, "s", "192.168.3.10/24"),
+            "u": lab.lan_host(r5, "u", "192.168.5.10/24"),
         }
         for name, host in hosts.items():
             mesh.add_client(name, host)
         mesh.start_registry()
         built = time.monotonic() - begun
-        wait_until(r3.miniupnpd_ready, 30, interval=0.1, what="miniupnpd's STUN test")
+        for router in (r3, r5):
+            wait_until(router.miniupnpd_ready, 30, interval=0.1, what="miniupnpd's STUN test")
         ready = time.monotonic() - begun
         started = time.monotonic()
         for name in hosts:
@@ -110,15 +116,28 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
             mesh,
             f"s's status shows its mapping: {mapping}",
         )
+        # u's gateway answers no PCP: UPnP IGD after PCP's 3.75 s of retries.
+        for other in ("a", "p"):
+            wait_until(
+                lambda other=other: mesh.direct("u", other) and mesh.direct(other, "u"),
+                20,
+                interval=0.02,
+                what=f"u-{other} direct",
+            )
+        upnp_direct = time.monotonic() - started
+        check(mesh.direct("a", "u") == UPNP_MAPPED, mesh, "a reaches u at its UPnP mapping")
+        mapping = port_mapping(mesh, "u")
+        check(mapping.get("protocol") == "upnp", mesh, f"u holds a UPnP mapping: {mapping}")
         # A clean stop deletes the mapping on the gateway.
-        mesh.clients["s"].daemon.stop()
-        rules = r3.run("iptables-legacy", "-t", "nat", "-S", "MINIUPNPD").stdout
-        check("51820" not in rules, mesh, f"s's mapping deleted on stop: {rules}")
-        check("deleted" in mesh.clients["s"].daemon.log(), mesh, "s logs the deletion")
+        for name, router in (("s", r3), ("u", r5)):
+            mesh.clients[name].daemon.stop()
+            rules = router.run("iptables-legacy", "-t", "nat", "-S", "MINIUPNPD").stdout
+            check("51820" not in rules, mesh, f"{name}'s mapping deleted on stop: {rules}")
+            check("deleted" in mesh.clients[name].daemon.log(), mesh, f"{name} logs it")
         print(
             f"gateway: lab built {built:.1f} s, miniupnpd mapping from {ready:.1f} s "
             f"(its STUN test); s direct with a and p {to_direct:.2f} s after the clients "
-            f"started (mapped endpoint {MAPPED}, PCP)"
+            f"started (mapped endpoint {MAPPED}, PCP); u (UPnP IGD) {upnp_direct:.2f} s"
         )
     finally:
         mesh.stop_all()

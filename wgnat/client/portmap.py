@@ -370,7 +370,8 @@ class UpnpIgd:
             try:
                 found = client.discover()
             except Exception as exc:  # miniupnpc says "Success" (errno 0) for none
-                raise MappingFailed(f"no UPnP IGD answered discovery ({exc})") from None
+                detail = "" if str(exc) in ("", "Success") else f" ({exc})"
+                raise MappingFailed(f"no UPnP IGD answered discovery{detail}") from None
             if not found:
                 raise MappingFailed("no UPnP IGD answered discovery")
             try:
