@@ -276,3 +276,26 @@ def test_a_mapping_announced_while_a_peer_probes_makes_it_probe_anew_at_once():
         assert a.paths()[ks] is Path.PROBING and ks in a.mesh.managed
     finally:
         net.stop()
+
+
+def test_a_mapping_of_another_address_than_the_public_one_is_not_announced(logged):
+    """A gateway behind another NAT (a carrier's) maps its own outside address,
+    which no peer can reach: the registry sees this host elsewhere."""
+    net = SimulatedNetwork()
+    try:
+        net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+        net.add_host("s", "198.51.100.3", "198.51.100.99:40123")  # the carrier's NAT
+        a = net.agent("a")
+        s = net.agent("s", start=False)
+        s.port_mapper = PortMapper(net.clock, lambda: None, None, upnp=OneShotGateway(net.clock))
+        s.startService()
+        net.clock.advance(0)
+        assert s.port_mapper.state == "held" and s.mapped_endpoint() is None
+        assert s.follower.announced.mapped_endpoint is None
+        ks = net.hosts["s"].key
+        assert str(net.hosts["a"].device.peers[ks].endpoint) == "198.51.100.99:40123"
+        assert a.view.peers[ks].mapped_endpoint is None
+        warned = [line for line in logged if "not announced" in line]
+        assert len(warned) == 1 and "another NAT lies beyond the gateway" in warned[0]
+    finally:
+        net.stop()

@@ -112,7 +112,8 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
         check(
             mapping["state"] == "held"
             and mapping["protocol"] == "pcp"
-            and mapping["external_endpoint"] == MAPPED,
+            and mapping["external_endpoint"] == MAPPED
+            and mapping["announced"] is True,
             mesh,
             f"s's status shows its mapping: {mapping}",
         )

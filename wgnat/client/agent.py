@@ -24,7 +24,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wgnat._types import Announcement, IPAddress, IPInterface, IPNetwork, PublicKey, peer_label
+from wgnat._types import (
+    Announcement,
+    Endpoint,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    PublicKey,
+    peer_label,
+)
 from wgnat.client.follower import RegistryConnection, RegistryFollower
 from wgnat.client.lan import lan_endpoints
 from wgnat.client.metrics import ClientMetrics
@@ -101,6 +109,7 @@ class MeshAgent(service.Service):
         self.state_store = state_store
         # None: --no-port-mapping.  Started after the registry is first asked.
         self.port_mapper = port_mapper
+        self._mapping_refused: Endpoint | None = None  # said once: not announced, why
         self.wall = wall  # the wall clock, for the retry moments both ends share
         self.view = RegistryView()
         self.mesh: Mesh | None = None
@@ -242,14 +251,32 @@ class MeshAgent(service.Service):
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
-            mapping = self.port_mapper.mapping if self.port_mapper is not None else None
             return Announcement(
-                self.session,
-                tuple(lan_endpoints(lan, self.listen_port)),
-                mapping.external if mapping is not None else None,
+                self.session, tuple(lan_endpoints(lan, self.listen_port)), self.mapped_endpoint()
             )
 
         return self._find_lan().addCallback(announce)
+
+    def mapped_endpoint(self) -> Endpoint | None:
+        """The port mapping's external endpoint, to announce: only once the
+        registry has seen this host at that address.  A gateway behind another
+        NAT (a carrier's) maps an address no peer can reach, and peers would
+        try it before the endpoint the registry observes."""
+        mapping = self.port_mapper.mapping if self.port_mapper is not None else None
+        mine = self.view.my_endpoint
+        if mapping is None or mine is None:
+            return None
+        if mine.host != mapping.external.host:
+            if self._mapping_refused != mapping.external:
+                self._mapping_refused = mapping.external
+                log.warn(
+                    "port mapping {external} not announced: the registry sees this host at "
+                    "{public}, so another NAT lies beyond the gateway",
+                    external=mapping.external,
+                    public=mine.host,
+                )
+            return None
+        return mapping.external
 
     def _mapping_changed(self, mapping: PortMapping | None) -> None:
         if self.follower is not None and self.running:
@@ -261,6 +288,11 @@ class MeshAgent(service.Service):
         # the first answer must start that timer.
         if changed or (full and not self._planned):
             self.reconcile_soon()
+        follower = self.follower
+        if self.port_mapper is not None and follower is not None:
+            announced = follower.announced.mapped_endpoint if follower.announced else None
+            if announced != self.mapped_endpoint():
+                follower.announcement_changed()  # our public address is known (or moved)
 
     # -- reconciling the device ------------------------------------------
     def reconcile_soon(self) -> None:

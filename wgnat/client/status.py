@@ -70,7 +70,10 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         state_error=agent.state_error,
         operation_errors=dict(agent.operation_errors),
         port_mapping=(
-            agent.port_mapper.describe(agent.reactor.seconds())
+            {
+                **agent.port_mapper.describe(agent.reactor.seconds()),
+                "announced": agent.mapped_endpoint() is not None,
+            }
             if agent.port_mapper is not None
             else None
         ),
