@@ -5,11 +5,14 @@ made "public" for it by a STUN test against coturn on the simulated internet.
 
     r3 (upnp: symmetric NAT + miniupnpd)  s 192.168.3.10   (PCP)
     r5 (the same, UPnP IGD only)          u 192.168.5.10   (UPnP: no PCP answer)
+    r4 (symmetric NAT, no mapping)        y 192.168.4.10
     r1 (home)                             a 192.168.1.10
     public                                p 203.0.113.30
 
 Without a mapping, s and u are relayed with a (test_mesh.py shows it); with
-one, they are direct with a and p at their mapped endpoints.  A refusal is tested against
+one, they are direct with a and p at their mapped endpoints, and even with y,
+behind a symmetric NAT of its own: y's initiation reaches s through the
+mapping, and s answers where it came from.  A refusal is tested against
 constructed answers only (tests/test_portmap.py): miniupnpd 2.3.1 refuses a PCP
 request its permission rules deny by trying every external port in turn (a log
 line each, about 50 s here) before it answers NOT_AUTHORIZED, and answers
@@ -72,11 +75,13 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
     try:
         mesh.build_registry()
         r1 = lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")
+        r4 = lab.router("r4", "203.0.113.24/24", "192.168.4.0/24", "symmetric")
         hosts = {
             "a": lab.lan_host(r1, "a", "192.168.1.10/24"),
             "p": lab.public_host("p", "203.0.113.30/24"),
             "s": lab.lan_host(r3, "s", "192.168.3.10/24"),
             "u": lab.lan_host(r5, "u", "192.168.5.10/24"),
+            "y": lab.lan_host(r4, "y", "192.168.4.10/24"),
         }
         for name, host in hosts.items():
             mesh.add_client(name, host)
@@ -88,7 +93,7 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
         started = time.monotonic()
         for name in hosts:
             mesh.start_client(name)
-        for other in ("a", "p"):
+        for other in ("a", "p", "y"):
             try:
                 wait_until(
                     lambda other=other: mesh.direct("s", other) and mesh.direct(other, "s"),
@@ -117,6 +122,7 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
             mesh,
             f"s's status shows its mapping: {mapping}",
         )
+        check(mesh.direct("y", "s") == MAPPED, mesh, "y reaches s at its mapped endpoint")
         # u's gateway answers no PCP: UPnP IGD after PCP's 3.75 s of retries.
         for other in ("a", "p"):
             wait_until(
@@ -137,7 +143,7 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
             check("deleted" in mesh.clients[name].daemon.log(), mesh, f"{name} logs it")
         print(
             f"gateway: lab built {built:.1f} s, miniupnpd mapping from {ready:.1f} s "
-            f"(its STUN test); s direct with a and p {to_direct:.2f} s after the clients "
+            f"(its STUN test); s direct with a, p and y {to_direct:.2f} s after the clients "
             f"started (mapped endpoint {MAPPED}, PCP); u (UPnP IGD) {upnp_direct:.2f} s"
         )
     finally:
