@@ -299,3 +299,49 @@ def test_a_mapping_of_another_address_than_the_public_one_is_not_announced(logge
         assert len(warned) == 1 and "another NAT lies beyond the gateway" in warned[0]
     finally:
         net.stop()
+
+
+def test_status_and_metrics_say_which_mapping_is_held():
+    from prometheus_client import generate_latest
+
+    from wgnat.cli.tables import format_status
+    from wgnat.client.status import client_info, client_status
+
+    net = SimulatedNetwork()
+    try:
+        net.add_host("s", "198.51.100.3", "203.0.113.23:40123")
+        s = net.agent("s", start=False)
+        s.port_mapper = PortMapper(net.clock, lambda: None, None, upnp=OneShotGateway(net.clock))
+        s.startService()
+        net.clock.advance(0)
+        net.clock.advance(100)
+        document = client_status(
+            client_info(s), s.mesh, s.view, net.hosts["s"].device.snapshot(), net.clock.seconds()
+        )
+        assert document["port_mapping"] == {
+            "state": "held",
+            "protocol": "pcp",
+            "external_endpoint": "203.0.113.23:51820",
+            "lifetime": 600,
+            "expires_in": 500.0,
+            "error": None,
+            "announced": True,
+        }
+        assert (
+            "  port mapping: 203.0.113.23:51820 (pcp, lifetime 600 s, expires in 500.0 s)"
+            in format_status(document).splitlines()
+        )
+        scraped = generate_latest(s.metrics.registry).decode()
+        assert 'wgnat_client_port_mapping_held{protocol="pcp"} 1.0' in scraped
+        assert 'wgnat_client_port_mapping_held{protocol="upnp"} 0.0' in scraped
+        assert (
+            'wgnat_client_port_mapping_info{external_endpoint="203.0.113.23:51820"} 1.0' in scraped
+        )
+        assert "wgnat_client_port_mapping_remaining_seconds 500.0" in scraped
+        s.stopService()
+        net.clock.advance(0)
+        scraped = generate_latest(s.metrics.registry).decode()
+        assert 'wgnat_client_port_mapping_held{protocol="pcp"} 0.0' in scraped
+        assert "wgnat_client_port_mapping_info{" not in scraped
+    finally:
+        net.stop()
