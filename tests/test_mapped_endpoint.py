@@ -345,3 +345,19 @@ def test_status_and_metrics_say_which_mapping_is_held():
         assert "wgnat_client_port_mapping_info{" not in scraped
     finally:
         net.stop()
+
+
+def test_no_port_mapping_turns_the_mapper_off(monkeypatch):
+    from twisted.internet.task import Clock
+
+    from wgnat.client import tap
+
+    monkeypatch.setattr(
+        tap, "open_device_or_exit", lambda name, ifname, reactor: MemoryDevice(ifname)
+    )
+    monkeypatch.setattr(tap, "use_steady_time", lambda reactor: None)
+    for flags, expected in (([], True), (["--no-port-mapping"], False)):
+        options = tap.Options()
+        options.parseOptions(["-r", new_key().base64, "--status-socket", "", *flags])
+        daemon = tap.makeService(options, reactor=Clock())
+        assert (daemon.agent.port_mapper is not None) is expected
