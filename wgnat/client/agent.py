@@ -109,7 +109,7 @@ class MeshAgent(service.Service):
         self.state_store = state_store
         # None: --no-port-mapping.  Started after the registry is first asked.
         self.port_mapper = port_mapper
-        self._mapping_refused: Endpoint | None = None  # said once: not announced, why
+        self._mapping_withheld: Endpoint | None = None  # said once: not announced, why
         self.wall = wall  # the wall clock, for the retry moments both ends share
         self.view = RegistryView()
         self.mesh: Mesh | None = None
@@ -267,8 +267,8 @@ class MeshAgent(service.Service):
         if mapping is None or mine is None:
             return None
         if mine.host != mapping.external.host:
-            if self._mapping_refused != mapping.external:
-                self._mapping_refused = mapping.external
+            if self._mapping_withheld != mapping.external:
+                self._mapping_withheld = mapping.external
                 log.warn(
                     "port mapping {external} not announced: the registry sees this host at "
                     "{public}, so another NAT lies beyond the gateway",
