@@ -146,14 +146,17 @@ def parse_network(text: object) -> IPNetwork:
 @dataclass(frozen=True)
 class Announcement:
     """What a client tells the registry about itself: its LAN endpoints (for peers
-    behind the same NAT) and a session id, new at every client start, which tells
-    the others that a wgnat client now runs there and will punch back."""
+    behind the same NAT), the public endpoint its gateway maps to its listen port
+    (NAT-PMP, PCP or UPnP: reachable even through a symmetric NAT), and a session
+    id, new at every client start, which tells the others that a wgnat client now
+    runs there and will punch back."""
 
     session: str
     lan_endpoints: tuple[Endpoint, ...] = ()
     # Two registries saw this host at one public address with different ports:
     # its NAT maps each destination to a port of its own (several -r only).
     symmetric_nat: bool = False
+    mapped_endpoint: Endpoint | None = None
 
     def __post_init__(self) -> None:
         if (

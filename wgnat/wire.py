@@ -13,8 +13,15 @@ An answer:
     {"epoch": "5f0c…", "version": 7, "full": true,
      "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
      "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
-                "last_handshake_age"}, ...],
+                "last_handshake_age", ["mapped_endpoint"]}, ...],
      "removed": ["<public key>", ...]}
+
+"mapped_endpoint" ("IP:PORT", the public endpoint the peer's gateway maps to its
+listen port: NAT-PMP, PCP or UPnP IGD) is there only for a peer that announced
+one, and an announcement carries it only when the client holds a mapping: a
+registry or client that predates it never sees it (nor its bytes), and ignores
+it where it does (a client ignores unknown fields of an answer; a client whose
+announcement an older registry refuses for it announces again without it).
 
 A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
 answer first, then one shared line per change (the same document for every
@@ -45,6 +52,7 @@ from wgnat._types import (
 MAX_PEERS = 100_000
 MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
+ANNOUNCEMENT_FIELDS = frozenset({"session", "lan_endpoints", "mapped_endpoint", "symmetric_nat"})
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -75,6 +83,8 @@ class RemotePeer:
     # It announced that its NAT maps each destination to a port of its own
     # (two registries saw it so): no direct path with another such peer.
     symmetric_nat: bool = False
+    # The public endpoint its gateway maps to its listen port (port mapping).
+    mapped_endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +117,12 @@ def peer_digest(
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
     symmetric_nat: bool = False,
+    mapped_endpoint: Endpoint | None = None,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
-    in O(1) per change and adjusts per caller in O(1)."""
+    in O(1) per change and adjusts per caller in O(1).  A mapped endpoint is
+    added only when there is one, so a peer without it digests as before."""
     text = "|".join(
         (
             public_key.base64,
@@ -122,6 +134,8 @@ def peer_digest(
     )
     if symmetric_nat:  # only then: digests of peers without it stay as they were
         text += "|symmetric"
+    if mapped_endpoint is not None:
+        text += f"|mapped {mapped_endpoint}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -145,7 +159,8 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
             peer.allowed_ips,
             peer.lan_endpoints,
             peer.session,
-            peer.symmetric_nat,
+            symmetric_nat=peer.symmetric_nat,
+            mapped_endpoint=peer.mapped_endpoint,
         )
     return format_digest(total)
 
@@ -173,6 +188,8 @@ def encode_peer(
     }
     if announcement is not None and announcement.symmetric_nat:
         document["symmetric_nat"] = True  # only then: older clients never see it
+    if announcement is not None and announcement.mapped_endpoint is not None:
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
     return document
 
 
@@ -235,6 +252,8 @@ def encode_announcement(announcement: Announcement) -> dict[str, Any]:
     if announcement.symmetric_nat:
         # Only then: a registry older than this field refuses unknown fields.
         document["symmetric_nat"] = True
+    if announcement.mapped_endpoint is not None:
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
     return document
 
 
@@ -251,14 +270,13 @@ def decode_json(body: bytes, what: str) -> Any:
 
 def parse_announcement(document: Any) -> Announcement:
     """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
-    each reachable from another host, duplicates dropped."""
-    if not isinstance(document, dict) or set(document) - {
-        "lan_endpoints",
-        "session",
-        "symmetric_nat",
-    }:
+    each reachable from another host, duplicates dropped; at most one mapped
+    endpoint, reachable from another host; whether two registries saw it
+    behind a symmetric NAT."""
+    if not isinstance(document, dict) or set(document) - ANNOUNCEMENT_FIELDS:
         raise InvalidValue(
-            'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], "symmetric_nat": false}'
+            'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
+            '"mapped_endpoint": "IP:PORT" (optional), "symmetric_nat": false (optional)}'
         )
     symmetric = document.get("symmetric_nat", False)
     if not isinstance(symmetric, bool):
@@ -276,8 +294,16 @@ def parse_announcement(document: Any) -> Announcement:
             raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
         if endpoint not in endpoints:
             endpoints.append(endpoint)
+    mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
+    if mapped is not None and not reachable_from_elsewhere(mapped):
+        raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
     try:
-        return Announcement(document.get("session"), tuple(endpoints), symmetric)  # type: ignore[arg-type]
+        return Announcement(
+            document.get("session"),  # type: ignore[arg-type]
+            tuple(endpoints),
+            symmetric_nat=symmetric,
+            mapped_endpoint=mapped,
+        )
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
 
@@ -338,8 +364,11 @@ def _peer(document: Any, index: int) -> RemotePeer:
         tuple(allowed),
         lan,
         session,
-        None if age is None else float(age),
-        symmetric,
+        handshake_age=None if age is None else float(age),
+        symmetric_nat=symmetric,
+        mapped_endpoint=_optional_endpoint(
+            document.get("mapped_endpoint"), f"{where}: mapped_endpoint"
+        ),
     )
 
 

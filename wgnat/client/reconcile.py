@@ -349,10 +349,12 @@ class Mesh:
 
     # -- helpers ----------------------------------------------------------
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
-        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint.
-        Only one the registry itself would accept (`reachable_from_elsewhere`):
-        a registry that serves ::ffff:127.0.0.1 must not aim our handshakes at
-        this host's own services."""
+        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint;
+        else the port its gateway maps for it, when it announced one; else the
+        endpoint the registry observes.  Only a LAN or mapped endpoint the
+        registry itself would accept (`reachable_from_elsewhere`): a registry
+        that serves ::ffff:127.0.0.1 must not aim our handshakes at this host's
+        own services."""
         lan = [ep for ep in remote.lan_endpoints if reachable_from_elsewhere(ep)]
         if (
             remote.endpoint is not None
@@ -364,6 +366,10 @@ class Mesh:
                 if any(endpoint.host in network for network in self.lan_networks):
                     return endpoint
             return lan[0]
+        if remote.mapped_endpoint is not None and reachable_from_elsewhere(remote.mapped_endpoint):
+            # Its gateway forwards this port to it (port mapping): reachable
+            # whatever its NAT does to other ports, a symmetric NAT included.
+            return remote.mapped_endpoint
         return remote.endpoint
 
     def backoff(self, attempts: int) -> float:
@@ -740,6 +746,22 @@ class Mesh:
         if peer_path.path is Path.PROBING:
             peer_path.deadline = now + self.settings.probe_timeout
         self.events.append(Event("rebinding", key, f"{old} -> {target}"))
+        if peer_path.path is Path.PROBING:
+            # Its first initiation went to the old endpoint and is still pending:
+            # WireGuard sends no other for 5 s (REKEY_TIMEOUT), whatever we set,
+            # so the peer is made anew, which initiates at once (a port mapping
+            # announced just after the peer was first probed, say).
+            return [
+                Action("remove", key, f"endpoint moved from {old} to {target} while probing"),
+                Action(
+                    "probe",
+                    key,
+                    f"probing {target} (its endpoint moved); traffic stays relayed until a "
+                    "handshake",
+                    endpoint=target,
+                    keepalive=self.settings.keepalive,
+                ),
+            ]
         return [
             Action("endpoint", key, f"endpoint moved from {old} to {target}", endpoint=target),
             self._kick(key, "to open the new NAT mapping at once"),

@@ -382,9 +382,10 @@ class Registry:
                     self.on_change()
             if changed:
                 log.info(
-                    "{peer} announced LAN endpoints {endpoints}",
+                    "{peer} announced LAN endpoints {endpoints}, mapped endpoint {mapped}",
                     peer=caller.short,
                     endpoints=", ".join(map(str, announcement.lan_endpoints)) or "(none)",
+                    mapped=announcement.mapped_endpoint or "(none)",
                 )
                 self.notify()
             return changed

@@ -64,7 +64,8 @@ class PeerRecord:
             self.allowed_ips,
             announcement.lan_endpoints if announcement else (),
             announcement.session if announcement else None,
-            announcement.symmetric_nat if announcement else False,
+            symmetric_nat=announcement.symmetric_nat if announcement else False,
+            mapped_endpoint=announcement.mapped_endpoint if announcement else None,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -154,7 +155,8 @@ class RegistryModel:
         announcement = Announcement(
             announcement.session,
             tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
-            announcement.symmetric_nat,
+            symmetric_nat=announcement.symmetric_nat,
+            mapped_endpoint=announcement.mapped_endpoint,
         )
         if self.announcements.get(key) == announcement:
             return False

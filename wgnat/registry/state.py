@@ -43,10 +43,12 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
+    mapped = value.get("mapped")  # absent in files of registries before port mapping
     return Announcement(
         value["session"],
         tuple(Endpoint.parse(e) for e in value["lan"]),
-        bool(value.get("symmetric_nat", False)),
+        symmetric_nat=bool(value.get("symmetric_nat", False)),
+        mapped_endpoint=Endpoint.parse(mapped) if mapped else None,
     )
 
 
@@ -59,6 +61,8 @@ def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | 
     }
     if announcement.symmetric_nat:
         encoded["symmetric_nat"] = True
+    if announcement.mapped_endpoint is not None:
+        encoded["mapped"] = str(announcement.mapped_endpoint)
     return encoded
 
 

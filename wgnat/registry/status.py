@@ -68,6 +68,9 @@ def registry_status(
                 "lan_endpoints": (
                     [str(e) for e in announcement.lan_endpoints] if announcement else []
                 ),
+                "mapped_endpoint": endpoint_text(
+                    announcement.mapped_endpoint if announcement else None
+                ),
                 **device_fields(peer, now),
             }
         )
