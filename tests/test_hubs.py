@@ -1,5 +1,5 @@
 """Several registries (issue 15): merging their views, choosing the hub that
-relays and moving it when that hub dies (never back for being preferred), and
+relays and moving it when that hub dies (back to the first hub once it has been live for a while), and
 telling a symmetric NAT from the two hubs' views.  Pure, on plain numbers."""
 
 from __future__ import annotations
@@ -216,17 +216,64 @@ def test_unanswered_relayed_data_moves_the_relay_sooner() -> None:
     assert move.to_key == HUB2 and "data sent" in move.reason
 
 
-def test_the_relay_does_not_come_back_when_the_first_hub_does() -> None:
+def test_the_relay_comes_back_to_the_first_hub_once_it_has_been_live_for_a_while() -> None:
+    """Every client must relay through the same hub (a relayed packet is taken
+    only from the peer holding its source address): the first live hub in -r
+    order is the one every client converges on, after RETURN_AFTER live."""
     hubs = Hubs()
     hubs.tick(5)
     assert len(hubs.tick(30, alive=(HUB2,))) == 1
-    # Hub 1 is back (handshakes, keep-alives): the relay stays where it is.
-    hubs.handshakes[HUB1] = hubs.now
-    assert hubs.tick(300) == []
-    assert hubs.choice.relay == HUB2
-    # Until hub 2 dies in turn: then back by the same rule.
-    moves = hubs.tick(30, alive=(HUB1,))
+    hubs.handshakes[HUB1] = hubs.now  # hub 1 is back (handshakes, keep-alives)
+    back_at = hubs.now
+    moves = hubs.tick(60)
     assert [move.to_key for _, move in moves] == [HUB1]
+    at = T0 + moves[0][0]
+    assert back_at + 30 <= at <= back_at + 32
+    assert "again: live for 30 s and before" in moves[0][1].reason
+    assert hubs.allowed[HUB1] == ("198.51.100.1/32", TUNNEL)
+    assert hubs.allowed[HUB2] == ("198.51.100.101/32",)
+    assert hubs.tick(300) == []  # and stays
+
+
+def test_a_hub_that_comes_and_goes_never_takes_the_relay_back() -> None:
+    """No flapping: each time hub 1 is back for less than RETURN_AFTER (as this
+    client sees it: its death is noticed 17 s after it falls silent), the relay
+    stays on hub 2."""
+    hubs = Hubs()
+    hubs.tick(5)
+    assert len(hubs.tick(30, alive=(HUB2,))) == 1
+    for _ in range(5):
+        hubs.handshakes[HUB1] = hubs.now
+        assert hubs.tick(10) == []  # back for 10 s, taken for live 10 + 17 s
+        assert hubs.tick(25, alive=(HUB2,)) == []  # gone again
+    assert hubs.choice.relay == HUB2 and hubs.choice.moves == 1
+
+
+def test_a_client_restarted_on_the_first_hub_and_one_that_failed_over_converge() -> None:
+    """The split the Compose testbed found: a client that failed over to hub 2
+    and one restarted afterwards (its device configured with the routes on
+    hub 1) relay through different hubs, so their relayed pair is cut; within
+    RETURN_AFTER both relay through hub 1 again."""
+    failed_over = Hubs()
+    failed_over.tick(5)
+    failed_over.tick(30, alive=(HUB2,))
+    assert failed_over.choice.relay == HUB2
+    failed_over.handshakes[HUB1] = failed_over.now
+    restarted = Hubs()  # starts now, hub 1 configured with the routes, both hubs up
+    restarted.now = failed_over.now
+    for _ in range(35):
+        failed_over.tick(1)
+        restarted.tick(1)
+    assert failed_over.choice.relay == restarted.choice.relay == HUB1
+
+
+def test_the_device_is_read_again_when_the_first_hubs_wait_is_over() -> None:
+    hubs = Hubs()
+    hubs.tick(5)
+    hubs.tick(30, alive=(HUB2,))
+    hubs.handshakes[HUB1] = hubs.now
+    hubs.tick(1)  # the read that sees it live again
+    assert hubs.choice.next_check(hubs.now) == hubs.now + 30
 
 
 def test_no_move_while_no_other_hub_is_live() -> None:

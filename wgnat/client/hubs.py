@@ -8,10 +8,17 @@ start that is the hub configured with them (the first in `-r` order when
 several are); a hub configured with none of them takes them only by the same
 rule as any move.
 
-The relay moves only when its hub is dead, to the first live hub in `-r` order,
-and never back for being preferred: a hub that comes back takes the routes
-again only when the one holding them dies in turn (no flapping).  Direct peers
-are never touched: they route their own addresses, which are more specific.
+The relay moves when its hub is dead, to the first live hub in `-r` order, and
+back to a hub earlier in that order once it has been live for `return_after`
+seconds without a break.  Every client must relay through the same hub: a
+relayed packet arrives from the hub that relayed it, and WireGuard accepts it
+only from the peer that holds its source address (allowed IPs are the filter
+in), so a pair split across two hubs is cut.  Staying on the hub that took over
+for good would split the mesh as soon as one client restarts (it starts on the
+hub configured with the routes); the first live hub in `-r` order is the one
+choice every client converges on.  The wait keeps a hub that comes and goes
+from taking the routes back each time (no flapping).  Direct peers are never
+touched: they route their own addresses, which are more specific.
 
 A hub is dead when (`why_dead`):
 - no handshake for 180 s (WireGuard's REJECT_AFTER_TIME; a client's keepalive
@@ -44,6 +51,11 @@ UNANSWERED_AFTER = 11.0
 HANDSHAKE_DEAD_AFTER = 180.0
 # A hub with no handshake yet is given one lost initiation (5 s) and a second.
 START_GRACE = 6.0
+# A hub earlier in -r order than the one relaying takes the routes back after
+# this long live without a break: long enough that a hub coming and going does
+# not pull them back and forth, short enough that a mesh split across two hubs
+# (a client restarted after a failover) is whole again within a minute.
+RETURN_AFTER = 30.0
 # How often the device is read while a hub is quieter than usual or data to it
 # goes unanswered, so that its death is noticed within a second of the proof.
 QUIET_RECHECK = 1.0
@@ -60,6 +72,7 @@ class HubSettings:
     unanswered_after: float = UNANSWERED_AFTER
     handshake_dead_after: float = HANDSHAKE_DEAD_AFTER
     start_grace: float = START_GRACE
+    return_after: float = RETURN_AFTER
     quiet_after: float = QUIET_AFTER
     quiet_recheck: float = QUIET_RECHECK
     keepalive: int = 25  # the client's persistent keepalive to its hubs
@@ -80,6 +93,7 @@ class HubLink:
     handshake: float | None = None
     on_device: bool = True
     heard: bool = False  # anything received from it since we began watching
+    live_since: float | None = None  # live without a break since (None: not live)
 
     @property
     def host_route(self) -> IPNetwork:
@@ -171,6 +185,10 @@ class HubChoice:
         on_device = device.by_key()
         for link in self.links:
             self._watch(link, on_device.get(link.key), now, (heard or {}).get(link.key))
+            if not self.live(link, now):
+                link.live_since = None
+            elif link.live_since is None:
+                link.live_since = now
         return self._decide(now)
 
     def _watch(
@@ -230,7 +248,7 @@ class HubChoice:
         current = self.link(self.relay) if self.relay is not None else None
         why = None if current is None else self.why_dead(current, now)
         if current is not None and why is None:
-            return None
+            return self._return(current, now)
         for link in self.links:
             if link is current or not self.live(link, now):
                 continue
@@ -251,6 +269,26 @@ class HubChoice:
             return move
         return None
 
+    def _return(self, current: HubLink, now: float) -> RelayMove | None:
+        """The relay is live: back to the first hub before it in `-r` order
+        that has been live for `return_after` s, if any."""
+        for link in self.links:
+            if link is current:
+                return None
+            if link.live_since is not None and now - link.live_since >= self.settings.return_after:
+                self.relay = link.key
+                self.moves += 1
+                return RelayMove(
+                    link.key,
+                    self._with_host(link, self.routes),
+                    current.key,
+                    (current.host_route,),
+                    f"relaying through {link.key.short} again: live for "
+                    f"{now - link.live_since:.0f} s and before {current.key.short} in -r "
+                    "order (every client relays through the first live hub)",
+                )
+        return None
+
     @staticmethod
     def _with_host(link: HubLink, routes: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
         kept = [link.host_route]
@@ -261,20 +299,32 @@ class HubChoice:
 
     def next_check(self, now: float) -> float | None:
         """When the device should be read again to notice a hub's death in
-        time: soon while a hub is quieter than usual or unanswered, or still
-        owes its first handshake; None when nothing is pending."""
+        time (soon while a hub is quieter than usual or unanswered, or still
+        owes its first handshake), or to give the routes back to an earlier
+        hub when its wait is over; None when nothing is pending."""
+        times = []
         for link in self.links:
             if not link.on_device:
                 continue
             if not link.heard and now - link.watched_since < self.settings.start_grace:
-                return now + self.settings.quiet_recheck
-            if link.key == self.relay or self.relay is None:
+                times.append(now + self.settings.quiet_recheck)
+            elif link.live_since is not None and self._before_relay(link):
+                times.append(max(now, link.live_since + self.settings.return_after))
+            elif link.key == self.relay or self.relay is None:
                 if (
                     now - link.rx_changed_at > self.settings.quiet_after
                     or link.unanswered_since is not None
                 ):
-                    return now + self.settings.quiet_recheck
-        return None
+                    times.append(now + self.settings.quiet_recheck)
+        return min(times) if times else None
+
+    def _before_relay(self, link: HubLink) -> bool:
+        for other in self.links:
+            if other.key == self.relay:
+                return False
+            if other is link:
+                return self.relay is not None
+        return False
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
         """Each hub for `wgnat status`: key, address, relays, live, why not."""
