@@ -1,6 +1,7 @@
 """Several registries (issue 15): merging their views, choosing the hub that
-relays and moving it when that hub dies (back to the first hub once it has been live for a while), and
-telling a symmetric NAT from the two hubs' views.  Pure, on plain numbers."""
+relays and moving it when that hub dies (back to the first hub once it has been
+live for a while), and telling a symmetric NAT from the two hubs' views.  Pure,
+on plain numbers."""
 
 from __future__ import annotations
 
