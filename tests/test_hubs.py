@@ -5,6 +5,8 @@ on plain numbers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.merge import HubView, merge_views, own_endpoint, symmetric_nat
@@ -495,6 +497,43 @@ def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed()
     assert ("set", kt) not in [(kind, u.public_key) for kind, u in ds.operations]
     assert kp in s.paths() and kp in t.paths()
     assert p.view.peers[ks].symmetric_nat
+
+
+def test_a_symmetric_verdict_is_kept_through_one_agreeing_answer() -> None:
+    """A hub that comes back reports this host at a stale port until our next
+    handshake with it (the namespace test found s probing t for a moment):
+    the verdict clears only after the registries agree for 300 s."""
+    from wgnat.client.merge import SymmetricVerdict
+
+    verdict = SymmetricVerdict()
+    assert not verdict.update(False, 0) and not verdict.symmetric
+    assert verdict.update(True, 1) and verdict.symmetric
+    assert not verdict.update(False, 2) and verdict.symmetric  # the stale answer
+    assert not verdict.update(True, 3) and verdict.symmetric  # proven again: wait anew
+    assert not verdict.update(False, 4)
+    assert not verdict.update(False, 303) and verdict.symmetric
+    assert verdict.update(False, 304) and not verdict.symmetric
+
+
+def test_an_agent_keeps_its_symmetric_verdict_while_a_hub_briefly_agrees() -> None:
+    net = TwoHubs()
+    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    s, _t = net.agent("s"), net.agent("t")
+    net.clock.advance(1)
+    assert s.symmetric_nat
+    # Hub 1 comes back with s at the port hub 2 sees (a stale endpoint), for
+    # ten seconds, then sees s's own mapping again.
+    net.devices[0].handshake(ks, net.clock.seconds(), endpoint=ep("203.0.113.23:40002"))
+    net.registries[0].refresh()
+    for _ in range(10):
+        net.clock.advance(1)
+        assert s.hub_views[0].my_endpoint == ep("203.0.113.23:40002")
+        assert s.symmetric_nat and kt not in s.paths()
+    net.devices[0].handshake(ks, net.clock.seconds(), endpoint=ep("203.0.113.23:40001"))
+    net.registries[0].refresh()
+    net.clock.advance(1)
+    assert s.symmetric_nat and kt not in s.paths()
 
 
 def test_a_handshake_from_before_the_start_does_not_keep_a_dead_hub_relaying() -> None:

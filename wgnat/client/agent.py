@@ -37,7 +37,7 @@ from wgnat._types import (
 from wgnat.client.follower import RegistryConnection, RegistryFollower
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.lan import lan_endpoints
-from wgnat.client.merge import HubView, merge_views, symmetric_nat
+from wgnat.client.merge import HubView, SymmetricVerdict, merge_views, symmetric_nat
 from wgnat.client.metrics import ClientMetrics
 from wgnat.client.portmap import PortMapper, PortMapping
 from wgnat.client.reconcile import (
@@ -137,7 +137,8 @@ class MeshAgent(service.Service):
         # Several registries: which hub relays (None with one registry).
         self.hubs: HubChoice | None = None
         self.hub_endpoints: list[tuple[IPAddress, int]] = []
-        self.symmetric_nat = False
+        self.symmetric_nat = False  # self.symmetric's verdict, as announced
+        self.symmetric = SymmetricVerdict()
         self._first_answers_by: float | None = None  # several registries: see above
         self.registry_address: IPAddress | None = None
         self.registry_port: int | None = None
@@ -400,9 +401,9 @@ class MeshAgent(service.Service):
         """Several registries: the mesh's view from theirs, and whether they
         see this host behind a symmetric NAT."""
         self.view = merge_views(self.hub_views, [follower.up for follower in self.followers])
-        symmetric = symmetric_nat([view.my_endpoint for view in self.hub_views])
-        if symmetric != self.symmetric_nat:
-            self.symmetric_nat = symmetric
+        proven = symmetric_nat([view.my_endpoint for view in self.hub_views])
+        if self.symmetric.update(proven, self.reactor.seconds()):
+            symmetric = self.symmetric_nat = self.symmetric.symmetric
             if self.mesh is not None:
                 self.mesh.symmetric_nat = symmetric
             for follower in self.followers:
@@ -419,7 +420,12 @@ class MeshAgent(service.Service):
                     seen=seen,
                 )
             else:
-                log.info("no symmetric NAT any more ({seen})", seen=seen)
+                log.info(
+                    "no symmetric NAT any more: the registries have agreed for {seconds:.0f} s "
+                    "({seen})",
+                    seconds=self.symmetric.clear_after,
+                    seen=seen,
+                )
 
     # -- reconciling the device ------------------------------------------
     def reconcile_soon(self) -> None:

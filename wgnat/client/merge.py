@@ -120,3 +120,37 @@ def symmetric_nat(endpoints: Sequence[Endpoint | None]) -> bool:
         if endpoint is not None:
             ports.setdefault(endpoint.host, set()).add(endpoint.port)
     return any(len(found) > 1 for found in ports.values())
+
+
+# How long two registries must agree on this host's port before a symmetric NAT
+# they proved is taken back (see SymmetricVerdict).
+SYMMETRIC_CLEAR_AFTER = 300.0
+
+
+@dataclass
+class SymmetricVerdict:
+    """Whether this host is behind a symmetric NAT, as its registries prove it:
+    set at the first proof, cleared only after `clear_after` s in which they
+    agree.  A hub that has just come back can report this host at a stale port
+    (the endpoint its device was configured or left with) until our next
+    handshake with it; clearing the verdict on that one agreeing answer would
+    probe, for a moment, every pair that cannot work."""
+
+    clear_after: float = SYMMETRIC_CLEAR_AFTER
+    symmetric: bool = False
+    agreeing_since: float | None = None
+
+    def update(self, proven: bool, now: float) -> bool:
+        """Take what the registries say now; whether the verdict changed."""
+        if proven:
+            self.agreeing_since = None
+            changed, self.symmetric = not self.symmetric, True
+            return changed
+        if not self.symmetric:
+            return False
+        if self.agreeing_since is None:
+            self.agreeing_since = now
+        if now - self.agreeing_since < self.clear_after:
+            return False
+        self.symmetric, self.agreeing_since = False, None
+        return True
