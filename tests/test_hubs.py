@@ -5,7 +5,6 @@ on plain numbers."""
 
 from __future__ import annotations
 
-
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.merge import HubView, merge_views, own_endpoint, symmetric_nat
