@@ -306,3 +306,9 @@ class MeshLab:
         for node in [*self.clients.values(), self.registry, self.hub2]:
             if node is not None and node.daemon is not None:
                 node.daemon.stop()
+
+
+def check(condition: object, mesh: MeshLab, message: str) -> None:
+    """Assert, with the lab's report (devices, daemon logs) when it fails."""
+    if not condition:
+        raise AssertionError(f"{message}\n{mesh.report()}")

@@ -24,7 +24,7 @@ import subprocess
 import time
 
 import pytest
-from meshlab import HUB2_TUNNEL, REGISTRY_TUNNEL, MeshLab, wait_until
+from meshlab import HUB2_TUNNEL, REGISTRY_TUNNEL, MeshLab, check, wait_until
 from netns import leakcheck
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
@@ -53,11 +53,6 @@ def mesh(lab):  # noqa: F811
         yield m
     finally:
         m.stop_all()
-
-
-def check(condition: bool, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def status(mesh: MeshLab, name: str) -> dict:

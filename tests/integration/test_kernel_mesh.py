@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from meshlab import MeshLab, wait_until
+from meshlab import MeshLab, check, wait_until
 from netns import Lab, cleanup_leftovers, kernel_wireguard_unavailable, leakcheck
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
@@ -44,11 +44,6 @@ pytestmark = [
 # stretches is Python: start-up, each read of a device, each decision.
 OUTCOME = 90.0
 POLL = 0.5  # a `wg show` per poll: polling faster would steal the daemons' CPU
-
-
-def check(condition: object, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def timed_wait(mesh: MeshLab, predicate, what: str, timeout: float = OUTCOME) -> float:

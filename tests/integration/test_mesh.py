@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from meshlab import MeshLab, wait_until
+from meshlab import MeshLab, check, wait_until
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -45,11 +45,6 @@ def mesh(lab):  # noqa: F811
         yield m
     finally:
         m.stop_all()
-
-
-def check(condition: bool, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def start_ping(host, address: str, count: int, interval: float) -> subprocess.Popen:

@@ -27,7 +27,7 @@ import shutil
 import time
 
 import pytest
-from meshlab import BIN, MeshLab, wait_until
+from meshlab import BIN, MeshLab, check, wait_until
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
 pytestmark = [
@@ -55,11 +55,6 @@ def status(mesh: MeshLab, name: str) -> dict | None:
 def port_mapping(mesh: MeshLab, name: str) -> dict:
     document = status(mesh, name)
     return document["port_mapping"] if document else {}
-
-
-def check(condition: bool, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab):  # noqa: F811
