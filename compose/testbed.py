@@ -535,7 +535,7 @@ def where_metrics() -> str:
         "Metrics (Prometheus text), each daemon on its tunnel address, so only hosts on\n"
         "the WireGuard network reach them; wgnat-metrics fetches them from inside:\n"
         f"  docker exec {PROJECT}-registry-1 wgnat-metrics     "
-        f"(wgnat-server, {REGISTRY_TUNNEL}:9587)\n"
+        f"(wgnat-server, {REGISTRY_TUNNEL}:9587; registry2 likewise, {HUBS['registry2'][0]})\n"
         f"  docker exec {PROJECT}-a-1 wgnat-metrics            "
         f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p likewise)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
