@@ -769,17 +769,30 @@ def test_hub_1_killed_the_relays_move_to_hub_2_and_stay_when_it_returns(bed):
     hub2 = bed.keys["registry2"]
     clients = running_clients(bed)
     check({"a", "c", "s", "p"} <= set(clients), bed, f"the clients running: {clients}")
+    # The registry restart above can leave some clients on registry2 (they took
+    # hub 1 for dead before their first handshake with the new one; README
+    # "Several hubs", not covered).  Restarted, each relays through the hub its
+    # wg0.conf gives the tunnel network, as at the testbed's start.
+    split = {name: bed.relay_hub(name) for name in clients}
+    if set(split.values()) != {"registry"}:
+        print(f"\nrelays before this test: {split}; restarting {', '.join(clients)}")
+        for name in clients:
+            bed.container(name).restart(timeout=3)
     wait(
         bed,
         lambda: all(bed.relay_hub(name) == "registry" for name in clients),
-        20,
+        30,
         "every client relaying through registry, the hub configured with the tunnel network",
         interval=1,
     )
+
     # The two registries see s at one address with two ports (r3 is symmetric);
     # every other client at the same port from both (or with no NAT).
-    statuses = bed.statuses()
-    symmetric = {name for name, status in statuses.items() if status.get("symmetric_nat")}
+    def told_symmetric() -> set[str]:
+        return {name for name in clients if bed.status(name).get("symmetric_nat")}
+
+    wait(bed, lambda: "s" in told_symmetric(), 20, "s told symmetric", interval=1)
+    symmetric = told_symmetric()
     check(symmetric == {"s"}, bed, f"told symmetric by the two hubs' views: {sorted(symmetric)}")
     wait(
         bed,
