@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -35,6 +35,12 @@ METRICS_DIR = os.path.join(ROOT, "metrics")
 PROJECT = "wgnat"
 HOLD_FILE = "/run/wgnat-go"
 REGISTRY_TUNNEL = "192.0.2.1"
+# The hubs (issue 15), in the clients' -r order: the first holds the tunnel
+# network (relays) while it lives.  name: (tunnel address, public address)
+HUBS = {
+    "registry": (REGISTRY_TUNNEL, "198.51.100.10"),
+    "registry2": ("192.0.2.254", "198.51.100.11"),
+}
 # What scripts/docker-build.sh makes for the testbed (WGNAT_IMAGE, PROMETHEUS_IMAGE
 # as there), and the local base it makes where no registry answers; each is built
 # on the next, so they are listed, and removed, top first.
@@ -58,7 +64,7 @@ CLIENTS = {
 ROUTERS = ("r1", "r2", "r3", "r4")
 # The hosts on the tunnel: each has a private key, in a volume of its own
 # (key-NAME, mounted only by its service and by keygen, which writes them).
-KEY_HOSTS = ("registry", *CLIENTS, "prometheus")
+KEY_HOSTS = (*HUBS, *CLIENTS, "prometheus")
 # Every service but keygen runs with this capability only.
 CAPABILITIES = ["NET_ADMIN"]
 # What the topology must give: x's pairs through r4 depend on who punches first
@@ -182,7 +188,7 @@ class Testbed:
         self.run_compose("up", "-d", env={"WGNAT_HOLD_CLIENTS": HOLD_FILE if hold else ""})
         for name in CLIENTS:
             wait_until(partial(self.has_interface, name), 30, what=f"{name}'s interface")
-        self.keys = {name: self.public_key(name) for name in ["registry", *CLIENTS]}
+        self.keys = {name: self.public_key(name) for name in [*HUBS, *CLIENTS]}
         self.released_at = None if hold else time.time()
 
     def release(self, names: Iterable[str] = tuple(CLIENTS)) -> None:
@@ -285,6 +291,63 @@ class Testbed:
             return entry["endpoint"]
         return None
 
+    def status(self, name: str) -> dict[str, Any]:
+        """A client's `wgnat status --json` ({} when it cannot say).  A degraded
+        client (exit 1, its reason on stderr; hub 1 down, say) still prints it."""
+        try:
+            code, (out, _) = self.container(name).exec_run(
+                ["wgnat", "status", "-i", "wg0", "--json"], demux=True
+            )
+            document = json.loads(out or b"") if code in (0, 1) else {}
+        except Exception:
+            return {}
+        return document if isinstance(document, dict) else {}
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return {name: self.status(name) for name in CLIENTS}
+
+    def hub_name(self, key: object) -> str | None:
+        """The testbed's name of the hub with public key `key`."""
+        return next((name for name in HUBS if key and self.keys.get(name) == key), None)
+
+    def relay_hub(self, name: str, status: dict[str, Any] | None = None) -> str | None:
+        """Which hub client `name` relays through now, by name (its `wgnat status`)."""
+        document = self.status(name) if status is None else status
+        return self.hub_name(document.get("relay_hub"))
+
+    def hubs_table(self, statuses: dict[str, dict[str, Any]] | None = None) -> str:
+        """Per client: the hub its relayed peers go through, how each hub sees it
+        (its public endpoint, as that registry reports it), and whether the two
+        views unmask a symmetric NAT (one address, a port per destination)."""
+        statuses = self.statuses() if statuses is None else statuses
+        header = ["client", "relays via"]
+        header += [f"{hub} ({tunnel}) sees it as" for hub, (tunnel, _) in HUBS.items()]
+        rows = [(*header, "symmetric NAT")]
+        for name in CLIENTS:
+            document = statuses.get(name) or {}
+            seen = {self.hub_name(hub.get("public_key")): hub for hub in document.get("hubs") or []}
+            cells = [name, self.relay_hub(name, document) or "?"]
+            for hub in HUBS:
+                row = seen.get(hub) or {}
+                cell = row.get("sees_us_as") or "-"
+                if row.get("connected") is False:
+                    cell += " (unreachable)"
+                elif row.get("dead_because"):
+                    cell += " (taken for dead)"
+                cells.append(cell)
+            symmetric = document.get("symmetric_nat")
+            cells.append("?" if symmetric is None else "yes" if symmetric else "no")
+            rows.append(tuple(cells))
+        lines = [
+            "hubs: "
+            + ", ".join(
+                f"{hub} {public} (tunnel {tunnel}{', relays first' if i == 0 else ''})"
+                for i, (hub, (tunnel, public)) in enumerate(HUBS.items())
+            ),
+            *columns(rows),
+        ]
+        return "\n".join(lines)
+
     def has_entry(self, a: str, b: str) -> bool:
         return self.keys[b] in self.peers(a)
 
@@ -317,8 +380,10 @@ class Testbed:
             return None
         return max(known[2:]) - max(known[:2])
 
-    def table(self) -> str:
+    def table(self, statuses: dict[str, dict[str, Any]] | None = None) -> str:
         snap = self.snapshot()
+        statuses = self.statuses() if statuses is None else statuses
+        relays = {name: self.relay_hub(name, statuses.get(name) or {}) for name in CLIENTS}
         rows = [
             ("pair", "path", "expected", "endpoint x->y", "endpoint y->x", "to direct*", "ping")
         ]
@@ -343,21 +408,18 @@ class Testbed:
                     f"{x}-{y}",
                     path + mark,
                     f"{expected} ({why})",
-                    there or "via registry",
-                    back or "via registry",
+                    there or f"via {relays[x] or '?'}",
+                    back or f"via {relays[y] or '?'}",
                     f"{took:.2f} s" if took is not None else "-",
                     ping,
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in rows
-        ]
+        lines = columns(rows)
         lines.append(
             "* from the later of the two clients' start (its 'wgnat-client on' log line) "
             "to both ends' switch to direct"
         )
+        lines.append("via HUB: relayed, through the hub that end relays through (its wgnat status)")
         lines.append("expected:")
         lines.extend(f"  {letter}  {sentence}" for letter, sentence in REASONS.items())
         if differ:
@@ -370,7 +432,7 @@ class Testbed:
     def report(self) -> str:
         """What a failing test prints: every host's `wg show` (keys only public) and logs."""
         parts = []
-        for name in ["registry", *CLIENTS]:
+        for name in [*HUBS, *CLIENTS]:
             try:
                 parts.append(f"--- {name}: wg show")
                 parts.append(self.exec(name, ["wg", "show", "wg0"], check=False)[1])
@@ -385,6 +447,15 @@ class Testbed:
             except Exception as exc:
                 parts.append(f"({name}: {exc})")
         return "\n".join(parts)
+
+
+def columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 # Grafana's variables, as the dashboard is opened with every client and registry.
@@ -464,7 +535,7 @@ def where_metrics() -> str:
         "Metrics (Prometheus text), each daemon on its tunnel address, so only hosts on\n"
         "the WireGuard network reach them; wgnat-metrics fetches them from inside:\n"
         f"  docker exec {PROJECT}-registry-1 wgnat-metrics     "
-        f"(wgnat-server, {REGISTRY_TUNNEL}:9587)\n"
+        f"(wgnat-server, {REGISTRY_TUNNEL}:9587; registry2 likewise, {HUBS['registry2'][0]})\n"
         f"  docker exec {PROJECT}-a-1 wgnat-metrics            "
         f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p likewise)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
@@ -611,12 +682,15 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     else:
-        bed.keys = {name: bed.public_key(name) for name in ["registry", *CLIENTS]}
+        bed.keys = {name: bed.public_key(name) for name in [*HUBS, *CLIENTS]}
     print()
     for name, (address, where) in CLIENTS.items():
         print(f"  {name} {address:<10} {where}")
     print()
-    print(bed.table())
+    statuses = bed.statuses()
+    print(bed.hubs_table(statuses))
+    print()
+    print(bed.table(statuses))
     print()
     print(where_metrics())
     print(

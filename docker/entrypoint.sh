@@ -14,7 +14,8 @@
 # Environment: WGNAT_ROLE (when no command is given), WG_CONFIG (default
 # /etc/wireguard/wg0.conf; the interface is named after the file), WGNAT_FLAGS,
 # WGNAT_GATEWAY (make it the default route: a LAN host behind a NAT router),
-# WGNAT_REGISTRY_KEY_FILE (client: read -r from this file), WGNAT_WAIT_FILE (wait
+# WGNAT_REGISTRY_KEY_FILE (client: read -r from this file; several files, space-
+# separated, or several keys a file: one -r each, in order), WGNAT_WAIT_FILE (wait
 # until this file exists before starting the daemon, with the interface up),
 # WGNAT_METRICS_LISTEN (HOST:PORT for --metrics-listen; wgnat-metrics reads it too).
 set -eu
@@ -53,7 +54,17 @@ if [ "$role" = tunnel ]; then
 fi
 
 if [ "$role" = client ] && [ -n "${WGNAT_REGISTRY_KEY_FILE:-}" ]; then
-    set -- -r "$(cat "$WGNAT_REGISTRY_KEY_FILE")" "$@"
+    # One -r per key, in order: several files (space-separated), each holding
+    # one key or several (one a line); the first is the hub that relays.
+    # (A WireGuard key is base64: no space, no glob character.)
+    registries=""
+    for file in $WGNAT_REGISTRY_KEY_FILE; do
+        for key in $(cat "$file"); do
+            registries="$registries -r $key"
+        done
+    done
+    # shellcheck disable=SC2086 # the -r KEY pairs
+    set -- $registries "$@"
 fi
 if [ "$role" = server ]; then
     echo "wgnat status --server -i $iface" >/run/wgnat-health

@@ -29,10 +29,28 @@ def test_every_pair_has_an_expectation_with_a_reason_in_the_legend():
 
 class Observed(testbed.Testbed):
     """A testbed whose observations are given: every pair direct but a-s (as
-    expected) and b-c (not as expected)."""
+    expected) and b-c (not as expected); s relays through the second hub (the
+    first gone), the others through the first; the hubs see s at two ports."""
 
     def __init__(self) -> None:
-        self.keys = {name: f"key-{name}" for name in testbed.CLIENTS}
+        self.keys = {name: f"key-{name}" for name in [*testbed.HUBS, *testbed.CLIENTS]}
+
+    def status(self, name):  # type: ignore[no-untyped-def]
+        relay = "key-registry2" if name == "s" else "key-registry"
+        port = {"registry": 40001, "registry2": 40002} if name == "s" else {}
+        return {
+            "relay_hub": relay,
+            "symmetric_nat": name == "s",
+            "hubs": [
+                {
+                    "public_key": f"key-{hub}",
+                    "relays": f"key-{hub}" == relay,
+                    "connected": not (name == "s" and hub == "registry"),
+                    "sees_us_as": f"198.51.100.23:{port.get(hub, 51820)}",
+                }
+                for hub in testbed.HUBS
+            ],
+        }
 
     def snapshot(self):  # type: ignore[no-untyped-def]
         return {name: {} for name in testbed.CLIENTS}
@@ -53,8 +71,28 @@ def test_the_table_marks_a_pair_that_differs_and_explains_the_letters():
     assert lines[0].split()[:3] == ["pair", "path", "expected"]
     [a_s] = [line for line in lines if line.startswith("a-s ")]
     assert a_s.split()[1:4] == ["relayed", "relayed", "(S)"]
+    # Each end's traffic goes through the hub that end relays through.
+    assert a_s.split()[4:8] == ["via", "registry", "via", "registry2"]
     [b_c] = [line for line in lines if line.startswith("b-c ")]
     assert b_c.split()[1:5] == ["relayed", "!", "direct", "(H)"]
     assert "! differs from what is expected: b-c" in table
     for letter, sentence in testbed.REASONS.items():
         assert f"  {letter}  {sentence}" in table
+
+
+def test_the_hubs_table_says_which_hub_relays_and_how_each_sees_a_client():
+    lines = Observed().hubs_table().splitlines()
+    assert lines[0].startswith("hubs: registry 198.51.100.10 (tunnel 192.0.2.1, relays first)")
+    assert "registry2 198.51.100.11 (tunnel 192.0.2.254)" in lines[0]
+    assert lines[1].split()[:4] == ["client", "relays", "via", "registry"]
+    [a] = [line for line in lines if line.startswith("a ")]
+    assert a.split() == ["a", "registry", "198.51.100.23:51820", "198.51.100.23:51820", "no"]
+    [s] = [line for line in lines if line.startswith("s ")]
+    assert s.split() == [
+        "s",
+        "registry2",
+        "198.51.100.23:40001",
+        "(unreachable)",
+        "198.51.100.23:40002",
+        "yes",
+    ]

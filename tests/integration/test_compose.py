@@ -6,6 +6,7 @@ runs them.  The same scenarios as test_mesh.py, with NAT routers in containers:
     r3 (symmetric)   s          (relayed, except towards p)
     r4 (accept_all)  x          (the conntrack race: either path, always reachable)
     public           p
+    registry, registry2         (two hubs: every client follows both, registry relays)
 
 The tests share one testbed and run in this file's order.  They skip, saying why,
 where Docker cannot run; under CI=true they fail instead.  WGNAT_KEEP_TESTBED=1
@@ -34,10 +35,10 @@ from testbed import (
     CLIENTS,
     EXPECTED_DIRECT,
     EXPECTED_RELAYED,
+    HUBS,
     KEY_HOSTS,
     METRICS_DIR,
     PROJECT,
-    REGISTRY_TUNNEL,
     ROUTERS,
     Testbed,
     compose_binary,
@@ -137,10 +138,12 @@ def bed() -> Iterator[Testbed]:
         # Recorded before any test runs, so that every output of the tests is
         # searched for them: the hub's and every client's private key at least.
         found = record_testbed_secrets(testbed)
-        assert found >= 1 + len(CLIENTS), f"only {found} keys found in the testbed"
-        # The hub-and-spoke network works before wgnat runs: every spoke reaches the hub.
+        assert found >= len(HUBS) + len(CLIENTS), f"only {found} keys found in the testbed"
+        # The hub-and-spoke network works before wgnat runs: every spoke reaches
+        # both hubs.
         for name in CLIENTS:
-            assert testbed.ping(name, REGISTRY_TUNNEL, count=3), testbed.report()
+            for hub, (tunnel, _) in HUBS.items():
+                assert testbed.ping(name, tunnel, count=3), f"{name} -> {hub}\n{testbed.report()}"
         yield testbed
     finally:
         # The fault tests' figures (README "Figures"), shown with -s.
@@ -343,7 +346,7 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
         held = {line.split()[0]: set(line.split()[1:]) for line in listed.splitlines() if line}
         expected_names = {"docker-init", "sh"}
         expected_names |= {"wireguard-go"} if service in KEY_HOSTS else {"sleep"}
-        expected_names |= {"twistd"} if service in ("registry", *CLIENTS) else set()
+        expected_names |= {"twistd"} if service in (*HUBS, *CLIENTS) else set()
         expected_names |= {"prometheus"} if service == "prometheus" else set()
         if set(held) != expected_names:
             problems.append(
@@ -356,7 +359,7 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
             _, found = bed.exec(service, ["sh", "-c", "ls /config; cat /config/*/wg0.conf"])
             private = found.count("PrivateKey")
             listed = set(found.split("[Interface]")[0].split())
-            expected = {service} if service in ("registry", "prometheus") else {service, "public"}
+            expected = {service} if service in (*HUBS, "prometheus") else {service, "public"}
             if private != 1 or listed != expected:
                 problems.append(f"{service}: sees {sorted(listed)}, {private} private keys")
     assert not problems, "\n".join(problems)
@@ -364,7 +367,7 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
 
 def test_every_daemon_reports_healthy(bed):
     """The healthcheck (`wgnat status`, docker/healthcheck.sh) of a formed mesh."""
-    daemons = ("registry", *CLIENTS)
+    daemons = (*HUBS, *CLIENTS)
     try:
         wait_until(lambda: all(bed.health(n) == "healthy" for n in daemons), 20, interval=1)
     except AssertionError:
@@ -489,7 +492,7 @@ def test_interface_deleted_and_recreated_under_a_running_client(bed):
     failures = log.count("cannot read wg0")
     check(failures <= 3, bed, f"the missing interface logged {failures} times")
     check(not failures or "reading wg0 works again" in log, bed, "and its return")
-    known = {bed.keys[name] for name in ("registry", *CLIENTS)}
+    known = {bed.keys[name] for name in (*HUBS, *CLIENTS)}
     check(set(bed.peers("c")) <= known, bed, "c has no stranger after the re-creation")
     # The health check reads the device every 15 s; then a probe and a handshake.
     check(took <= 15 + 10, bed, f"c took {took:.1f} s to rebuild its mesh")
@@ -675,7 +678,7 @@ def test_client_killed_and_restarted_keeps_the_mesh(bed):
     RECOVERY["client killed (SIGKILL) and restarted"] = (
         f"direct with b and c again {time.monotonic() - killed:.1f} s after the kill"
     )
-    known = {bed.keys[name] for name in ("registry", *CLIENTS)}
+    known = {bed.keys[name] for name in (*HUBS, *CLIENTS)}
     strangers = set(bed.peers("a")) - known
     check(not strangers, bed, f"a has unknown peers after the restart: {strangers}")
     check(bed.ping("s", CLIENTS["a"][0], count=2), bed, "s reaches the restarted a")
@@ -688,7 +691,9 @@ def test_client_killed_and_restarted_keeps_the_mesh(bed):
 def test_removed_peer_is_removed_everywhere(bed):
     b_key = bed.keys["b"]
     bed.container("b").stop(timeout=3)
-    bed.exec("registry", ["wg", "set", "wg0", "peer", b_key, "remove"])
+    # From every hub: a peer is removed only when no registry lists it.
+    for hub in HUBS:
+        bed.exec(hub, ["wg", "set", "wg0", "peer", b_key, "remove"])
     started = time.monotonic()
     wait(
         bed,
@@ -722,3 +727,246 @@ def test_healthcheck_fails_on_a_device_error_and_recovers(bed):
     finally:
         bed.exec("x", ["sh", "-c", RECREATE_WG0.format(name="x")])
     wait(bed, lambda: bed.health("x") == "healthy", 20, "x healthy again", interval=1)
+
+
+def running_clients(bed: Testbed) -> list[str]:
+    """The clients whose container runs (test_removed_peer_... stopped b)."""
+    running = []
+    for name in CLIENTS:
+        container = bed.container(name)
+        container.reload()
+        if container.status == "running":
+            running.append(name)
+    return running
+
+
+def relay_move_lines(bed: Testbed, names: list[str]) -> dict[str, int]:
+    """How many times each client has logged moving its relay routes to a hub."""
+    return {name: bed.logs(name).count("relaying through") for name in names}
+
+
+def restart_if_stopped(bed: Testbed, name: str) -> None:
+    container = bed.container(name)
+    container.reload()
+    if container.status != "running":
+        container.start()
+
+
+def hub_followed(bed: Testbed, name: str, hub: str) -> bool:
+    """Whether client `name` follows `hub`'s registry stream now (its status)."""
+    return any(
+        bed.hub_name(row.get("public_key")) == hub and row.get("connected")
+        for row in bed.status(name).get("hubs", [])
+    )
+
+
+def test_hub_1_killed_the_relays_move_to_hub_2_and_stay_when_it_returns(bed):
+    """Two hubs (issue 15).  registry (hub 1) is killed hard, its WireGuard with
+    it: the direct pairs lose no ping, the relayed pair a-s moves to registry2
+    within 20 s, and `wgnat status` says so; hub 1 back, nothing moves.  Last but
+    one: the clients relay through registry2 afterwards, where the tests above
+    expect the hub configured with the tunnel network (see the next test)."""
+    hub2 = bed.keys["registry2"]
+    clients = running_clients(bed)
+    check({"a", "c", "s", "p"} <= set(clients), bed, f"the clients running: {clients}")
+    # The registry restart above can leave some clients on registry2 (they took
+    # hub 1 for dead before their first handshake with the new one; README
+    # "Several hubs", not covered).  Restarted, each relays through the hub its
+    # wg0.conf gives the tunnel network, as at the testbed's start.
+    split = {name: bed.relay_hub(name) for name in clients}
+    if set(split.values()) != {"registry"}:
+        print(f"\nrelays before this test: {split}; restarting {', '.join(clients)}")
+        for name in clients:
+            bed.container(name).restart(timeout=3)
+    wait(
+        bed,
+        lambda: all(bed.relay_hub(name) == "registry" for name in clients),
+        30,
+        "every client relaying through registry, the hub configured with the tunnel network",
+        interval=1,
+    )
+
+    # The two registries see s at one address with two ports (r3 is symmetric);
+    # every other client at the same port from both (or with no NAT).
+    def told_symmetric() -> set[str]:
+        return {name for name in clients if bed.status(name).get("symmetric_nat")}
+
+    wait(bed, lambda: "s" in told_symmetric(), 20, "s told symmetric", interval=1)
+    symmetric = told_symmetric()
+    check(symmetric == {"s"}, bed, f"told symmetric by the two hubs' views: {sorted(symmetric)}")
+    wait(
+        bed,
+        lambda: all(bed.direct(x, y) and bed.direct(y, x) for x, y in (("a", "c"), ("c", "p"))),
+        30,
+        "a-c and c-p direct",
+    )
+    check(not bed.direct("a", "s") and not bed.direct("s", "a"), bed, "a-s relayed")
+    moves_before = relay_move_lines(bed, clients)
+    # Direct pairs, and the relayed pair a-s in both directions: both ends send
+    # data through hub 1, as a pair in use does.
+    pings = {
+        what: Ping(bed, x, CLIENTS[y][0], 300, 0.1)
+        for what, (x, y) in {
+            "a->c": ("a", "c"),
+            "c->p": ("c", "p"),
+            "a->s": ("a", "s"),
+            "s->a": ("s", "a"),
+        }.items()
+    }
+    time.sleep(2)
+    killed = time.monotonic()
+    try:
+        bed.container("registry").kill()  # SIGKILL: wireguard-go and its interface go too
+        moved_after: dict[str, float] = {}
+
+        def every_client_on_hub_2() -> bool:
+            for name in clients:
+                if name not in moved_after and bed.relay_hub(name) == "registry2":
+                    moved_after[name] = time.monotonic() - killed
+            return len(moved_after) == len(clients)
+
+        # Idle clients (b, x) notice 17 s after their last read that saw hub 1,
+        # and reads come every 15 s when idle: up to 17 + 15 s, and slack.
+        wait(
+            bed, every_client_on_hub_2, 45, "every client relaying through registry2", interval=0.2
+        )
+        # What wgnat status says of the hubs: registry2 relays, registry is dead.
+        status = bed.status("s")
+        hubs = {bed.hub_name(hub["public_key"]): hub for hub in status.get("hubs", [])}
+        check(
+            status.get("relay_hub") == hub2, bed, f"s's status: relay_hub {status.get('relay_hub')}"
+        )
+        check(hubs["registry2"]["relays"] and not hubs["registry"]["relays"], bed, f"hubs: {hubs}")
+        check(hubs["registry"]["dead_because"], bed, f"s says why registry is dead: {hubs}")
+        relayed_rows = [row for row in status["peers"] if row["path"] == "relayed"]
+        check(relayed_rows, bed, "s has relayed peers")
+        check(
+            all(row.get("relay_hub") == hub2 for row in relayed_rows),
+            bed,
+            f"s's relayed peers name registry2: {[row.get('relay_hub') for row in relayed_rows]}",
+        )
+        _, text = bed.exec("s", ["wgnat", "status", "-i", "wg0"], check=False)
+        check(f"relayed peers go through hub {hub2[:8]}" in text, bed, f"s's status text:\n{text}")
+        results = {what: (*ping.result(), ping.longest_gap()) for what, ping in pings.items()}
+        for what in ("a->c", "c->p"):
+            sent, received, _ = results[what]
+            check(
+                sent == received == 300,
+                bed,
+                f"direct {what}: {sent - received} of {sent} lost\n{pings[what].oddities()}",
+            )
+        print(
+            "\nhub 1 killed: relaying through registry2 after "
+            + ", ".join(f"{name} {took:.1f}" for name, took in sorted(moved_after.items()))
+            + " s; pings sent/received/longest gap: "
+            + "; ".join(f"{w} {r[0]}/{r[1]}/{r[2]:.1f} s" for w, r in results.items())
+        )
+        for what in ("a->s", "s->a"):
+            sent, received, gap = results[what]
+            # Issue 15 aims at 20 s.  What the client promises: a hub it sends
+            # data to is dead 11 s (an idle one 17 s) after the device read
+            # that last saw something from it; reads come every 5 s with
+            # traffic, every second once the hub is quiet.  A relayed pair is
+            # cut until both ends have moved.  17 + 5 s, and the 8 s of slack
+            # the tests above give a loaded 2-core host (README "Several hubs"
+            # has the figures against the 20 s aim).
+            check(received > 0 and gap <= 17 + 5 + 8, bed, f"relayed {what} cut for {gap:.1f} s")
+        check(bed.direct("a", "c") and bed.direct("c", "p"), bed, "a-c and c-p still direct")
+        moves_during = relay_move_lines(bed, clients)
+        down_for = time.monotonic() - killed
+        revived = time.time()
+    finally:
+        # Hub 1 comes back (a new device, its configured peers without
+        # endpoints), and whatever failed above, the tests after this need it.
+        restart_if_stopped(bed, "registry")
+    # Each client's next packet to hub 1 (here a ping; a keepalive within 25 s
+    # otherwise) brings a handshake.  The relay stays on registry2: no flapping.
+    wait(bed, lambda: bed.has_interface("registry"), 20, "registry's interface back")
+    for name in clients:
+        bed.ping(name, HUBS["registry"][0], count=2, timeout=1)
+
+    def hub1_handshakes() -> bool:
+        peers = bed.peers("registry")
+        return all(
+            peers.get(bed.keys[name], {}).get("latest_handshake", 0) >= int(revived)
+            for name in clients
+        )
+
+    wait(bed, hub1_handshakes, 30, "every client handshaking with registry again", interval=0.5)
+    back = time.monotonic()
+    wait(
+        bed,
+        lambda: all(hub_followed(bed, name, "registry") for name in clients),
+        45,
+        "every client following registry again",
+        interval=1,
+    )
+    followed = time.monotonic() - back
+    time.sleep(8)
+    moves_after = relay_move_lines(bed, clients)
+    check(moves_after == moves_during, bed, f"relay moves {moves_during} -> {moves_after}")
+    relays = {name: bed.relay_hub(name) for name in clients}
+    check(set(relays.values()) == {"registry2"}, bed, f"relaying through {relays}")
+    check(bed.direct("a", "c") and bed.direct("c", "p"), bed, "a-c and c-p still direct")
+    check(bed.ping("a", CLIENTS["s"][0]) and bed.ping("s", CLIENTS["a"][0]), bed, "a-s relayed")
+    moved = {name: moves_during[name] - moves_before[name] for name in clients}
+    RECOVERY["hub 1 (registry) killed, two hubs"] = (
+        "every client relaying through registry2 after "
+        + ", ".join(f"{name} {took:.1f}" for name, took in sorted(moved_after.items()))
+        + " s; direct a->c / c->p lost "
+        + " / ".join(
+            f"{results[w][0] - results[w][1]} of {results[w][0]}" for w in ("a->c", "c->p")
+        )
+        + " pings; relayed a->s / s->a cut for "
+        + " / ".join(f"{results[w][2]:.1f}" for w in ("a->s", "s->a"))
+        + f" s; hub 1 down {down_for:.0f} s, then every client following it again "
+        + f"{followed:.1f} s after its handshakes, no relay moved in the 8 s watched "
+        + f"(moves per client while it was down: {moved})"
+    )
+    print("\n" + RECOVERY["hub 1 (registry) killed, two hubs"])
+
+
+class RelayedPairCut(AssertionError):
+    """The failure the known defect below makes (any other failure is a failure)."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RelayedPairCut,
+    reason="known defect (issue 15's design): a client started after a failover takes "
+    "the hub configured with the tunnel network (registry) while the others stay on "
+    "registry2; WireGuard then drops what reaches it relayed through registry2 (the "
+    "source is not in that peer's allowed IPs), and what it sends through registry is "
+    "dropped at the other end the same way: their relayed pairs are cut",
+)
+def test_a_client_restarted_after_the_failover_reaches_its_relayed_peers(bed):
+    """After the test above every client relays through registry2.  a restarts
+    (a new device from its wg0.conf: the tunnel network on registry again)."""
+    check(
+        all(bed.relay_hub(name) == "registry2" for name in ("a", "s")),
+        bed,
+        "a and s relay through registry2 (the test above ran)",
+    )
+    bed.container("a").kill()
+    bed.container("a").start()
+    wait(bed, lambda: bed.relay_hub("a") is not None, 30, "a's daemon to answer", interval=1)
+    # a-s is relayed (s's NAT is symmetric): past a's 6 s probe of s.
+    wait(
+        bed,
+        lambda: not bed.has_entry("a", "s") and not bed.has_entry("s", "a"),
+        30,
+        "a-s relayed",
+        interval=1,
+    )
+    print(f"\nrestarted a relays through {bed.relay_hub('a')}, s through {bed.relay_hub('s')}")
+    try:
+        wait_until(
+            lambda: (
+                bed.ping("s", CLIENTS["a"][0], count=1) and bed.ping("a", CLIENTS["s"][0], count=1)
+            ),
+            15,
+            interval=1,
+            what="s and a to reach each other, relayed",
+        )
+    except AssertionError as exc:
+        raise RelayedPairCut(str(exc)) from None
