@@ -146,11 +146,15 @@ def parse_network(text: object) -> IPNetwork:
 @dataclass(frozen=True)
 class Announcement:
     """What a client tells the registry about itself: its LAN endpoints (for peers
-    behind the same NAT) and a session id, new at every client start, which tells
+    behind the same NAT), its global IPv6 endpoints (no NAT between two peers
+    that both have one), the endpoint its gateway mapped for it (port mapping;
+    None without one) and a session id, new at every client start, which tells
     the others that a wgnat client now runs there and will punch back."""
 
     session: str
     lan_endpoints: tuple[Endpoint, ...] = ()
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
+    mapped_endpoint: Endpoint | None = None
 
     def __post_init__(self) -> None:
         if (

@@ -13,12 +13,20 @@ An answer:
     {"epoch": "5f0c…", "version": 7, "full": true,
      "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
      "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
-                "last_handshake_age"}, ...],
+                "last_handshake_age"[, "ipv6_endpoints"][, "mapped_endpoint"]}, ...],
      "removed": ["<public key>", ...]}
 
 A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
 answer first, then one shared line per change (the same document for every
 caller, without "you"), and an empty line as a keep-alive.
+
+Compatibility: "ipv6_endpoints" (global IPv6 addresses with the listen port)
+and "mapped_endpoint" (a port its gateway mapped for it) came later.  Both are
+optional in an announcement and written in a peer's record only when it has
+them, and a peer's digest covers them only then: a client or registry from
+before them sees the same documents and digests as before for every peer that
+has neither (older clients ignore fields they do not know; an older registry
+refuses an announcement carrying them, which the client then repeats without).
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ from wgnat._types import (
 MAX_PEERS = 100_000
 MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
+MAX_IPV6_ENDPOINTS = 4
+# The announcement fields an older registry does not know (it refuses them).
+ANNOUNCEMENT_EXTENSIONS = ("ipv6_endpoints", "mapped_endpoint")
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -67,6 +78,8 @@ class RemotePeer:
     # None until a wgnat client runs there (it announces itself): such a peer
     # would not punch back, so probing it is pointless.
     session: str | None = None
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
+    mapped_endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,27 @@ def reachable_from_elsewhere(endpoint: Endpoint) -> bool:
     return not (host.is_loopback or host.is_link_local or host.is_multicast or host.is_unspecified)
 
 
+# Unique local (fc00::/7) and the deprecated site-local (fec0::/10) addresses
+# route only inside one site: a peer elsewhere cannot reach them.
+_SITE_ONLY = (ipaddress.IPv6Network("fc00::/7"), ipaddress.IPv6Network("fec0::/10"))
+
+
+def global_ipv6(endpoint: Endpoint) -> bool:
+    """Whether `endpoint` is an IPv6 address a peer on another site could reach
+    with no NAT between: IPv6 proper (not IPv4-mapped or -compatible), reachable
+    from another host, not unique-local or site-local.  Not `is_global`, which
+    refuses the documentation range 2001:db8::/32 that tests and testbeds use
+    as their IPv6 internet (as they use 198.51.100.0/24 for IPv4)."""
+    host = endpoint.host
+    return (
+        isinstance(host, ipaddress.IPv6Address)
+        and host.ipv4_mapped is None
+        and int(host) >> 32 != 0  # ::a.b.c.d (IPv4-compatible) and ::1
+        and reachable_from_elsewhere(endpoint)
+        and not any(host in network for network in _SITE_ONLY)
+    )
+
+
 # -- the digest of a view (GET /v1/check) ------------------------------------------
 
 
@@ -98,19 +132,26 @@ def peer_digest(
     allowed_ips: Iterable[IPNetwork],
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
+    ipv6_endpoints: Iterable[Endpoint] = (),
+    mapped_endpoint: Endpoint | None = None,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
-    in O(1) per change and adjusts per caller in O(1)."""
-    text = "|".join(
-        (
-            public_key.base64,
-            str(endpoint) if endpoint is not None else "",
-            ",".join(sorted(str(network) for network in allowed_ips)),
-            ",".join(str(lan) for lan in lan_endpoints),
-            session or "",
-        )
-    )
+    in O(1) per change and adjusts per caller in O(1).  The later fields count
+    only when present, so a peer without them digests as it did before them."""
+    parts = [
+        public_key.base64,
+        str(endpoint) if endpoint is not None else "",
+        ",".join(sorted(str(network) for network in allowed_ips)),
+        ",".join(str(lan) for lan in lan_endpoints),
+        session or "",
+    ]
+    ipv6 = ",".join(str(ep) for ep in ipv6_endpoints)
+    if ipv6:
+        parts.append("ipv6=" + ipv6)
+    if mapped_endpoint is not None:
+        parts.append(f"mapped={mapped_endpoint}")
+    text = "|".join(parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -129,7 +170,13 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
     total = own_endpoint_digest(my_endpoint)
     for peer in peers:
         total ^= peer_digest(
-            peer.public_key, peer.endpoint, peer.allowed_ips, peer.lan_endpoints, peer.session
+            peer.public_key,
+            peer.endpoint,
+            peer.allowed_ips,
+            peer.lan_endpoints,
+            peer.session,
+            peer.ipv6_endpoints,
+            peer.mapped_endpoint,
         )
     return format_digest(total)
 
@@ -147,7 +194,7 @@ def encode_peer(
     announcement: Announcement | None,
     handshake_age: float | None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "public_key": public_key.base64,
         "endpoint": str(endpoint) if endpoint else None,
         "allowed_ips": [str(net) for net in allowed_ips],
@@ -155,6 +202,11 @@ def encode_peer(
         "session": announcement.session if announcement else None,
         "last_handshake_age": None if handshake_age is None else round(handshake_age, 3),
     }
+    if announcement is not None and announcement.ipv6_endpoints:
+        record["ipv6_endpoints"] = [str(ep) for ep in announcement.ipv6_endpoints]
+    if announcement is not None and announcement.mapped_endpoint is not None:
+        record["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    return record
 
 
 def encode_you(
@@ -209,10 +261,23 @@ def encode_body(document: Mapping[str, Any] | list[Any]) -> bytes:
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:
-    return {
+    """The body of POST /v1/announce; the later fields only when set, so that
+    an older registry (which refuses fields it does not know) accepts it."""
+    document: dict[str, Any] = {
         "session": announcement.session,
         "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.ipv6_endpoints:
+        document["ipv6_endpoints"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
+    if announcement.mapped_endpoint is not None:
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    return document
+
+
+def without_extensions(announcement: Announcement) -> Announcement:
+    """What an older registry accepts of `announcement` (its session and LAN
+    endpoints)."""
+    return Announcement(announcement.session, announcement.lan_endpoints)
 
 
 # -- decoding -------------------------------------------------------------------
@@ -227,10 +292,17 @@ def decode_json(body: bytes, what: str) -> Any:
 
 
 def parse_announcement(document: Any) -> Announcement:
-    """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
-    each reachable from another host, duplicates dropped."""
-    if not isinstance(document, dict) or set(document) - {"lan_endpoints", "session"}:
-        raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
+    """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS LAN
+    endpoints, each reachable from another host, duplicates dropped; at most
+    MAX_IPV6_ENDPOINTS global IPv6 endpoints (`global_ipv6`); an optional
+    mapped endpoint reachable from another host."""
+    known = {"lan_endpoints", "session", *ANNOUNCEMENT_EXTENSIONS}
+    if not isinstance(document, dict) or set(document) - known:
+        raise InvalidValue(
+            'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
+            '"ipv6_endpoints": ["[IPV6]:PORT", ...] (optional), '
+            '"mapped_endpoint": "IP:PORT" (optional)}'
+        )
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
         raise InvalidValue(f"lan_endpoints must be a list of at most {MAX_LAN_ENDPOINTS} 'IP:PORT'")
@@ -244,10 +316,37 @@ def parse_announcement(document: Any) -> Announcement:
             raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
         if endpoint not in endpoints:
             endpoints.append(endpoint)
+    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), "ipv6_endpoints")
+    mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
+    if mapped is not None and not reachable_from_elsewhere(mapped):
+        raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
     try:
-        return Announcement(document.get("session"), tuple(endpoints))  # type: ignore[arg-type]
+        return Announcement(
+            document.get("session"),  # type: ignore[arg-type]
+            tuple(endpoints),
+            ipv6,
+            mapped,
+        )
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
+
+
+def _ipv6_endpoints(items: Any, where: str) -> tuple[Endpoint, ...]:
+    """A list of at most MAX_IPV6_ENDPOINTS global IPv6 endpoints, duplicates dropped."""
+    if not isinstance(items, list) or len(items) > MAX_IPV6_ENDPOINTS:
+        raise InvalidValue(f"{where} must be a list of at most {MAX_IPV6_ENDPOINTS} '[IPV6]:PORT'")
+    endpoints: list[Endpoint] = []
+    for item in items:
+        endpoint = _optional_endpoint(item, where)
+        if endpoint is None or not global_ipv6(endpoint):
+            raise InvalidValue(
+                f"{where}: {item if endpoint is None else endpoint} is not a global IPv6 "
+                "endpoint (IPv6 reachable from another site: not link-local, unique-local, "
+                "loopback or IPv4-mapped)"
+            )
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    return tuple(endpoints)
 
 
 def _list(document: Mapping[str, Any], name: str, limit: int, where: str) -> list[Any]:
@@ -292,8 +391,16 @@ def _peer(document: Any, index: int) -> RemotePeer:
         not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS
     ):
         raise InvalidValue(f"{where}: 'session' is not a short string")
+    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints")
+    mapped = _optional_endpoint(document.get("mapped_endpoint"), f"{where}: mapped_endpoint")
     return RemotePeer(
-        key, _optional_endpoint(document.get("endpoint"), where), tuple(allowed), lan, session
+        key,
+        _optional_endpoint(document.get("endpoint"), where),
+        tuple(allowed),
+        lan,
+        session,
+        ipv6,
+        mapped,
     )
 
 

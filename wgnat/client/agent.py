@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from wgnat._types import Announcement, IPAddress, IPInterface, IPNetwork, PublicKey, peer_label
 from wgnat.client.follower import RegistryConnection, RegistryFollower
-from wgnat.client.lan import lan_endpoints
+from wgnat.client.lan import ipv6_endpoints, lan_endpoints
 from wgnat.client.metrics import ClientMetrics
 from wgnat.client.reconcile import (
     Action,
@@ -223,7 +223,15 @@ class MeshAgent(service.Service):
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
-            return Announcement(self.session, tuple(lan_endpoints(lan, self.listen_port)))
+            ipv6 = tuple(ipv6_endpoints(lan, self.listen_port)) if self.config.settings.ipv6 else ()
+            mesh = self.mesh
+            if mesh is not None and mesh.my_ipv6_endpoints != ipv6:
+                # Our own IPv6 endpoints decide which candidates each peer has:
+                # a path over an address that went away is left at once.
+                mesh.my_ipv6_endpoints = ipv6
+                if self._planned:
+                    self.reconcile_soon()
+            return Announcement(self.session, tuple(lan_endpoints(lan, self.listen_port)), ipv6)
 
         return self._find_lan().addCallback(announce)
 

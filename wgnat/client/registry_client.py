@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -32,7 +33,10 @@ from wgnat.wire import (
     encode_announcement,
     encode_body,
     parse_own_answer,
+    without_extensions,
 )
+
+log = Logger(namespace="wgnat.client")
 
 CONNECT_TIMEOUT = 5.0
 # A request's answer (the announcement's, a stream's first line) within this.
@@ -350,9 +354,24 @@ class RegistryClient:
 
     @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
+        """POST the announcement.  A registry from before IPv6 and mapped
+        endpoints refuses the fields it does not know (HTTP 400): the
+        announcement is then made again without them, so this client still
+        gets its session and LAN endpoints through (and peers use only its
+        IPv4 endpoints)."""
         response = yield self._send(
             b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
         )
+        plain = without_extensions(announcement)
+        if response.code == 400 and plain != announcement:
+            yield self._document(response).addErrback(lambda _: None)  # read it, drop it
+            log.warn(
+                "the registry refused this client's IPv6/mapped endpoints (it predates "
+                "them); announced its LAN endpoints only: peers reach it over IPv4"
+            )
+            response = yield self._send(
+                b"POST", "/v1/announce", encode_body(encode_announcement(plain))
+            )
         document = yield self._document(response)
         return document
 

@@ -81,6 +81,12 @@ class Options(CommonOptions):
             "Also export each peer's traffic and path (one series per peer, "
             "labelled interface and public_key)",
         ],
+        [
+            "no-ipv6",
+            None,
+            "Neither announce this host's global IPv6 endpoints nor use other peers' "
+            "(direct paths over IPv4 only)",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -206,7 +212,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         registry_port=options["registry-port"],
         accept_routes=tuple(options["accept-routes"]),
         resync_interval=options["interval"],
-        settings=Settings(keepalive=options["keepalive"]),
+        settings=Settings(keepalive=options["keepalive"], ipv6=not options["no-ipv6"]),
     )
 
     def find_lan(name: str) -> Deferred[list[IPInterface]]:

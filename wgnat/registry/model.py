@@ -26,6 +26,7 @@ from wgnat._types import (
     PublicKey,
 )
 from wgnat.wire import (
+    MAX_IPV6_ENDPOINTS,
     MAX_LAN_ENDPOINTS,
     encode_answer,
     encode_body,
@@ -64,6 +65,8 @@ class PeerRecord:
             self.allowed_ips,
             announcement.lan_endpoints if announcement else (),
             announcement.session if announcement else None,
+            announcement.ipv6_endpoints if announcement else (),
+            announcement.mapped_endpoint if announcement else None,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -151,7 +154,10 @@ class RegistryModel:
 
     def announce(self, key: PublicKey, announcement: Announcement) -> bool:
         announcement = Announcement(
-            announcement.session, tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS])
+            announcement.session,
+            tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
+            tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
+            announcement.mapped_endpoint,
         )
         if self.announcements.get(key) == announcement:
             return False

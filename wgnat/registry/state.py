@@ -43,16 +43,28 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    return Announcement(value["session"], tuple(Endpoint.parse(e) for e in value["lan"]))
+    # "ipv6" and "mapped" came later: a file from before has neither.
+    mapped = value.get("mapped")
+    return Announcement(
+        value["session"],
+        tuple(Endpoint.parse(e) for e in value["lan"]),
+        tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
+        Endpoint.parse(mapped) if mapped else None,
+    )
 
 
 def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | None:
     if announcement is None:
         return None
-    return {
+    document: dict[str, Any] = {
         "session": announcement.session,
         "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.ipv6_endpoints:
+        document["ipv6"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
+    if announcement.mapped_endpoint is not None:
+        document["mapped"] = str(announcement.mapped_endpoint)
+    return document
 
 
 def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -> dict[str, Any]:
