@@ -4,13 +4,18 @@ its limits are the ones both ends enforce."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import succeed
 
-from wgnat._types import Announcement, Endpoint, PublicKey
+from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey
 from wgnat.wire import (
+    MAX_IPV6_ENDPOINTS,
     MAX_LAN_ENDPOINTS,
     RemotePeer,
     StreamDecoder,
@@ -21,8 +26,10 @@ from wgnat.wire import (
     encode_line,
     encode_peer,
     encode_you,
+    global_ipv6,
     parse_announcement,
     parse_answer,
+    peer_digest,
     reachable_from_elsewhere,
 )
 
@@ -105,3 +112,123 @@ def test_ipv4_mapped_addresses_are_seen_through():
         assert not reachable_from_elsewhere(Endpoint.parse(text)), text
     assert reachable_from_elsewhere(Endpoint.parse("[::ffff:192.168.1.7]:51820"))
     assert reachable_from_elsewhere(Endpoint.parse("[2001:db8::7]:51820"))
+
+
+# -- IPv6 and mapped endpoints: optional fields, compatible both ways -----------------
+
+global_ipv6_endpoints = st.builds(
+    Endpoint,
+    st.integers(0x2001_0DB8 << 96, (0x2001_0DB8 << 96) + 2**96 - 1).map(ipaddress.IPv6Address),
+    st.integers(1, 65535),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    session=sessions,
+    lan=st.lists(lan_endpoints, max_size=MAX_LAN_ENDPOINTS, unique=True),
+    ipv6=st.lists(global_ipv6_endpoints, max_size=MAX_IPV6_ENDPOINTS, unique=True),
+    mapped=st.none() | lan_endpoints,
+    key=keys,
+    observed=st.none() | endpoints,
+)
+def test_ipv6_and_mapped_endpoints_round_trip_from_announcement_to_peer(
+    session, lan, ipv6, mapped, key, observed
+):
+    announcement = Announcement(session, tuple(lan), tuple(ipv6), mapped)
+    body = encode_body(encode_announcement(announcement))
+    assert parse_announcement(decode_json(body, "the body")) == announcement
+    record = encode_peer(key, observed, (), announcement, None)
+    line = encode_line(encode_answer("e", 1, False, [record], []))
+    [peer] = parse_answer(decode_json(line, "a line")).peers
+    assert (peer.ipv6_endpoints, peer.mapped_endpoint) == (tuple(ipv6), mapped)
+
+
+def test_without_the_new_fields_documents_and_digests_are_as_before():
+    """An older client or registry sees exactly what it saw before for a peer
+    with neither IPv6 nor a mapped endpoint: no new keys, the same digest."""
+    key, lan = PublicKey(b"k" * 32), (Endpoint.parse("192.168.1.7:51820"),)
+    announcement = Announcement("ab", lan)
+    assert set(encode_announcement(announcement)) == {"session", "lan_endpoints"}
+    record = encode_peer(key, Endpoint.parse("203.0.113.9:1"), (), announcement, None)
+    assert "ipv6_endpoints" not in record and "mapped_endpoint" not in record
+    # The digest as it was computed before these fields existed.
+    text = "|".join((key.base64, "203.0.113.9:1", "", "192.168.1.7:51820", "ab"))
+    before = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    assert peer_digest(key, Endpoint.parse("203.0.113.9:1"), (), lan, "ab") == before
+    with_ipv6 = peer_digest(
+        key, Endpoint.parse("203.0.113.9:1"), (), lan, "ab", (Endpoint.parse("[2001:db8::1]:1"),)
+    )
+    assert with_ipv6 != before
+    # An older client's announcement is still accepted.
+    assert parse_announcement({"session": "ab", "lan_endpoints": []}) == Announcement("ab")
+
+
+def test_bad_ipv6_and_mapped_endpoints_are_refused_with_the_reason():
+    bad = [
+        ({"ipv6_endpoints": ["203.0.113.9:1"]}, "not a global IPv6 endpoint"),
+        ({"ipv6_endpoints": ["[fd00::1]:1"]}, "not a global IPv6 endpoint"),
+        ({"ipv6_endpoints": ["[fe80::1]:1"]}, "not a global IPv6 endpoint"),
+        ({"ipv6_endpoints": ["[::ffff:198.51.100.1]:1"]}, "not a global IPv6 endpoint"),
+        ({"ipv6_endpoints": ["[2001:db8::1]:1"] * 2 + [None]}, "not a global IPv6 endpoint"),
+        ({"ipv6_endpoints": [f"[2001:db8::{n}]:1" for n in range(1, 6)]}, "at most 4"),
+        ({"ipv6_endpoints": "[2001:db8::1]:1"}, "must be a list"),
+        ({"mapped_endpoint": "127.0.0.1:5"}, "not reachable from another host"),
+        ({"mapped_endpoint": "nonsense"}, "mapped_endpoint: malformed endpoint"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(InvalidValue, match=message):
+            parse_announcement({"session": "ab", "lan_endpoints": [], **extra})
+    peer = {"public_key": PublicKey(b"k" * 32).base64, "ipv6_endpoints": ["10.0.0.1:1"]}
+    with pytest.raises(InvalidValue, match=r"peers\[0\]: ipv6_endpoints"):
+        parse_answer({"epoch": "e", "version": 1, "full": True, "peers": [peer]})
+
+
+def test_global_ipv6():
+    assert global_ipv6(Endpoint.parse("[2001:db8::7]:51820"))  # the documentation range
+    assert global_ipv6(Endpoint.parse("[2a01:4f8::1]:51820"))
+    for text in ("[fd12::1]:1", "[fec0::1]:1", "[fe80::1]:1", "[::1]:1", "[::c000:201]:1"):
+        assert not global_ipv6(Endpoint.parse(text)), text
+    assert not global_ipv6(Endpoint.parse("198.51.100.1:1"))
+
+
+def test_a_client_refused_by_an_older_registry_announces_again_without_the_new_fields():
+    """A registry from before IPv6 endpoints answers 400 to fields it does not
+    know: the client repeats the announcement with its session and LAN
+    endpoints only, so it is still announced (and probed back)."""
+    from twisted.internet.task import Clock
+
+    from tests.test_fuzz import CannedResponse
+    from wgnat.client.registry_client import RegistryClient
+
+    class OldRegistry:
+        def __init__(self) -> None:
+            self.bodies: list[dict] = []
+
+        def request(self, method, url, headers, body):
+            document = json.loads(body._inputFile.getvalue())  # FileBodyProducer(BytesIO)
+            self.bodies.append(document)
+            try:
+                old_parse(document)
+            except InvalidValue as exc:
+                return succeed(CannedResponse(400, json.dumps({"error": str(exc)}).encode()))
+            return succeed(CannedResponse(200, b'{"version": 3}'))
+
+    def old_parse(document):
+        if set(document) - {"lan_endpoints", "session"}:
+            raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
+
+    client = RegistryClient(Clock(), ipaddress.ip_address("198.51.100.1"), 51820)
+    client.http = OldRegistry()
+    v6 = (Endpoint.parse("[2001:db8::7]:51820"),)
+    outcome: list = []
+    client.announce(Announcement("ab", (), v6)).addBoth(outcome.append)
+    assert outcome == [{"version": 3}]
+    assert [set(body) for body in client.http.bodies] == [
+        {"session", "lan_endpoints", "ipv6_endpoints"},
+        {"session", "lan_endpoints"},
+    ]
+    # Without the new fields there is nothing to take out: one request, its answer.
+    client.http.bodies.clear()
+    client.announce(Announcement("ab", (Endpoint.parse("192.168.1.7:1"),))).addBoth(outcome.append)
+    assert len(client.http.bodies) == 1 and outcome[-1] == {"version": 3}
