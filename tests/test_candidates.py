@@ -5,6 +5,8 @@ address that goes away (no longer announced, or no longer working)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tests.helpers import ep, nets, new_key
 from tests.test_reconcile import ME, T0, World, make_mesh, view_of
 from wgnat.client.candidates import Mine, candidates
@@ -353,5 +355,66 @@ def test_no_ipv6_neither_announces_nor_uses_it():
         assert net.hub.model.announcements[ka].ipv6_endpoints == ()
         assert str(net.hosts["a"].device.peers[kb].endpoint) == "203.0.113.22:51820"
         assert str(net.hosts["b"].device.peers[ka].endpoint) == "203.0.113.21:51820"
+    finally:
+        net.stop()
+
+
+# -- the conntrack race: a peer that punches first -------------------------------------
+
+
+def punching(key, **kwargs) -> RemotePeer:
+    return dataclasses.replace(remote(key, **kwargs), punch_first=True)
+
+
+def test_a_peer_that_punches_first_is_answered_a_moment_later_and_saying_why():
+    b = new_key()
+    w = world(answer_delay=0.5)
+    view = view_of(punching(b), me=MY_PUBLIC)
+    assert w.step(view, T0) == []  # nothing sent yet: b's packet must leave its router first
+    path = w.mesh.paths[b]
+    assert path.path is Path.RELAYED and b not in w.device.peers
+    assert "it punches first (its router accepts unsolicited packets)" in path.reason
+    assert [e.kind for e in w.mesh.take_events()] == ["answer_later"]
+    assert w.mesh.next_wakeup(T0) == T0 + 0.5
+    assert w.step(view, T0 + 0.49) == []
+    actions = w.step(view, T0 + 0.5)
+    assert [a.kind for a in actions] == ["probe"]
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:51820"
+    go_direct(w, view, b, T0 + 0.52)
+
+
+def test_a_peer_that_punches_first_is_answered_late_at_every_retry_too():
+    b = new_key()
+    w = world(answer_delay=0.5, align_retries=False, retry_backoff=(10.0,))
+    view = view_of(punching(b), me=MY_PUBLIC)
+    w.step(view, T0)
+    w.step(view, T0 + 0.5)
+    w.step(view, T0 + 6.5)  # no handshake: relayed, retry 10 s later
+    assert w.mesh.paths[b].path is Path.RELAYED and w.mesh.paths[b].retry_at == T0 + 16.5
+    assert w.step(view, T0 + 16.5) == []  # the retry moment: b punches now, we a moment later
+    assert [a.kind for a in w.step(view, T0 + 17.0)] == ["probe"]
+
+
+def test_two_ends_that_both_punch_first_or_neither_probe_at_once():
+    for mine, theirs in ((True, True), (False, False)):
+        b = new_key()
+        w = world(punch_first=mine)
+        peer = punching(b) if theirs else remote(b)
+        assert [a.kind for a in w.step(view_of(peer, me=MY_PUBLIC), T0)] == ["probe"]
+
+
+def test_punch_first_is_announced_and_passed_on():
+    net = SimulatedNetwork(start=START)
+    try:
+        net.add_host("a", "198.51.100.2", "203.0.113.21:51820")
+        net.add_host("x", "198.51.100.3", "203.0.113.24:51820")
+        a = net.agent("a")
+        net.agent("x", punch_first=True)
+        kx = net.key("x")
+        assert net.hub.model.announcements[kx].punch_first
+        assert a.view.peers[kx].punch_first
+        assert a.paths() == {kx: Path.RELAYED}  # waiting for x to punch first
+        net.clock.advance(0.5)
+        assert a.paths() == {kx: Path.PROBING}
     finally:
         net.stop()

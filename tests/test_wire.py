@@ -129,19 +129,24 @@ global_ipv6_endpoints = st.builds(
     lan=st.lists(lan_endpoints, max_size=MAX_LAN_ENDPOINTS, unique=True),
     ipv6=st.lists(global_ipv6_endpoints, max_size=MAX_IPV6_ENDPOINTS, unique=True),
     mapped=st.none() | lan_endpoints,
+    punch_first=st.booleans(),
     key=keys,
     observed=st.none() | endpoints,
 )
 def test_ipv6_and_mapped_endpoints_round_trip_from_announcement_to_peer(
-    session, lan, ipv6, mapped, key, observed
+    session, lan, ipv6, mapped, punch_first, key, observed
 ):
-    announcement = Announcement(session, tuple(lan), tuple(ipv6), mapped)
+    announcement = Announcement(session, tuple(lan), tuple(ipv6), mapped, punch_first)
     body = encode_body(encode_announcement(announcement))
     assert parse_announcement(decode_json(body, "the body")) == announcement
     record = encode_peer(key, observed, (), announcement, None)
     line = encode_line(encode_answer("e", 1, False, [record], []))
     [peer] = parse_answer(decode_json(line, "a line")).peers
-    assert (peer.ipv6_endpoints, peer.mapped_endpoint) == (tuple(ipv6), mapped)
+    assert (peer.ipv6_endpoints, peer.mapped_endpoint, peer.punch_first) == (
+        tuple(ipv6),
+        mapped,
+        punch_first,
+    )
 
 
 def test_without_the_new_fields_documents_and_digests_are_as_before():
@@ -175,6 +180,7 @@ def test_bad_ipv6_and_mapped_endpoints_are_refused_with_the_reason():
         ({"ipv6_endpoints": "[2001:db8::1]:1"}, "must be a list"),
         ({"mapped_endpoint": "127.0.0.1:5"}, "not reachable from another host"),
         ({"mapped_endpoint": "nonsense"}, "mapped_endpoint: malformed endpoint"),
+        ({"punch_first": "yes"}, "'punch_first' is not true or false"),
     ]
     for extra, message in bad:
         with pytest.raises(InvalidValue, match=message):

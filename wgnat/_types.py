@@ -155,6 +155,9 @@ class Announcement:
     lan_endpoints: tuple[Endpoint, ...] = ()
     ipv6_endpoints: tuple[Endpoint, ...] = ()
     mapped_endpoint: Endpoint | None = None
+    # Its router accepts unsolicited packets on its INPUT chain (the conntrack
+    # race): its peers let it punch first and answer a moment later.
+    punch_first: bool = False
 
     def __post_init__(self) -> None:
         if (

@@ -55,7 +55,7 @@ MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
 MAX_IPV6_ENDPOINTS = 4
 # The announcement fields an older registry does not know (it refuses them).
-ANNOUNCEMENT_EXTENSIONS = ("ipv6_endpoints", "mapped_endpoint")
+ANNOUNCEMENT_EXTENSIONS = ("ipv6_endpoints", "mapped_endpoint", "punch_first")
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -80,6 +80,7 @@ class RemotePeer:
     session: str | None = None
     ipv6_endpoints: tuple[Endpoint, ...] = ()
     mapped_endpoint: Endpoint | None = None
+    punch_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def peer_digest(
     session: str | None,
     ipv6_endpoints: Iterable[Endpoint] = (),
     mapped_endpoint: Endpoint | None = None,
+    punch_first: bool = False,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
@@ -151,6 +153,8 @@ def peer_digest(
         parts.append("ipv6=" + ipv6)
     if mapped_endpoint is not None:
         parts.append(f"mapped={mapped_endpoint}")
+    if punch_first:
+        parts.append("punch_first")
     text = "|".join(parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
@@ -177,6 +181,7 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
             peer.session,
             peer.ipv6_endpoints,
             peer.mapped_endpoint,
+            peer.punch_first,
         )
     return format_digest(total)
 
@@ -206,6 +211,8 @@ def encode_peer(
         record["ipv6_endpoints"] = [str(ep) for ep in announcement.ipv6_endpoints]
     if announcement is not None and announcement.mapped_endpoint is not None:
         record["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    if announcement is not None and announcement.punch_first:
+        record["punch_first"] = True
     return record
 
 
@@ -271,6 +278,8 @@ def encode_announcement(announcement: Announcement) -> dict[str, Any]:
         document["ipv6_endpoints"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:
         document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    if announcement.punch_first:
+        document["punch_first"] = True
     return document
 
 
@@ -301,7 +310,7 @@ def parse_announcement(document: Any) -> Announcement:
         raise InvalidValue(
             'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
             '"ipv6_endpoints": ["[IPV6]:PORT", ...] (optional), '
-            '"mapped_endpoint": "IP:PORT" (optional)}'
+            '"mapped_endpoint": "IP:PORT" (optional), "punch_first": true (optional)}'
         )
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
@@ -320,15 +329,24 @@ def parse_announcement(document: Any) -> Announcement:
     mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
     if mapped is not None and not reachable_from_elsewhere(mapped):
         raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
+    punch_first = _flag(document, "punch_first", "announcement")
     try:
         return Announcement(
             document.get("session"),  # type: ignore[arg-type]
             tuple(endpoints),
             ipv6,
             mapped,
+            punch_first,
         )
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
+
+
+def _flag(document: Mapping[str, Any], name: str, where: str) -> bool:
+    value = document.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidValue(f"{where}: {name!r} is not true or false")
+    return value
 
 
 def _ipv6_endpoints(items: Any, where: str) -> tuple[Endpoint, ...]:
@@ -401,6 +419,7 @@ def _peer(document: Any, index: int) -> RemotePeer:
         session,
         ipv6,
         mapped,
+        _flag(document, "punch_first", where),
     )
 
 

@@ -231,7 +231,12 @@ class MeshAgent(service.Service):
                 mesh.my_ipv6_endpoints = ipv6
                 if self._planned:
                     self.reconcile_soon()
-            return Announcement(self.session, tuple(lan_endpoints(lan, self.listen_port)), ipv6)
+            return Announcement(
+                self.session,
+                tuple(lan_endpoints(lan, self.listen_port)),
+                ipv6,
+                punch_first=self.config.settings.punch_first,
+            )
 
         return self._find_lan().addCallback(announce)
 
@@ -437,6 +442,10 @@ class MeshAgent(service.Service):
                     "{detail}); remove it yourself if wgnat made it",
                     peer=self.describe(event.public_key),
                     detail=event.detail,
+                )
+            elif event.kind == "answer_later" and event.public_key is not None:
+                log.info(
+                    "{peer} {detail}", peer=self.describe(event.public_key), detail=event.detail
                 )
             elif event.kind == "own_endpoint":
                 log.info(

@@ -65,6 +65,13 @@ class Settings:
     candidate_timeout: float = 2.0
     # Use peers' IPv6 endpoints (and announce ours): --no-ipv6 turns it off.
     ipv6: bool = True
+    # This host's router accepts unsolicited packets on its INPUT chain (the
+    # conntrack race, --punch-first): it announces so, and its peers let it
+    # punch first.  A peer that announced it is probed this much later, so its
+    # packet has left its router (and made the mapping ours will answer
+    # through) before ours arrives there.
+    punch_first: bool = False
+    answer_delay: float = 0.5
     switch_delay: float = 0.25
     probe_poll: float = 0.05
     health_interval: float = 15.0
@@ -122,6 +129,8 @@ class PeerPath:
     candidate: Candidate | None = None
     # What the candidates before this one gave (for the reason of a fallback).
     tried: tuple[str, ...] = ()
+    # Waiting until then for the peer to punch first (Settings.answer_delay).
+    answer_at: float | None = None
 
 
 # A WireGuard keepalive on the wire: a transport header and the tag of an
@@ -188,7 +197,8 @@ class Action:
 @dataclass(frozen=True)
 class Event:
     """Something the agent counts or logs: "probe", "direct", "fallback",
-    "rebinding", "removed", "rejected" (allowed IPs refused), "own_endpoint"
+    "rebinding", "removed", "rejected" (allowed IPs refused), "answer_later"
+    (a probe held back for the peer to punch first), "own_endpoint"
     (our public endpoint moved), "recovered" / "left_alone" (a peer taken back,
     or not, after the state file was lost)."""
 
@@ -625,15 +635,15 @@ class Mesh:
                 self.paths[key] = peer_path = PeerPath(
                     Path.RELAYED, now, None, learned_at=now, allowed_ips=allowed
                 )
-                actions.append(self._probe(key, peer_path, target, now, "new peer", found))
+                actions.extend(self._start(key, peer_path, now, "new peer", found, remote))
             elif peer_path.path is Path.RELAYED:
                 tried = {candidate.endpoint for candidate in peer_path.candidates}
                 fresh = [c for c in found if c.endpoint not in tried]
                 if remote.session != peer_path.session:
                     # Its client (re)started and probes us now: answer at once.
                     peer_path.attempts = 0
-                    actions.append(
-                        self._probe(key, peer_path, target, now, "its client started", found)
+                    actions.extend(
+                        self._start(key, peer_path, now, "its client started", found, remote)
                     )
                 elif peer_path.endpoint is not None and (
                     fresh if peer_path.candidates else target != peer_path.endpoint
@@ -646,11 +656,11 @@ class Mesh:
                         if new.kind in ("lan", "observed")
                         else f"a new candidate: {new}"
                     )
-                    actions.append(self._probe(key, peer_path, target, now, why, found))
+                    actions.extend(self._start(key, peer_path, now, why, found, remote))
                 elif now >= peer_path.retry_at:
                     # No attempt yet: its first probe was held back (not_saved).
                     why = f"retry #{peer_path.attempts}" if peer_path.attempts else "new peer"
-                    actions.append(self._probe(key, peer_path, target, now, why, found))
+                    actions.extend(self._start(key, peer_path, now, why, found, remote))
             else:
                 actions.extend(self._track(key, peer_path, found, remote, now))
             peer_path.session = remote.session
@@ -753,6 +763,31 @@ class Mesh:
             endpoint=target,
             keepalive=self.settings.keepalive,
         )
+
+    def _start(
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        now: float,
+        why: str,
+        found: list[Candidate],
+        remote: RemotePeer,
+    ) -> list[Action]:
+        """A direct attempt down `found`, at once, or after answer_delay when
+        the peer punches first (its router accepts unsolicited packets: ours
+        arriving there before its own left would make its router move its
+        mapping for us, and the punch would fail until that entry expired)."""
+        late = remote.punch_first and not self.settings.punch_first
+        if late and peer_path.answer_at is None:
+            peer_path.answer_at = peer_path.retry_at = now + self.settings.answer_delay
+            peer_path.reason = (
+                f"{why}: it punches first (its router accepts unsolicited packets), "
+                f"answered {self.settings.answer_delay:g} s later"
+            )
+            self.events.append(Event("answer_later", key, peer_path.reason))
+            return []
+        peer_path.answer_at = None
+        return [self._probe(key, peer_path, found[0].endpoint, now, why, found)]
 
     def _next_candidate(self, peer_path: PeerPath) -> Candidate | None:
         """The candidate after the one probed now, if any."""

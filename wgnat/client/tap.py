@@ -87,6 +87,13 @@ class Options(CommonOptions):
             "Neither announce this host's global IPv6 endpoints nor use other peers' "
             "(direct paths over IPv4 only)",
         ],
+        [
+            "punch-first",
+            None,
+            "This host's router accepts unsolicited packets on its INPUT chain (the "
+            "conntrack race): announce it, so that peers let this host punch first "
+            "and answer a moment later",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -212,7 +219,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         registry_port=options["registry-port"],
         accept_routes=tuple(options["accept-routes"]),
         resync_interval=options["interval"],
-        settings=Settings(keepalive=options["keepalive"], ipv6=not options["no-ipv6"]),
+        settings=Settings(
+            keepalive=options["keepalive"],
+            ipv6=not options["no-ipv6"],
+            punch_first=bool(options["punch-first"]),
+        ),
     )
 
     def find_lan(name: str) -> Deferred[list[IPInterface]]:

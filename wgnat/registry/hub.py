@@ -443,4 +443,6 @@ def _more_endpoints(announcement: Announcement) -> str:
         more += ", IPv6 " + ", ".join(map(str, announcement.ipv6_endpoints))
     if announcement.mapped_endpoint is not None:
         more += f", mapped {announcement.mapped_endpoint}"
+    if announcement.punch_first:
+        more += ", punches first"
     return more

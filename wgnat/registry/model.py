@@ -67,6 +67,7 @@ class PeerRecord:
             announcement.session if announcement else None,
             announcement.ipv6_endpoints if announcement else (),
             announcement.mapped_endpoint if announcement else None,
+            announcement.punch_first if announcement else False,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -158,6 +159,7 @@ class RegistryModel:
             tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
             tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
             announcement.mapped_endpoint,
+            announcement.punch_first,
         )
         if self.announcements.get(key) == announcement:
             return False

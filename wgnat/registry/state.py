@@ -50,6 +50,7 @@ def _announcement(value: Any) -> Announcement | None:
         tuple(Endpoint.parse(e) for e in value["lan"]),
         tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
         Endpoint.parse(mapped) if mapped else None,
+        value.get("punch_first") is True,
     )
 
 
@@ -64,6 +65,8 @@ def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | 
         document["ipv6"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:
         document["mapped"] = str(announcement.mapped_endpoint)
+    if announcement.punch_first:
+        document["punch_first"] = True
     return document
 
 
