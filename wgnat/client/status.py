@@ -115,8 +115,10 @@ def _why(peer_path: PeerPath, now: float, removal_grace: float) -> str:
             else "handshake completed"
         )
         why += f"; direct for {duration(now - peer_path.since)}"
-        if peer_path.candidate is not None:
-            why += f"; over {describe_choice(peer_path.candidate)}"
+        chosen = peer_path.candidate
+        if chosen is not None:
+            # The observed endpoint is the usual case: its kind says enough.
+            why += f"; over {chosen if chosen.kind == 'observed' else describe_choice(chosen)}"
     elif path is Path.SWITCHING:
         why = (
             f"handshake completed; both ends switch to direct in "
