@@ -351,6 +351,9 @@ class Mesh:
     my_endpoint: Endpoint | None = None
     # The global IPv6 endpoints this host announced (the agent sets them).
     my_ipv6_endpoints: tuple[Endpoint, ...] = ()
+    # This host's own addresses (the agent sets them): our public endpoint at
+    # one of them means no NAT in front of us.
+    my_addresses: tuple[IPAddress, ...] = ()
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
 
@@ -777,7 +780,10 @@ class Mesh:
         the peer punches first (its router accepts unsolicited packets: ours
         arriving there before its own left would make its router move its
         mapping for us, and the punch would fail until that entry expired)."""
-        late = remote.punch_first and not self.settings.punch_first
+        # Without a NAT in front of us nothing here is racy: the peer's router
+        # gives its packet another port, which we accept (WireGuard roams).
+        public = self.my_endpoint is not None and self.my_endpoint.host in self.my_addresses
+        late = remote.punch_first and not self.settings.punch_first and not public
         if late and peer_path.answer_at is None:
             peer_path.answer_at = peer_path.retry_at = now + self.settings.answer_delay
             peer_path.reason = (
