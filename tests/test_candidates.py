@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tests.helpers import ep, nets, new_key
 from tests.test_reconcile import ME, T0, World, make_mesh, view_of
 from wgnat.client.candidates import Mine, candidates
@@ -427,3 +429,31 @@ def test_a_public_host_does_not_wait_for_a_peer_that_punches_first():
     w = world()
     w.mesh.my_addresses = (ep(MY_PUBLIC).host,)
     assert [a.kind for a in w.step(view_of(punching(b), me=MY_PUBLIC), T0)] == ["probe"]
+
+
+def test_answering_a_peer_that_punches_first_waits_for_our_announcement_to_reach_it():
+    """It learns of us when the registry has our announcement: before that,
+    our packet would reach its router before its own left."""
+    b = new_key()
+    w = world(answer_delay=0.5)
+    w.mesh.announced = False
+    view = view_of(punching(b), me=MY_PUBLIC)
+    assert w.step(view, T0) == []
+    assert "once the registry has told it of this host" in w.mesh.paths[b].reason
+    assert w.mesh.next_wakeup(T0) == pytest.approx(T0 + 0.1)
+    assert w.step(view, T0 + 0.1) == []  # still not announced
+    w.mesh.announced = True
+    assert w.step(view, T0 + 0.2) == []  # announced now: answered 0.5 s from here
+    assert w.step(view, T0 + 0.69) == []
+    assert [a.kind for a in w.step(view, T0 + 0.7)] == ["probe"]
+
+
+def test_an_announcement_that_never_arrives_delays_the_answer_a_few_seconds_only():
+    b = new_key()
+    w = world(answer_delay=0.5)
+    w.mesh.announced = False
+    view = view_of(punching(b), me=MY_PUBLIC)
+    w.step(view, T0)
+    assert w.step(view, T0 + 4.9) == []
+    assert w.step(view, T0 + 5.0) == []  # waited long enough: answered 0.5 s from here
+    assert [a.kind for a in w.step(view, T0 + 5.5)] == ["probe"]

@@ -8,6 +8,7 @@ x's packet has left its router by then, so theirs arrive as replies.
     r1 (home)        a 192.168.1.10
     r2 (home)        c 192.168.2.10
     r4 (accept_all)  x 192.168.4.10   (--punch-first)
+    r5 (home)        d 192.168.5.10   (started after x)
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def mesh(lab):  # noqa: F811
     r1 = lab.router("r1", "203.0.113.21/24", "192.168.1.0/24", "home")
     r2 = lab.router("r2", "203.0.113.22/24", "192.168.2.0/24", "home")
     r4 = lab.router("r4", "203.0.113.24/24", "192.168.4.0/24", "accept_all")
+    r5 = lab.router("r5", "203.0.113.25/24", "192.168.5.0/24", "home")
     m.add_client("a", lab.lan_host(r1, "a", "192.168.1.10/24"))
     m.add_client("c", lab.lan_host(r2, "c", "192.168.2.10/24"))
     m.add_client("x", lab.lan_host(r4, "x", "192.168.4.10/24"))
+    m.add_client("d", lab.lan_host(r5, "d", "192.168.5.10/24"))
     for node in m.clients.values():
         assert node.host.ping("198.51.100.1", count=3, timeout=2), node.name
     try:
@@ -76,3 +79,16 @@ def test_a_peer_behind_an_input_accept_router_that_punches_first_goes_direct(mes
         "a says why it answered later",
     )
     check(mesh.clients["x"].host.ping("198.51.100.2", count=2), mesh, "x pings a")
+
+    # The other order: a home peer that starts after x.  It learns of x from
+    # its first answer, perhaps before the registry has its announcement (and
+    # so before x learns of it): it answers 0.5 s after the registry has it.
+    mesh.start_client("d")
+    started = time.monotonic()
+    try:
+        wait_until(lambda: mesh.direct("x", "d") and mesh.direct("d", "x"), 20, what="x-d direct")
+    except AssertionError as exc:
+        check(False, mesh, str(exc))
+    elapsed = time.monotonic() - started
+    print(f"d (home NAT) direct with x {elapsed:.2f} s after d started")
+    check(mesh.direct("d", "x") == "203.0.113.24:51820", mesh, "d reaches x at its own port")

@@ -277,6 +277,7 @@ class MeshAgent(service.Service):
                     break
                 self._read_works()
                 self.traffic.observe(state)
+                mesh.announced = self.follower is not None and self.follower.announced is not None
                 actions = mesh.plan(self.view, state, self.reactor.seconds(), self.wall())
                 self._planned = True
                 yield self._apply_all(actions)

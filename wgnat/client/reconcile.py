@@ -146,6 +146,12 @@ KEEPALIVE_PACKET_BYTES = 32
 INITIATION_PACKET_BYTES = 148
 HANDSHAKE_PACKET_BYTES = INITIATION_PACKET_BYTES + KEEPALIVE_PACKET_BYTES
 
+# How often a plan waiting for our own announcement to reach the registry looks
+# again (only while a peer that punches first waits for it).
+ANNOUNCED_POLL = 0.1
+# ...and for at most this long (the registry may refuse or never get it).
+ANNOUNCED_WAIT = 5.0
+
 # Every kind of device operation an Action can be (metrics label values).
 ACTION_KINDS = ("probe", "promote", "endpoint", "kick", "remove")
 
@@ -354,6 +360,9 @@ class Mesh:
     # This host's own addresses (the agent sets them): our public endpoint at
     # one of them means no NAT in front of us.
     my_addresses: tuple[IPAddress, ...] = ()
+    # Whether the registry holds our announcement (the agent sets it): a peer
+    # that punches first learns of us only then, so answering it waits for it.
+    announced: bool = True
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
 
@@ -784,6 +793,15 @@ class Mesh:
         # gives its packet another port, which we accept (WireGuard roams).
         public = self.my_endpoint is not None and self.my_endpoint.host in self.my_addresses
         late = remote.punch_first and not self.settings.punch_first and not public
+        if late and not self.announced and now - peer_path.since < ANNOUNCED_WAIT:
+            # It cannot punch before it knows of us: the registry pushes our
+            # announcement to it once the registry has it.
+            peer_path.retry_at = now + ANNOUNCED_POLL
+            peer_path.reason = (
+                f"{why}: it punches first (its router accepts unsolicited packets), once "
+                "the registry has told it of this host"
+            )
+            return []
         if late and peer_path.answer_at is None:
             peer_path.answer_at = peer_path.retry_at = now + self.settings.answer_delay
             peer_path.reason = (
