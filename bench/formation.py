@@ -33,7 +33,10 @@ and the parts, each from the first source that sees it:
   handshake                  the later of the two ends' first initiations -> the
                              first handshake on either device
   coordinated switch         that handshake -> the later end's "direct at" log
-                             line (0.25 s by design: both ends derive the moment)
+                             line (switch_delay, 0.1 s, by design: both ends derive
+                             the moment); with how late the later end's poll saw
+                             the handshake, how far apart the two ends' lines are,
+                             and how many ends switched after the shared moment
 
 A ping c -> n every 20 ms runs through the formation (loss counted).  Then the
 NAT of a client alone behind its router rebinds every mapping, at a moment
@@ -314,11 +317,17 @@ def analyse_formation(
         initiation_back = first_initiation(NEW, endpoints[p], started)
         present = [t for t in handshakes[p] if t]
         handshake = min(present) if present else None
-        switched = [
-            first_time(logs[p], about(new.tunnel_ip) + r".*direct at", started),
-            first_time(logs[NEW], about(node.tunnel_ip) + r".*direct at", started),
+        switch_lines = [
+            first_line(logs[p], about(new.tunnel_ip) + r".*direct at", started),
+            first_line(logs[NEW], about(node.tunnel_ip) + r".*direct at", started),
         ]
+        switched = [line.time if line else None for line in switch_lines]
         direct = max(switched) if all(switched) else None
+        # What each end's own log says of the switch: how long after the
+        # handshake its poll saw it, and whether it switched after the shared
+        # moment (a late end costs the other end packets).
+        seen = [_ms(line, r"seen (\d+) ms after it") for line in switch_lines]
+        late = [_ms(line, r"switched (\d+) ms after the shared moment") for line in switch_lines]
         both_sent = max(initiation, initiation_back) if initiation and initiation_back else None
 
         peers[p] = {
@@ -332,6 +341,9 @@ def analyse_formation(
             "new_client_ready_to_probe_logged": since_or_none(probe_back, ready),
             "handshake": since_or_none(handshake, both_sent),
             "switch": since_or_none(direct, handshake),
+            "switch_skew": spread(switched),
+            "seen_after": max(value for value in seen if value is not None) if any(seen) else None,
+            "late_ends": sum(1 for value in late if value is not None),
         }
     return {
         "startup": since_or_none(ready, started),
@@ -340,6 +352,22 @@ def analyse_formation(
         "registry_knows": since_or_none(known, started),
         "peers": peers,
     }
+
+
+def spread(times: list[float | None]) -> float | None:
+    present = [t for t in times if t is not None]
+    return max(present) - min(present) if len(present) == len(times) else None
+
+
+def first_line(lines: list[Any], pattern: str, after: float) -> Any:
+    regex = re.compile(pattern)
+    return next((line for line in lines if line.time >= after and regex.search(line.text)), None)
+
+
+def _ms(line: Any, pattern: str) -> float | None:
+    """A figure in milliseconds from a log line, in seconds."""
+    match = re.search(pattern, line.text) if line else None
+    return int(match.group(1)) / 1000 if match else None
 
 
 def since_or_none(t: float | None, origin: float | None) -> float | None:
@@ -440,6 +468,11 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> str:
         f"{stat(per_peer('new_client_ready_to_probe_logged'))})",
         f"  handshake (both ends' initiations sent -> handshake): {stat(per_peer('handshake'))}",
         f"  coordinated switch (handshake -> both ends direct): {stat(per_peer('switch'))}",
+        f"    handshake -> the later end's poll sees it: {stat(per_peer('seen_after'))}",
+        f"    the two ends' switch log lines apart: {stat(per_peer('switch_skew'))}; "
+        f"ends that switched after the shared moment: "
+        f"{sum(p.get('late_ends', 0) for r in runs for p in r['peers'].values())} of "
+        f"{2 * sum(len(r['peers']) for r in runs)}",
         f"ping c -> n every 20 ms during formation: "
         f"{sum(r['ping']['lost'] for r in runs)} lost of {sum(r['ping']['sent'] for r in runs)}",
         f"NAT rebinding of {REBOUND} -> each peer uses the new endpoint: "

@@ -495,13 +495,13 @@ class HTTPClient(protocol.Protocol):
     def connectionMade(self) -> None:
         self.connected_d.callback(self)
 
-    def get(self, path: str) -> defer.Deferred[Response]:
+    def get(self, path: str, accept: bool = True) -> defer.Deferred[Response]:
+        """GET `path` as RegistryClient sends it (its checks carry no Accept)."""
         assert self.pending is None
         self.pending = defer.Deferred()
         self.buffer, self.size = b"", 0
-        self._send(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n\r\n".encode()
-        )
+        headers = "Accept: application/json\r\n" if accept else ""
+        self._send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
         return self.pending
 
     def dataReceived(self, data: bytes) -> None:
@@ -627,7 +627,9 @@ class Client:
                 self.check_conn = await self.open(CONNECT_TIMEOUT)
             conn = self.check_conn
             sent_before = conn.sent
-            answer = conn.get(f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}")
+            answer = conn.get(
+                f"/v1/check?epoch={epoch}&version={version}&digest={self.digest}", accept=False
+            )
             answer.addTimeout(REQUEST_TIMEOUT, reactor)  # as RegistryClient's requests
             response = await answer
             if short:

@@ -21,6 +21,23 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 
+class _CountingTransport(iosim.FakeTransport):  # type: ignore[misc]
+    """An in-memory transport that adds what its end writes to a tally: the
+    bytes a request and its answer cost on the wire."""
+
+    def __init__(self, tally: dict[str, int], side: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.tally, self.side = tally, side
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting:
+            self.tally[self.side] += len(data)
+        super().write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+
 class MemoryHTTP:
     def __init__(self, reactor: MemoryReactorClock | None = None) -> None:
         self.reactor = reactor or MemoryReactorClock()
@@ -29,6 +46,8 @@ class MemoryHTTP:
         self._pumps: list[iosim.IOPump] = []
         self._next_port = 40000
         self.refused = 0
+        # Bytes written by every client end and every server end so far.
+        self.wire = {"client": 0, "server": 0}
 
     def serve(self, site: Any, host: str = "127.0.0.1", port: int = 51820) -> None:
         self.sites[(host, port)] = site
@@ -42,7 +61,9 @@ class MemoryHTTP:
             target = IPv4Address("TCP", host, port)
             site = self.sites.get((host, port))
             client = factory.buildProtocol(target)
-            client_transport = iosim.FakeTransport(client, False, source, target)
+            client_transport = _CountingTransport(
+                self.wire, "client", client, False, source, target
+            )
             if site is None:
                 from twisted.internet.error import ConnectionRefusedError
 
@@ -56,7 +77,7 @@ class MemoryHTTP:
                 client.makeConnection(client_transport)
                 client.connectionLost(Failure(ConnectionDone()))
                 continue
-            server_transport = iosim.FakeTransport(server, True, target, source)
+            server_transport = _CountingTransport(self.wire, "server", server, True, target, source)
             self._pumps.append(
                 iosim.connect(server, server_transport, client, client_transport, greet=False)
             )

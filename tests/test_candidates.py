@@ -38,8 +38,8 @@ def remote(
         nets(*allowed),
         tuple(ep(x) for x in lan),
         session,
-        tuple(ep(x) for x in ipv6),
-        ep(mapped) if mapped else None,
+        ipv6_endpoints=tuple(ep(x) for x in ipv6),
+        mapped_endpoint=ep(mapped) if mapped else None,
     )
 
 
@@ -93,7 +93,9 @@ def test_addresses_of_one_site_are_never_ipv6_candidates():
     """A registry serving unique-local, link-local or IPv4-mapped addresses as
     IPv6 endpoints must not aim handshakes at them."""
     for bogus in ("[fd00::5]:51820", "[fe80::5]:51820", "[::ffff:127.0.0.1]:51820", "[::1]:1"):
-        peer = RemotePeer(new_key(), ep("203.0.113.22:51820"), (), (), "5e55", (ep(bogus),))
+        peer = RemotePeer(
+            new_key(), ep("203.0.113.22:51820"), (), (), "5e55", ipv6_endpoints=(ep(bogus),)
+        )
         assert [c.kind for c in candidates(peer, mine())] == ["observed"], bogus
 
 
@@ -457,3 +459,20 @@ def test_an_announcement_that_never_arrives_delays_the_answer_a_few_seconds_only
     assert w.step(view, T0 + 4.9) == []
     assert w.step(view, T0 + 5.0) == []  # waited long enough: answered 0.5 s from here
     assert [a.kind for a in w.step(view, T0 + 5.5)] == ["probe"]
+
+
+def test_two_symmetric_nats_still_try_ipv6_but_never_the_observed_endpoints():
+    """No hole punching gets through two symmetric NATs (several -r tell it),
+    but IPv6 does not go through them at all."""
+    b, c = new_key(), new_key()
+    w = world()
+    w.mesh.symmetric_nat = True
+    with_v6 = dataclasses.replace(remote(b, ipv6=(THEIR_V6,)), symmetric_nat=True)
+    without = dataclasses.replace(
+        remote(c, "203.0.113.23:1111", allowed=("198.51.100.4/32",)), symmetric_nat=True
+    )
+    view = view_of(with_v6, without, me=MY_PUBLIC)
+    w.step(view, T0)
+    assert [cand.kind for cand in w.mesh.paths[b].candidates] == ["ipv6"]
+    assert str(w.device.peers[b].endpoint) == THEIR_V6
+    assert c not in w.mesh.paths and "both ends are behind symmetric NATs" in w.mesh.unplanned[c]

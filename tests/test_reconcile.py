@@ -98,6 +98,41 @@ def test_new_peer_is_probed_without_allowed_ips_then_switched_at_handshake_plus_
     assert [e.kind for e in world.mesh.events] == ["probe", "direct"]
 
 
+def test_the_shared_switch_moment_is_the_handshake_plus_two_probe_polls_by_default():
+    """Both ends compute the moment alone, so it may depend only on what both
+    see (the handshake) and a figure every client shares; it must lie after
+    each end's next poll has seen the handshake."""
+    settings = Settings()
+    assert settings.switch_delay == pytest.approx(2 * settings.probe_poll)
+    b = new_key()
+    world = World(make_mesh())
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0 + 0.01)
+    world.step(view, T0 + 0.05)  # the next poll: 40 ms after the handshake
+    assert world.mesh.paths[b].deadline == pytest.approx(T0 + 0.01 + settings.switch_delay)
+    actions = world.step(view, T0 + 0.11)
+    assert [a.kind for a in actions] == ["promote"]
+    assert actions[0].reason.endswith("handshake completed (seen 40 ms after it)")
+
+
+def test_an_end_that_sees_the_handshake_after_the_shared_moment_switches_at_once_and_says_so():
+    """A poll delayed past the moment (a loaded machine): waiting longer would
+    only widen the window in which the other end, already switched, drops our
+    relayed packets; the log says by how much this end was late."""
+    b = new_key()
+    world = World(make_mesh(switch_delay=0.1))
+    view = view_of(remote(b))
+    world.step(view, T0)
+    world.device.handshake(b, T0 + 0.01)
+    actions = world.step(view, T0 + 0.25)
+    assert [a.kind for a in actions] == ["promote"]
+    assert world.mesh.paths[b].path is Path.DIRECT
+    assert actions[0].reason.endswith(
+        "(seen 240 ms after it; switched 140 ms after the shared moment)"
+    )
+
+
 def test_no_handshake_falls_back_to_relay_and_retries_with_backoff():
     b = new_key()
     # The delays themselves (the moments both ends agree on: see below).

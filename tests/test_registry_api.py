@@ -309,6 +309,28 @@ def test_a_silent_stream_is_taken_for_dead():
         canned.http.result(waiting)
 
 
+def test_a_check_answered_current_fits_the_budget_for_ten_thousand_clients_at_rest(setup):
+    """Issue 14: 10,000 clients on the default -t (one check a minute) may cost
+    the registry at most 2 MiB a minute at rest, so one check on the client's
+    open connection, request and answer, at most 2 MiB / 10,000 bytes, with its
+    version as long as a busy registry's (seven digits)."""
+    from wgnat.client.view import RegistryView
+    from wgnat.wire import view_digest
+
+    client = setup.client("127.0.0.2")
+    stream = client.follow(None, None)
+    view = RegistryView()
+    view.apply(setup.next(stream))
+    digest = view_digest(view.peers.values(), view.my_endpoint)
+    setup.http.result(client.check(view.epoch, view.version, digest))  # opens the connection
+    before = dict(setup.http.wire)
+    assert setup.http.result(client.check(view.epoch, view.version, digest)) is None
+    cost = sum(setup.http.wire.values()) - sum(before.values())
+    longer_version = len("1000000") - len(str(view.version))
+    assert cost + longer_version <= 2 * 1024 * 1024 // 10_000, cost
+    stream.close()
+
+
 def test_the_check_says_current_in_a_few_bytes_or_sends_what_changed(setup):
     from wgnat.client.view import RegistryView
     from wgnat.wire import view_digest

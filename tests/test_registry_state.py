@@ -180,7 +180,12 @@ def test_ipv6_and_mapped_endpoints_are_kept_across_a_restart_and_old_files_still
     key = next(iter(model.records))
     model.announce(
         key,
-        Announcement("cd", (), (ep("[2001:db8::7]:51820"),), ep("198.51.100.23:40000")),
+        Announcement(
+            "cd",
+            ipv6_endpoints=(ep("[2001:db8::7]:51820"),),
+            mapped_endpoint=ep("198.51.100.23:40000"),
+            punch_first=True,
+        ),
     )
     document = json.loads(json.dumps(encode_state(model, "wg0", device.public_key)))
     restored = decode_state(document, "wg0", device.public_key, LIVE_WINDOW)
@@ -191,9 +196,11 @@ def test_ipv6_and_mapped_endpoints_are_kept_across_a_restart_and_old_files_still
         if announcement is not None:
             announcement.pop("ipv6", None)
             announcement.pop("mapped", None)
+            announcement.pop("punch_first", None)
     for item in document["records"]:
         if item["announcement"] is not None:
             item["announcement"].pop("ipv6", None)
             item["announcement"].pop("mapped", None)
+            item["announcement"].pop("punch_first", None)
     older = decode_state(document, "wg0", device.public_key, LIVE_WINDOW)
     assert older.announcements[key] == Announcement("cd")

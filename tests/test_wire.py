@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 
 import pytest
 from hypothesis import given, settings
@@ -136,7 +135,13 @@ global_ipv6_endpoints = st.builds(
 def test_ipv6_and_mapped_endpoints_round_trip_from_announcement_to_peer(
     session, lan, ipv6, mapped, punch_first, key, observed
 ):
-    announcement = Announcement(session, tuple(lan), tuple(ipv6), mapped, punch_first)
+    announcement = Announcement(
+        session,
+        tuple(lan),
+        ipv6_endpoints=tuple(ipv6),
+        mapped_endpoint=mapped,
+        punch_first=punch_first,
+    )
     body = encode_body(encode_announcement(announcement))
     assert parse_announcement(decode_json(body, "the body")) == announcement
     record = encode_peer(key, observed, (), announcement, None)
@@ -199,42 +204,45 @@ def test_global_ipv6():
 
 
 def test_a_client_refused_by_an_older_registry_announces_again_without_the_new_fields():
-    """A registry from before IPv6 endpoints answers 400 to fields it does not
-    know: the client repeats the announcement with its session and LAN
-    endpoints only, so it is still announced (and probed back)."""
+    """A registry from before the optional announcement fields answers 400 to
+    fields it does not know: the follower repeats the announcement with the
+    session and LAN endpoints only, so this host is still announced (and
+    probed back), and keeps to that for that registry."""
+    from twisted.internet.defer import fail
     from twisted.internet.task import Clock
 
-    from tests.test_fuzz import CannedResponse
-    from wgnat.client.registry_client import RegistryClient
+    from wgnat.client.follower import RegistryFollower
+    from wgnat.client.metrics import ClientMetrics
+    from wgnat.client.registry_client import RegistryRefused
+    from wgnat.client.view import RegistryView
+    from wgnat.testing import ScriptedRegistryClient
 
-    class OldRegistry:
+    class OldRegistry(ScriptedRegistryClient):
         def __init__(self) -> None:
-            self.bodies: list[dict] = []
+            super().__init__(PublicKey(b"a" * 32), [{"epoch": "e", "version": 1, "full": True}])
+            self.received: list[Announcement] = []
 
-        def request(self, method, url, headers, body):
-            document = json.loads(body._inputFile.getvalue())  # FileBodyProducer(BytesIO)
-            self.bodies.append(document)
-            try:
-                old_parse(document)
-            except InvalidValue as exc:
-                return succeed(CannedResponse(400, json.dumps({"error": str(exc)}).encode()))
-            return succeed(CannedResponse(200, b'{"version": 3}'))
+        def announce(self, announcement: Announcement):
+            if set(encode_announcement(announcement)) - {"session", "lan_endpoints"}:
+                return fail(RegistryRefused("the registry refused the request: HTTP 400", 400))
+            self.received.append(announcement)
+            return succeed({"version": 0})
 
-    def old_parse(document):
-        if set(document) - {"lan_endpoints", "session"}:
-            raise InvalidValue('expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...]}')
-
-    client = RegistryClient(Clock(), ipaddress.ip_address("198.51.100.1"), 51820)
-    client.http = OldRegistry()
     v6 = (Endpoint.parse("[2001:db8::7]:51820"),)
-    outcome: list = []
-    client.announce(Announcement("ab", (), v6)).addBoth(outcome.append)
-    assert outcome == [{"version": 3}]
-    assert [set(body) for body in client.http.bodies] == [
-        {"session", "lan_endpoints", "ipv6_endpoints"},
-        {"session", "lan_endpoints"},
-    ]
-    # Without the new fields there is nothing to take out: one request, its answer.
-    client.http.bodies.clear()
-    client.announce(Announcement("ab", (Endpoint.parse("192.168.1.7:1"),))).addBoth(outcome.append)
-    assert len(client.http.bodies) == 1 and outcome[-1] == {"version": 3}
+    lan = (Endpoint.parse("192.168.1.7:51820"),)
+    old = OldRegistry()
+    follower = RegistryFollower(
+        old,
+        Clock(),
+        RegistryView(),
+        lambda: succeed(Announcement("ab", lan, ipv6_endpoints=v6, punch_first=True)),
+        lambda changed, full: None,
+        ClientMetrics(),
+        60.0,
+    )
+    follower.start()
+    assert old.received == [Announcement("ab", lan)]
+    assert follower.plain_announcements
+    follower.resync()  # nothing new to announce: not again
+    assert old.received == [Announcement("ab", lan)]
+    follower.stop()

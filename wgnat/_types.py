@@ -153,6 +153,9 @@ class Announcement:
 
     session: str
     lan_endpoints: tuple[Endpoint, ...] = ()
+    # Two registries saw this host at one public address with different ports:
+    # its NAT maps each destination to a port of its own (several -r only).
+    symmetric_nat: bool = False
     ipv6_endpoints: tuple[Endpoint, ...] = ()
     mapped_endpoint: Endpoint | None = None
     # Its router accepts unsolicited packets on its INPUT chain (the conntrack

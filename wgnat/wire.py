@@ -55,7 +55,7 @@ MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
 MAX_IPV6_ENDPOINTS = 4
 # The announcement fields an older registry does not know (it refuses them).
-ANNOUNCEMENT_EXTENSIONS = ("ipv6_endpoints", "mapped_endpoint", "punch_first")
+ANNOUNCEMENT_EXTENSIONS = ("symmetric_nat", "ipv6_endpoints", "mapped_endpoint", "punch_first")
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -78,6 +78,14 @@ class RemotePeer:
     # None until a wgnat client runs there (it announces itself): such a peer
     # would not punch back, so probing it is pointless.
     session: str | None = None
+    # How long before the registry encoded this record it last saw a handshake
+    # from the peer ("last_handshake_age"): a client following several
+    # registries takes the freshest record (client.merge).  Not compared: it
+    # ages by itself, and a view must not "change" because of it.
+    handshake_age: float | None = dataclasses.field(default=None, compare=False)
+    # It announced that its NAT maps each destination to a port of its own
+    # (two registries saw it so): no direct path with another such peer.
+    symmetric_nat: bool = False
     ipv6_endpoints: tuple[Endpoint, ...] = ()
     mapped_endpoint: Endpoint | None = None
     punch_first: bool = False
@@ -133,6 +141,7 @@ def peer_digest(
     allowed_ips: Iterable[IPNetwork],
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
+    symmetric_nat: bool = False,
     ipv6_endpoints: Iterable[Endpoint] = (),
     mapped_endpoint: Endpoint | None = None,
     punch_first: bool = False,
@@ -141,21 +150,24 @@ def peer_digest(
     combine their peers' digests with XOR, which the registry keeps up to date
     in O(1) per change and adjusts per caller in O(1).  The later fields count
     only when present, so a peer without them digests as it did before them."""
-    parts = [
-        public_key.base64,
-        str(endpoint) if endpoint is not None else "",
-        ",".join(sorted(str(network) for network in allowed_ips)),
-        ",".join(str(lan) for lan in lan_endpoints),
-        session or "",
-    ]
+    text = "|".join(
+        (
+            public_key.base64,
+            str(endpoint) if endpoint is not None else "",
+            ",".join(sorted(str(network) for network in allowed_ips)),
+            ",".join(str(lan) for lan in lan_endpoints),
+            session or "",
+        )
+    )
+    if symmetric_nat:  # only then: digests of peers without it stay as they were
+        text += "|symmetric"
     ipv6 = ",".join(str(ep) for ep in ipv6_endpoints)
     if ipv6:
-        parts.append("ipv6=" + ipv6)
+        text += "|ipv6=" + ipv6
     if mapped_endpoint is not None:
-        parts.append(f"mapped={mapped_endpoint}")
+        text += f"|mapped={mapped_endpoint}"
     if punch_first:
-        parts.append("punch_first")
-    text = "|".join(parts)
+        text += "|punch_first"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -179,6 +191,7 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
             peer.allowed_ips,
             peer.lan_endpoints,
             peer.session,
+            peer.symmetric_nat,
             peer.ipv6_endpoints,
             peer.mapped_endpoint,
             peer.punch_first,
@@ -199,7 +212,7 @@ def encode_peer(
     announcement: Announcement | None,
     handshake_age: float | None,
 ) -> dict[str, Any]:
-    record = {
+    document = {
         "public_key": public_key.base64,
         "endpoint": str(endpoint) if endpoint else None,
         "allowed_ips": [str(net) for net in allowed_ips],
@@ -207,13 +220,15 @@ def encode_peer(
         "session": announcement.session if announcement else None,
         "last_handshake_age": None if handshake_age is None else round(handshake_age, 3),
     }
+    if announcement is not None and announcement.symmetric_nat:
+        document["symmetric_nat"] = True  # only then: older clients never see it
     if announcement is not None and announcement.ipv6_endpoints:
-        record["ipv6_endpoints"] = [str(ep) for ep in announcement.ipv6_endpoints]
+        document["ipv6_endpoints"] = [str(ep) for ep in announcement.ipv6_endpoints]
     if announcement is not None and announcement.mapped_endpoint is not None:
-        record["mapped_endpoint"] = str(announcement.mapped_endpoint)
+        document["mapped_endpoint"] = str(announcement.mapped_endpoint)
     if announcement is not None and announcement.punch_first:
-        record["punch_first"] = True
-    return record
+        document["punch_first"] = True
+    return document
 
 
 def encode_you(
@@ -274,6 +289,8 @@ def encode_announcement(announcement: Announcement) -> dict[str, Any]:
         "session": announcement.session,
         "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.symmetric_nat:
+        document["symmetric_nat"] = True
     if announcement.ipv6_endpoints:
         document["ipv6_endpoints"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:
@@ -284,8 +301,8 @@ def encode_announcement(announcement: Announcement) -> dict[str, Any]:
 
 
 def without_extensions(announcement: Announcement) -> Announcement:
-    """What an older registry accepts of `announcement` (its session and LAN
-    endpoints)."""
+    """What a registry older than every optional field accepts of
+    `announcement`: its session and LAN endpoints."""
     return Announcement(announcement.session, announcement.lan_endpoints)
 
 
@@ -304,14 +321,18 @@ def parse_announcement(document: Any) -> Announcement:
     """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS LAN
     endpoints, each reachable from another host, duplicates dropped; at most
     MAX_IPV6_ENDPOINTS global IPv6 endpoints (`global_ipv6`); an optional
-    mapped endpoint reachable from another host."""
+    mapped endpoint reachable from another host; two optional flags."""
     known = {"lan_endpoints", "session", *ANNOUNCEMENT_EXTENSIONS}
     if not isinstance(document, dict) or set(document) - known:
         raise InvalidValue(
             'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
-            '"ipv6_endpoints": ["[IPV6]:PORT", ...] (optional), '
-            '"mapped_endpoint": "IP:PORT" (optional), "punch_first": true (optional)}'
+            '"symmetric_nat": false, "ipv6_endpoints": ["[IPV6]:PORT", ...], '
+            '"mapped_endpoint": "IP:PORT", "punch_first": false} (all but the first two '
+            "optional)"
         )
+    symmetric = document.get("symmetric_nat", False)
+    if not isinstance(symmetric, bool):
+        raise InvalidValue("symmetric_nat must be true or false")
     items = document.get("lan_endpoints", [])
     if not isinstance(items, list) or len(items) > MAX_LAN_ENDPOINTS:
         raise InvalidValue(f"lan_endpoints must be a list of at most {MAX_LAN_ENDPOINTS} 'IP:PORT'")
@@ -334,6 +355,7 @@ def parse_announcement(document: Any) -> Announcement:
         return Announcement(
             document.get("session"),  # type: ignore[arg-type]
             tuple(endpoints),
+            symmetric,
             ipv6,
             mapped,
             punch_first,
@@ -409,6 +431,14 @@ def _peer(document: Any, index: int) -> RemotePeer:
         not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS
     ):
         raise InvalidValue(f"{where}: 'session' is not a short string")
+    age = document.get("last_handshake_age")
+    if age is not None and (
+        not isinstance(age, int | float) or isinstance(age, bool) or not 0 <= age < 1e10
+    ):
+        raise InvalidValue(f"{where}: 'last_handshake_age' is not a number of seconds")
+    symmetric = document.get("symmetric_nat", False)
+    if not isinstance(symmetric, bool):
+        raise InvalidValue(f"{where}: 'symmetric_nat' is not true or false")
     ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints")
     mapped = _optional_endpoint(document.get("mapped_endpoint"), f"{where}: mapped_endpoint")
     return RemotePeer(
@@ -417,6 +447,8 @@ def _peer(document: Any, index: int) -> RemotePeer:
         tuple(allowed),
         lan,
         session,
+        None if age is None else float(age),
+        symmetric,
         ipv6,
         mapped,
         _flag(document, "punch_first", where),

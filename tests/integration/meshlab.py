@@ -25,6 +25,9 @@ from testbed import wait_until as testbed_wait_until
 TUNNEL = "198.51.100.0/24"
 REGISTRY_TUNNEL = "198.51.100.1"
 REGISTRY_PUBLIC = "203.0.113.10"
+# A second hub (issue 15): its own public address and tunnel address.
+HUB2_TUNNEL = "198.51.100.254"
+HUB2_PUBLIC = "203.0.113.11"
 BIN = os.path.dirname(sys.executable)
 
 
@@ -73,6 +76,10 @@ class Node:
 class MeshLab:
     lab: Lab
     registry: Node | None = None
+    # A second registry (build_second_hub): clients made after it have both hubs
+    # as peers, hub 1 with its own address and the tunnel network, hub 2 with
+    # its own address only, and are started with -r for each.
+    hub2: Node | None = None
     clients: dict[str, Node] = field(default_factory=dict)
     # How long a registry may take to log that it runs: seconds on the host, more
     # under a VM's emulated CPU (tests/integration/test_kernel_mesh.py).
@@ -89,6 +96,16 @@ class MeshLab:
         self.registry = Node("reg", host, wg)
         return self.registry
 
+    def build_second_hub(self, kind: str | None = None) -> Node:
+        """A second hub, sharing nothing with the first: its own public address
+        on the simulated internet (every NAT router reaches it), its own tunnel
+        address, its own registry."""
+        host = self.lab.public_host("reg2", f"{HUB2_PUBLIC}/24")
+        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        wg = self.lab.wireguard(host, f"{HUB2_TUNNEL}/24", 51820, kind=kind)
+        self.hub2 = Node("reg2", host, wg)
+        return self.hub2
+
     def add_client(self, name: str, host: Host, kind: str | None = None) -> Node:
         assert self.registry is not None
         address = f"198.51.100.{self._next_tunnel}"
@@ -100,9 +117,17 @@ class MeshLab:
         wg.set_peer(
             self.registry.wg.public_key,
             endpoint=f"{REGISTRY_PUBLIC}:51820",
-            allowed_ips=[TUNNEL],
+            allowed_ips=[f"{REGISTRY_TUNNEL}/32", TUNNEL] if self.hub2 else [TUNNEL],
             keepalive=25,
         )
+        if self.hub2 is not None:
+            self.hub2.wg.set_peer(wg.public_key, allowed_ips=[f"{address}/32"])
+            wg.set_peer(
+                self.hub2.wg.public_key,
+                endpoint=f"{HUB2_PUBLIC}:51820",
+                allowed_ips=[f"{HUB2_TUNNEL}/32"],
+                keepalive=25,
+            )
         node = Node(name, host, wg, state_dir=os.path.join(self.lab.tmpdir, f"state-{name}"))
         self.clients[name] = node
         return node
@@ -156,8 +181,11 @@ class MeshLab:
         node.daemon = Daemon(node.name, process, log_path)
         return node.daemon
 
-    def start_registry(self, twistd: bool = False, extra: tuple[str, ...] = ()) -> Daemon:
-        node = self.registry
+    def start_registry(
+        self, twistd: bool = False, extra: tuple[str, ...] = (), node: Node | None = None
+    ) -> Daemon:
+        """The first hub's registry, or `node`'s (the second hub's)."""
+        node = node or self.registry
         assert node is not None
         args = [
             "-i",
@@ -165,7 +193,9 @@ class MeshLab:
             "--poll-interval",
             "1s",
             "--state-dir",
-            os.path.join(self.lab.tmpdir, "state-registry"),
+            os.path.join(
+                self.lab.tmpdir, "state-registry" if node is self.registry else f"state-{node.name}"
+            ),
             *extra,
         ]
         if twistd:
@@ -189,6 +219,7 @@ class MeshLab:
             node.wg.ifname,
             "-r",
             self.registry.wg.public_key,
+            *(["-r", self.hub2.wg.public_key] if self.hub2 is not None else []),
             "--state-dir",
             node.state_dir,
             *extra,
@@ -198,6 +229,46 @@ class MeshLab:
         else:
             argv = [os.path.join(BIN, "wgnat-client"), *args]
         return self._spawn(node, argv)
+
+    def kill_hub(self, node: Node) -> None:
+        """A hub dies at once: its registry and its WireGuard are SIGKILLed (the
+        interface goes with wireguard-go; a kernel link is deleted)."""
+        if node.daemon is not None:
+            node.daemon.process.kill()
+            node.daemon.process.wait()
+        if node.wg.process is not None:
+            node.wg.process.kill()
+            node.wg.process.wait()
+        else:
+            node.host.run("ip", "link", "del", node.wg.ifname, check=False)
+
+    def revive_hub(self, node: Node, endpoints: dict[str, str]) -> None:
+        """Bring a killed hub's WireGuard back, same key, address and peers
+        (`endpoints`: each client's public endpoint, as the other hub sees it,
+        so that it need not wait for their keepalives)."""
+        wg = node.wg
+        if wg.kind == "kernel":
+            node.host.run("ip", "link", "add", wg.ifname, "type", "wireguard")
+        else:
+            wg.process, wg.log_path = self.lab._start_wireguard_go(node.host, wg.ifname, True)
+        wg.wg(
+            "set",
+            wg.ifname,
+            "private-key",
+            "/dev/stdin",
+            "listen-port",
+            wg.listen_port,
+            input=wg.private_key + "\n",
+        )
+        node.host.run("ip", "addr", "add", str(wg.address), "dev", wg.ifname)
+        node.host.run("ip", "link", "set", wg.ifname, "up")
+        for client in self.clients.values():
+            endpoint = endpoints.get(client.wg.public_key)
+            wg.set_peer(
+                client.wg.public_key,
+                endpoint=endpoint,
+                allowed_ips=[f"{client.tunnel_ip}/32"],
+            )
 
     # -- observing ---------------------------------------------------------
     def direct(self, a: str, b: str) -> str | None:
@@ -215,7 +286,7 @@ class MeshLab:
     def report(self) -> str:
         """What a failing test prints: every host's `wg show` (keys redacted) and logs."""
         parts = []
-        for node in [self.registry, *self.clients.values()]:
+        for node in [self.registry, self.hub2, *self.clients.values()]:
             if node is None:
                 continue
             parts.append(f"--- {node.name} {node.tunnel_ip} wg dump")
@@ -232,6 +303,6 @@ class MeshLab:
         return report
 
     def stop_all(self) -> None:
-        for node in [*self.clients.values(), self.registry]:
+        for node in [*self.clients.values(), self.registry, self.hub2]:
             if node is not None and node.daemon is not None:
                 node.daemon.stop()

@@ -93,7 +93,7 @@ def test_a_client_behind_a_symmetric_nat_goes_direct_over_ipv6_and_leaves_it_whe
     check(row is not None and row["candidate"]["kind"] == "ipv6", mesh, f"status: {row}")
     check("over IPv6 [2001:db8:2::10]:51820" in row["why"], mesh, row["why"])
     check(
-        "(IPv6 [2001:db8:2::10]:51820 (both ends have global IPv6"
+        "direct at IPv6 [2001:db8:2::10]:51820 (both ends have global IPv6"
         in mesh.clients["s"].daemon.log(),
         mesh,
         "s logs the candidate and why",

@@ -54,6 +54,7 @@ def format_client(status: Mapping[str, Any]) -> str:
         f"view version {registry.get('view_version')}, "
         f"handshake {_ago(registry.get('handshake_age'))}"
     )
+    lines.extend(_hub_lines(status, now))
     if status.get("device_error"):
         lines.append(f"  cannot read {status['interface']}: {status['device_error']}")
     counts = status["counts"]
@@ -87,6 +88,39 @@ def format_client(status: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _hub_lines(status: Mapping[str, Any], now: float) -> list[str]:
+    """Several registries: one line per hub (its link, how it sees us, whether
+    it relays), and whether they see this host behind a symmetric NAT."""
+    lines = []
+    for hub in status.get("hubs") or []:
+        if hub.get("connected"):
+            link = f"connected, last answer {_ago(_age(now, hub.get('last_sync')))}"
+        elif hub.get("connected") is False:
+            link = f"UNREACHABLE ({hub.get('error') or 'no answer'})"
+        else:
+            link = "no answer yet"
+        role = "RELAYS" if hub.get("relays") else "standby"
+        if hub.get("dead_because"):
+            role += f", dead: {hub['dead_because']}"
+        lines.append(
+            f"  hub {hub['address']}:{hub['port']} ({str(hub['public_key'])[:8]}): {role}; "
+            f"{link}; sees us as {hub.get('sees_us_as') or 'unknown'}"
+        )
+    if status.get("hubs"):
+        relay = status.get("relay_hub")
+        lines.append(
+            f"  relayed peers go through hub {str(relay)[:8]}"
+            if relay
+            else "  no hub holds the relay routes (no tunnel network on any hub peer)"
+        )
+    if status.get("symmetric_nat"):
+        lines.append(
+            "  behind a symmetric NAT (the hubs see one address with different ports): "
+            "peers behind one too are relayed from the start"
+        )
+    return lines
+
+
 def _age(now: float, when: float | None) -> float | None:
     return None if when is None else max(0.0, now - when)
 
@@ -96,6 +130,8 @@ def format_registry(status: Mapping[str, Any]) -> str:
         f"wgnat-server on {status['interface']} ({status['backend']}): public key "
         f"{status.get('public_key') or '?'}, listening on port "
         f"{status.get('listen_port') or '?'}",
+        f"hub {str(status.get('public_key') or '?')[:8]} at "
+        f"{', '.join(status.get('tunnel_addresses') or []) or '?'}: "
         f"view version {status['version']} (epoch {status['epoch']}), "
         f"{status['peers_live']} of {status['peers_known']} peers live, "
         f"{status['waiting_clients']} clients waiting",

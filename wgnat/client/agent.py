@@ -13,14 +13,30 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wgnat._types import Announcement, IPAddress, IPInterface, IPNetwork, PublicKey, peer_label
+from wgnat._types import (
+    Announcement,
+    DeviceState,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    PublicKey,
+    peer_label,
+)
 from wgnat.client.follower import RegistryConnection, RegistryFollower
+from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.lan import ipv6_endpoints, lan_endpoints
+from wgnat.client.merge import HubView, merge_views, symmetric_nat
 from wgnat.client.metrics import ClientMetrics
 from wgnat.client.reconcile import (
     Action,
@@ -43,6 +59,10 @@ log = Logger(namespace="wgnat.client")
 
 # A device that cannot be read (its interface deleted, say) is tried this often.
 READ_RETRY_SECONDS = 1.0
+# Several registries: the first plan waits this long at most for every one of
+# them to answer, so that it knows whether they see a symmetric NAT here before
+# it probes anyone (the streams answer within milliseconds when they can).
+FIRST_ANSWERS_WAIT = 2.0
 
 
 class StateStore(Protocol):
@@ -63,11 +83,18 @@ LanLookup = Callable[[str], Deferred[list[IPInterface]]]
 @dataclass
 class AgentConfig:
     registry_key: PublicKey
+    # Further registries (-r given again): followed at once, views merged
+    # (client.merge), the relay on one live hub at a time (client.hubs).
+    more_registries: tuple[PublicKey, ...] = ()
     registry_address: IPAddress | None = None  # None: derived from the registry peer
     registry_port: int | None = None  # None: the registry endpoint's port
     accept_routes: tuple[IPNetwork, ...] = ()
     resync_interval: float = 60.0
     settings: Settings = field(default_factory=Settings)
+
+    @property
+    def registry_keys(self) -> tuple[PublicKey, ...]:
+        return (self.registry_key, *self.more_registries)
 
 
 class MeshAgent(service.Service):
@@ -92,11 +119,20 @@ class MeshAgent(service.Service):
         self._client_factory = client_factory
         self.state_store = state_store
         self.wall = wall  # the wall clock, for the retry moments both ends share
-        self.view = RegistryView()
+        # One view per registry, and the view the mesh plans from: with one
+        # registry, that registry's view itself (client.merge).
+        self.hub_views = [HubView(clock=lambda: reactor.seconds()) for _ in config.registry_keys]
+        self.view: RegistryView = merge_views(self.hub_views, [None] * len(self.hub_views))
         self.mesh: Mesh | None = None
         # Bytes by path, from every device read the reconciliation makes (in order).
-        self.traffic = TrafficLedger(config.registry_key)
-        self.follower: RegistryFollower | None = None
+        self.traffic = TrafficLedger(config.registry_key, frozenset(config.more_registries))
+        self.follower: RegistryFollower | None = None  # the first registry's
+        self.followers: list[RegistryFollower] = []  # every registry's, in -r order
+        # Several registries: which hub relays (None with one registry).
+        self.hubs: HubChoice | None = None
+        self.hub_endpoints: list[tuple[IPAddress, int]] = []
+        self.symmetric_nat = False
+        self._first_answers_by: float | None = None  # several registries: see above
         self.registry_address: IPAddress | None = None
         self.registry_port: int | None = None
         self.lan: list[IPInterface] = []
@@ -147,6 +183,7 @@ class MeshAgent(service.Service):
                 "the registry peer has no persistent keepalive: without it the NAT "
                 "mapping that other peers punch through closes; set it to 25 s"
             )
+        more = [self._hub_endpoint(state, key) for key in config.more_registries]
         addresses = yield self.device.addresses()
         tunnel = [a for a in addresses if not a.ip.is_link_local]
         if not tunnel:
@@ -159,6 +196,7 @@ class MeshAgent(service.Service):
             registry_address=address,
             own_addresses=tuple(a.ip for a in tunnel),
             accept_routes=config.accept_routes,
+            hub_addresses=tuple(hub for hub, _ in more),
         )
         mesh = Mesh(
             state.public_key,
@@ -167,6 +205,7 @@ class MeshAgent(service.Service):
             config.settings,
             lan_networks=tuple(a.network for a in self.lan),
             my_addresses=tuple(a.ip for a in self.lan),
+            other_hubs=frozenset(config.more_registries),
         )
         remembered: set[PublicKey] | None = None
         if self.state_store is not None:
@@ -197,20 +236,83 @@ class MeshAgent(service.Service):
             kept=len(mesh.paths),
             lan=", ".join(str(a.ip) for a in self.lan) or "none",
         )
-        self.follower = RegistryFollower(
-            self._client_factory(self.reactor, address, port),
-            self.reactor,
-            self.view,
-            self._announcement,
-            self._view_changed,
-            self.metrics,
-            config.resync_interval,
-        )
-        self.follower.start()
+        self.hub_endpoints = [(address, port), *more]
+        if more:
+            self.hubs = HubChoice.start(
+                list(
+                    zip(config.registry_keys, (hub for hub, _ in self.hub_endpoints), strict=True)
+                ),
+                state,
+                self.reactor.seconds(),
+                HubSettings(keepalive=registry.persistent_keepalive or 25),
+            )
+            self.metrics.watch_hubs(self.hub_metrics, lambda: self.symmetric_nat)
+            log.info(
+                "several registries: {hubs}; relaying through {relay}",
+                hubs=", ".join(
+                    f"{key.short} at {hub}:{hub_port}"
+                    for key, (hub, hub_port) in zip(
+                        config.registry_keys, self.hub_endpoints, strict=True
+                    )
+                ),
+                relay=self.hubs.relay.short if self.hubs.relay else "no hub (no relay routes)",
+            )
+        for index, (hub, hub_port) in enumerate(self.hub_endpoints):
+            follower = RegistryFollower(
+                self._client_factory(self.reactor, hub, hub_port),
+                self.reactor,
+                self.hub_views[index],
+                self._announcement,
+                self._view_changed,
+                # The first registry's connection is the one the registry
+                # metrics describe (as with one -r); every hub's is in the
+                # wgnat_client_hub_* metrics.
+                self.metrics if index == 0 else ClientMetrics(),
+                config.resync_interval,
+            )
+            self.followers.append(follower)
+        self.follower = self.followers[0]
+        if more:
+            self._first_answers_by = self.reactor.seconds() + FIRST_ANSWERS_WAIT
+        for follower in self.followers:
+            follower.start()
+
+    def _hub_endpoint(self, state: DeviceState, key: PublicKey) -> tuple[IPAddress, int]:
+        """A further registry's tunnel address (from its peer's allowed IPs)
+        and API port (--registry-port, else its endpoint's)."""
+        peer = state.peer(key)
+        if peer is None:
+            raise StartupError(
+                f"the registry peer {key} is not configured on {self.device.ifname}; "
+                "check -r (each registry's public key, as 'wg show' prints it)"
+            )
+        hosts = [net.network_address for net in peer.allowed_ips if net.num_addresses == 1]
+        if not hosts:
+            raise StartupError(
+                f"the registry peer {key.short} has no single-address allowed IP, so its "
+                "tunnel address is unknown; give every hub its own address as an allowed IP "
+                "(AllowedIPs = <hub address>/32, the tunnel network on one hub only)"
+            )
+        port = self.config.registry_port or (peer.endpoint.port if peer.endpoint else None)
+        if port is None:
+            raise StartupError(
+                f"the registry peer {key.short} has no endpoint, so its port is unknown; "
+                "pass --registry-port"
+            )
+        if not peer.persistent_keepalive:
+            log.warn(
+                "the registry peer {key} has no persistent keepalive: set it to 25 s",
+                key=key.short,
+            )
+        return hosts[0], port
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         cancel(self._wakeup)
+        if len(self.followers) > 1:
+            return gatherResults([follower.stop() for follower in self.followers]).addCallback(
+                lambda _: None
+            )
         if self.follower is not None:
             return self.follower.stop()
         return succeed(None)
@@ -237,7 +339,8 @@ class MeshAgent(service.Service):
             return Announcement(
                 self.session,
                 tuple(lan_endpoints(lan, self.listen_port)),
-                ipv6,
+                self.symmetric_nat,
+                ipv6_endpoints=ipv6,
                 punch_first=self.config.settings.punch_first,
             )
 
@@ -247,8 +350,44 @@ class MeshAgent(service.Service):
         # An unchanged full answer (the -t safety net, a reconnection) needs no
         # new plan: the health check reads the device on its own timer.  Only
         # the first answer must start that timer.
+        if len(self.hub_views) > 1:
+            self._merge()
         if changed or (full and not self._planned):
             self.reconcile_soon()
+
+    def _waiting_for_answers(self) -> bool:
+        """Several registries, before the first plan: some has not answered
+        yet, and FIRST_ANSWERS_WAIT has not passed."""
+        if self._first_answers_by is None or self._planned:
+            return False
+        if all(view.version is not None for view in self.hub_views):
+            return False
+        return self.reactor.seconds() < self._first_answers_by
+
+    def _merge(self) -> None:
+        """Several registries: the mesh's view from theirs, and whether they
+        see this host behind a symmetric NAT."""
+        self.view = merge_views(self.hub_views, [follower.up for follower in self.followers])
+        symmetric = symmetric_nat([view.my_endpoint for view in self.hub_views])
+        if symmetric != self.symmetric_nat:
+            self.symmetric_nat = symmetric
+            if self.mesh is not None:
+                self.mesh.symmetric_nat = symmetric
+            for follower in self.followers:
+                follower.resync()  # re-announces this host (the flag changed)
+            seen = ", ".join(
+                f"{key.short} sees {view.my_endpoint}"
+                for key, view in zip(self.config.registry_keys, self.hub_views, strict=True)
+                if view.my_endpoint is not None
+            )
+            if symmetric:
+                log.warn(
+                    "this host is behind a symmetric NAT (a port per destination: {seen}): "
+                    "pairs with peers behind one too stay relayed from the start",
+                    seen=seen,
+                )
+            else:
+                log.info("no symmetric NAT any more ({seen})", seen=seen)
 
     # -- reconciling the device ------------------------------------------
     def reconcile_soon(self) -> None:
@@ -267,7 +406,7 @@ class MeshAgent(service.Service):
         try:
             while True:
                 self._again = False
-                if self.view.version is None:
+                if self.view.version is None or self._waiting_for_answers():
                     break  # nothing is decided before the registry's first answer
                 yield self._apply_all(mesh.promote_due(self.reactor.seconds()))
                 try:
@@ -277,7 +416,18 @@ class MeshAgent(service.Service):
                     break
                 self._read_works()
                 self.traffic.observe(state)
-                mesh.announced = self.follower is not None and self.follower.announced is not None
+                if self.hubs is not None:
+                    self._merge()
+                    yield self._choose_hub(state)
+                if not self._planned and len(self.hub_views) > 1:
+                    log.info(
+                        "first plan, {answered} of {total} registries answered",
+                        answered=sum(view.version is not None for view in self.hub_views),
+                        total=len(self.hub_views),
+                    )
+                # A peer that punches first learns of us once a registry has
+                # our announcement: answering it waits for that.
+                mesh.announced = any(f.announced is not None for f in self.followers)
                 actions = mesh.plan(self.view, state, self.reactor.seconds(), self.wall())
                 self._planned = True
                 yield self._apply_all(actions)
@@ -298,6 +448,13 @@ class MeshAgent(service.Service):
             if self.view.version is not None
             else self.config.settings.health_interval
         )
+        if self._waiting_for_answers():
+            assert self._first_answers_by is not None
+            delay = max(0.0, self._first_answers_by - now)
+        if self.hubs is not None and self.view.version is not None:
+            check = self.hubs.next_check(now)
+            if check is not None:
+                delay = min(delay, max(0.0, check - now))
         if self.read_error is not None:
             # The plan's moments (a probe's 50 ms poll) assume a device to
             # read: without one, try again every second, not in a busy loop.
@@ -320,6 +477,35 @@ class MeshAgent(service.Service):
         if self.read_error is not None:
             log.info("reading {ifname} works again", ifname=self.device.ifname)
             self.read_error = None
+
+    # -- which hub relays (several registries) ------------------------------
+    @inlineCallbacks
+    def _choose_hub(self, state: DeviceState) -> Generator[Deferred[Any], Any, Any]:
+        assert self.hubs is not None
+        heard = {
+            key: follower.last_sync
+            for key, follower in zip(self.config.registry_keys, self.followers, strict=True)
+        }
+        move = self.hubs.observe(state, self.reactor.seconds(), heard)
+        if move is None:
+            return
+        log.warn("{reason}", reason=move.reason)
+        if self.metrics.hub_moves is not None:
+            self.metrics.hub_moves.inc()
+        try:
+            for update in move.updates():
+                yield self.device.set_peer(update)
+        except DeviceError as exc:
+            self.metrics.device_errors.labels(operation="relay").inc()
+            log.error("moving the relay routes failed: {error}", error=str(exc))
+
+    def hub_metrics(self) -> list[tuple[str, bool, bool]]:
+        """Each hub's (short key, followed now, relays) for the metrics."""
+        relay = self.hubs.relay if self.hubs is not None else None
+        return [
+            (key.short, follower.up is True, key == relay)
+            for key, follower in zip(self.config.registry_keys, self.followers, strict=True)
+        ]
 
     # -- carrying out what the mesh decided ---------------------------------
     @inlineCallbacks

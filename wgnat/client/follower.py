@@ -20,10 +20,15 @@ from twisted.python.failure import Failure
 
 from wgnat._types import Announcement
 from wgnat.client.metrics import ClientMetrics
-from wgnat.client.registry_client import RegistryError, RegistryStream, StreamEnded
+from wgnat.client.registry_client import (
+    RegistryError,
+    RegistryRefused,
+    RegistryStream,
+    StreamEnded,
+)
 from wgnat.client.view import RegistryView
 from wgnat.timing import full_jitter, repeat, stop
-from wgnat.wire import Answer, view_digest
+from wgnat.wire import Answer, view_digest, without_extensions
 
 log = Logger(namespace="wgnat.client")
 
@@ -79,6 +84,10 @@ class RegistryFollower:
         # than one full backoff (RECONNECT_MAXIMUM).
         self.down_since: float | None = None
         self.announced: Announcement | None = None
+        # A registry older than the optional announcement fields (symmetric_nat,
+        # ipv6_endpoints, mapped_endpoint, punch_first) refuses them (HTTP 400):
+        # announced without them from then on.
+        self.plain_announcements = False
         self._running = False
         self._stream: RegistryStream | None = None
         self._inflight: Deferred[Any] | None = None
@@ -238,8 +247,21 @@ class RegistryFollower:
     @inlineCallbacks
     def _announce(self) -> Generator[Deferred[Any], Any, None]:
         epoch = self.view.epoch
-        announcement = yield self.announcement()
-        yield self.connection.announce(announcement)
+        announcement = self._as_accepted((yield self.announcement()))
+        try:
+            yield self.connection.announce(announcement)
+        except RegistryRefused as exc:
+            if exc.code != 400 or announcement == without_extensions(announcement):
+                raise
+            log.info(
+                "the registry refuses the optional announcement fields ({error}): an older "
+                "registry; announcing the session and LAN endpoints only (peers then reach "
+                "this host over IPv4, and do not know it is behind a symmetric NAT)",
+                error=str(exc),
+            )
+            self.plain_announcements = True
+            announcement = self._as_accepted(announcement)
+            yield self.connection.announce(announcement)
         self.announced = announcement
         # Before the first answer the epoch is not known: it is that answer's.
         self._announced_epoch = epoch if epoch is not None else _NEXT_ANSWER
@@ -265,12 +287,18 @@ class RegistryFollower:
             return
 
         def compare(announcement: Announcement) -> None:
+            announcement = self._as_accepted(announcement)
             if announcement != self.announced or self.view.epoch != self._announced_epoch:
                 self._announce_in_background()
 
         self.announcement().addCallback(compare).addErrback(
             lambda failure: log.failure("cannot find this host's LAN endpoints", failure)
         )
+
+    def _as_accepted(self, announcement: Announcement) -> Announcement:
+        if self.plain_announcements:
+            return without_extensions(announcement)
+        return announcement
 
     def _down(self, error: str) -> None:
         self.metrics.registry_errors.inc()

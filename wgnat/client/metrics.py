@@ -96,6 +96,45 @@ class ClientMetrics:
         self.registry_errors = Counter(
             "wgnat_client_registry_errors_total", "Failed registry requests", registry=r
         )
+        self.hub_moves: Counter | None = None  # several registries only (watch_hubs)
+
+    def watch_hubs(
+        self, hubs: Callable[[], list[tuple[str, bool, bool]]], symmetric: Callable[[], bool]
+    ) -> None:
+        """Several registries (several -r): each hub's connection and whether
+        it relays (`hubs`: (short key, followed now, relays) in -r order), the
+        relay's moves, and whether the hubs see this host behind a symmetric NAT."""
+        self.hub_moves = Counter(
+            "wgnat_client_relay_moves_total",
+            "Relay routes moved to another hub (the one holding them was dead)",
+            registry=self.registry,
+        )
+
+        def read() -> Iterable[GaugeMetricFamily]:
+            connected = GaugeMetricFamily(
+                "wgnat_client_hub_connected",
+                "1 while this hub's registry stream is followed (several -r)",
+                labels=["hub"],
+            )
+            relays = GaugeMetricFamily(
+                "wgnat_client_hub_relaying",
+                "1 for the hub holding the relay routes, 0 for the others (several -r)",
+                labels=["hub"],
+            )
+            for hub, up, relaying in hubs():
+                connected.add_metric([hub], 1.0 if up else 0.0)
+                relays.add_metric([hub], 1.0 if relaying else 0.0)
+            yield connected
+            yield relays
+            nat = GaugeMetricFamily(
+                "wgnat_client_symmetric_nat",
+                "1 when two registries see this host at one public address with different "
+                "ports (a NAT that maps each destination to a port of its own)",
+            )
+            nat.add_metric([], 1.0 if symmetric() else 0.0)
+            yield nat
+
+        self.registry.register(StateCollector(read))
 
     def watch(self, paths: Callable[[], dict[str, int]]) -> None:
         def read() -> Iterable[GaugeMetricFamily]:

@@ -16,8 +16,11 @@ are punched.  Allowed IPs are both the route out and the filter in, so the two
 ends must give each other their addresses at the same moment: both switch at
 "handshake time + switch_delay", a moment both ends derive from the same
 handshake, which keeps the window in which one end routes directly and the other
-still expects the relay to about a round trip.  RELAYED: the peer is not on the
-device at all, so the registry's broader allowed IPs carry its traffic.
+still expects the relay to about a round trip.  The delay only has to cover the
+time each end takes to see the handshake (its next probe poll and a device
+read); an end that sees it later switches at once and says how late.  RELAYED:
+the peer is not on the device at all, so the registry's broader allowed IPs
+carry its traffic.
 
 Which endpoint a probe aims at comes from `candidates.candidates` (LAN, IPv6,
 a mapped port, the observed endpoint, in that order): a probe that gets no
@@ -72,8 +75,15 @@ class Settings:
     # through) before ours arrives there.
     punch_first: bool = False
     answer_delay: float = 0.5
-    switch_delay: float = 0.25
+    # While probing, the device is read this often: each end sees a handshake
+    # at most one poll (and a read) after it completed.
     probe_poll: float = 0.05
+    # Both ends switch at handshake + switch_delay.  It must be one figure
+    # every client shares (each end computes the moment on its own), and it
+    # must lie after both ends have seen the handshake: two poll periods.  The
+    # lag each end measured is logged at the switch; bench/formation.py reports
+    # it (p95 under load well inside this; a late end switches at once).
+    switch_delay: float = 0.1
     health_interval: float = 15.0
     # While data flows on a direct path (more than keepalives went out lately),
     # its health is read this often: a path cut under traffic is then noticed
@@ -122,6 +132,8 @@ class PeerPath:
     allowed_ips: tuple[IPNetwork, ...] = ()
     session: str | None = None  # the remote client's, when we last probed
     probed_at: float | None = None  # the start of the last direct attempt
+    # SWITCHING: how long after the handshake this end's poll saw it.
+    seen_after: float = 0.0
     # The endpoints worth a direct attempt, best first, as the last plan saw
     # them, and the one probed (or direct) now: None for a path taken back
     # after a restart, until a plan finds its endpoint among them.
@@ -286,6 +298,8 @@ class Policy:
     registry_address: IPAddress
     own_addresses: tuple[IPAddress, ...] = ()
     accept_routes: tuple[IPNetwork, ...] = ()
+    # The other registries' tunnel addresses (several -r), guarded like the first's.
+    hub_addresses: tuple[IPAddress, ...] = ()
 
     def filter(
         self,
@@ -308,7 +322,7 @@ class Policy:
             )
             if not inside:
                 rejected.append(f"{network} (outside the tunnel networks; see --accept-routes)")
-            elif self.registry_address in network:
+            elif any(hub in network for hub in (self.registry_address, *self.hub_addresses)):
                 rejected.append(f"{network} (holds the registry's address)")
             elif any(address in network for address in self.own_addresses):
                 rejected.append(f"{network} (holds this host's own address)")
@@ -355,6 +369,13 @@ class Mesh:
     unplanned: dict[PublicKey, str] = field(default_factory=dict)
     # Our own public endpoint as the last plan saw it.
     my_endpoint: Endpoint | None = None
+    # The other registries (several -r): hub peers like the registry's, never
+    # managed, their routes refined by direct peers like the registry's.
+    other_hubs: frozenset[PublicKey] = frozenset()
+    # The registries see this host behind a symmetric NAT (client.merge): pairs
+    # with a peer that announced one too are not probed (no hole punching gets
+    # through two of them); they stay relayed from the start.
+    symmetric_nat: bool = False
     # The global IPv6 endpoints this host announced (the agent sets them).
     my_ipv6_endpoints: tuple[Endpoint, ...] = ()
     # This host's own addresses (the agent sets them): our public endpoint at
@@ -365,6 +386,9 @@ class Mesh:
     announced: bool = True
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
+
+    def is_hub(self, key: PublicKey) -> bool:
+        return key == self.registry_key or key in self.other_hubs
 
     # -- helpers ----------------------------------------------------------
     def mine(self, my_endpoint: Endpoint | None) -> Mine:
@@ -456,7 +480,7 @@ class Mesh:
         self.recovering = False
         for peer in device.peers:
             key = peer.public_key
-            if key in (self.my_key, self.registry_key) or key in self.managed:
+            if key == self.my_key or self.is_hub(key) or key in self.managed:
                 continue
             remote = view.peers.get(key)
             if remote is None:
@@ -513,11 +537,16 @@ class Mesh:
         peer_path.last_tx, peer_path.unanswered_since, peer_path.data_sent_at = -1, None, None
         self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
         chosen = peer_path.candidate
-        via = f" ({describe_choice(chosen)})" if chosen is not None else ""
+        at = (
+            describe_choice(chosen)
+            if chosen is not None and chosen.endpoint == peer_path.endpoint
+            else str(peer_path.endpoint)
+        )
         return Action(
             "promote",
             key,
-            f"direct at {peer_path.endpoint}: handshake completed{via}",
+            f"direct at {at}: handshake completed "
+            f"(seen {peer_path.seen_after * 1000:.0f} ms after it{_lateness(peer_path, now)})",
             allowed_ips=peer_path.allowed_ips,
         )
 
@@ -583,13 +612,13 @@ class Mesh:
         held = tuple(
             net
             for key, peer in unmanaged.items()
-            if key != self.registry_key
+            if not self.is_hub(key)
             for net in peer.allowed_ips
         )
         listed = [
             (key, net)
             for key, remote in view.peers.items()
-            if key not in (self.my_key, self.registry_key)
+            if key != self.my_key and not self.is_hub(key)
             for net in remote.allowed_ips
         ]
         routes = RouteIndex(
@@ -597,14 +626,14 @@ class Mesh:
             + [
                 (key, net)
                 for key, peer in unmanaged.items()
-                if key != self.registry_key
+                if not self.is_hub(key)
                 for net in peer.allowed_ips
             ],
             widest=(net for _, net in listed),  # every candidate
         )
 
         for key, remote in sorted(view.peers.items(), key=lambda item: item[0].raw):
-            if key in (self.my_key, self.registry_key) or key in unmanaged:
+            if key == self.my_key or self.is_hub(key) or key in unmanaged:
                 continue
             allowed, rejected = self.policy.filter(
                 remote.allowed_ips, taken, held, routes.nested_in(remote.allowed_ips, key)
@@ -614,6 +643,10 @@ class Mesh:
                 self.rejected_logged[key] = tuple(rejected)
                 self.events.append(Event("rejected", key, "; ".join(rejected)))
             found = self.candidates_for(remote, view.my_endpoint)
+            if self.symmetric_nat and remote.symmetric_nat:
+                # No hole punching gets through two symmetric NATs, but a LAN,
+                # IPv6 or a mapped port does not punch through them at all.
+                found = [c for c in found if c.kind != "observed"]
             target = found[0].endpoint if found else None
             peer_path = self.paths.get(key)
             if peer_path is not None:
@@ -638,7 +671,16 @@ class Mesh:
                             allowed_ips=allowed,
                         )
                     )
-            skipped = _why_not_probed(remote, target, allowed, rejected)
+            # Only the observed endpoint, through two symmetric NATs: hopeless.
+            hopeless = self.symmetric_nat and remote.symmetric_nat and not found
+            skipped = _why_not_probed(
+                remote, remote.endpoint if hopeless else target, allowed, rejected
+            )
+            if skipped is None and hopeless:
+                skipped = (
+                    "both ends are behind symmetric NATs (a port per destination), which no "
+                    "hole punching gets through; relayed through the registry"
+                )
             if skipped is not None or target is None:
                 self.unplanned[key] = skipped or "no endpoint"
                 continue  # nothing to punch with (yet): traffic stays relayed
@@ -932,7 +974,8 @@ class Mesh:
         if handshake is not None and now - handshake < self.settings.handshake_dead_after:
             peer_path.path = Path.SWITCHING
             # Both ends see (almost) the same handshake time and switch together.
-            peer_path.deadline = max(now, handshake + self.settings.switch_delay)
+            peer_path.seen_after = max(0.0, now - handshake)
+            peer_path.deadline = handshake + self.settings.switch_delay
             return []
         if now >= peer_path.deadline:
             following = self._next_candidate(peer_path)
@@ -1054,6 +1097,14 @@ class Mesh:
                 )
             ]
         return []
+
+
+def _lateness(peer_path: PeerPath, now: float) -> str:
+    """How much later than the shared moment this end switches, when it is
+    late enough to cost the other end packets (the handshake was seen late, or
+    the timer fired late)."""
+    late = now - peer_path.deadline
+    return f"; switched {late * 1000:.0f} ms after the shared moment" if late >= 0.005 else ""
 
 
 def _why_not_probed(

@@ -16,7 +16,6 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -33,10 +32,7 @@ from wgnat.wire import (
     encode_announcement,
     encode_body,
     parse_own_answer,
-    without_extensions,
 )
-
-log = Logger(namespace="wgnat.client")
 
 CONNECT_TIMEOUT = 5.0
 # A request's answer (the announcement's, a stream's first line) within this.
@@ -51,6 +47,14 @@ MAX_PENDING_ANSWERS = 64
 
 class RegistryError(Exception):
     """The registry could not be asked, or answered something unusable."""
+
+
+class RegistryRefused(RegistryError):
+    """The registry answered, refusing the request (`code`: its HTTP status)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StreamEnded(Exception):
@@ -247,9 +251,9 @@ class RegistryClient:
         method: bytes,
         path: str,
         body: bytes | None = None,
-        accept: str = JSON_CONTENT_TYPE,
+        accept: str | None = JSON_CONTENT_TYPE,
     ) -> Deferred[IResponse]:
-        headers = Headers({b"accept": [accept.encode()]})
+        headers = Headers({b"accept": [accept.encode()]} if accept else {})
         if body is not None:
             headers.addRawHeader(b"content-type", JSON_CONTENT_TYPE.encode())
         request = self.http.request(
@@ -302,9 +306,10 @@ class RegistryClient:
             raise RegistryError(str(exc)) from None
         if response.code != 200:
             message = document.get("error") if isinstance(document, dict) else None
-            raise RegistryError(
+            raise RegistryRefused(
                 f"the registry refused the request: HTTP {response.code}: "
-                f"{str(message)[:200] if message else 'no reason given'}"
+                f"{str(message)[:200] if message else 'no reason given'}",
+                response.code,
             )
         return document
 
@@ -345,7 +350,9 @@ class RegistryClient:
         """The -t safety net: None when our view is current, else the answer
         (a delta, or a full answer) that brings it up to date."""
         query = urlencode({"epoch": epoch, "version": version, "digest": digest})
-        response = yield self._send(b"GET", f"/v1/check?{query}")
+        # No Accept header: the check has one kind of answer, and every byte
+        # counts ten thousand times a minute at rest.
+        response = yield self._send(b"GET", f"/v1/check?{query}", accept=None)
         document = yield self._document(response)
         try:
             return parse_own_answer(document)
@@ -354,24 +361,9 @@ class RegistryClient:
 
     @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
-        """POST the announcement.  A registry from before IPv6 and mapped
-        endpoints refuses the fields it does not know (HTTP 400): the
-        announcement is then made again without them, so this client still
-        gets its session and LAN endpoints through (and peers use only its
-        IPv4 endpoints)."""
         response = yield self._send(
             b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
         )
-        plain = without_extensions(announcement)
-        if response.code == 400 and plain != announcement:
-            yield self._document(response).addErrback(lambda _: None)  # read it, drop it
-            log.warn(
-                "the registry refused this client's IPv6/mapped endpoints (it predates "
-                "them); announced its LAN endpoints only: peers reach it over IPv4"
-            )
-            response = yield self._send(
-                b"POST", "/v1/announce", encode_body(encode_announcement(plain))
-            )
         document = yield self._document(response)
         return document
 

@@ -51,6 +51,38 @@ class ClientInfo:
     state_error: str | None = None  # the last state file write's, until one works
     # The peers whose last device operation failed, and how (until one works).
     operation_errors: dict[PublicKey, str] = field(default_factory=dict)
+    # Several registries (several -r): each hub, as `hub_rows` describes it,
+    # and whether they see this host behind a symmetric NAT.
+    hubs: tuple[dict[str, Any], ...] = ()
+    symmetric_nat: bool = False
+
+
+def hub_rows(agent: MeshAgent) -> tuple[dict[str, Any], ...]:
+    """Each registry of a client given several -r: its link, how it sees this
+    host, and whether it relays (no I/O)."""
+    if agent.hubs is None:
+        return ()
+    now = agent.reactor.seconds()
+    choice = {row["public_key"]: row for row in agent.hubs.snapshot(now)}
+    rows = []
+    for index, key in enumerate(agent.config.registry_keys):
+        follower = agent.followers[index] if index < len(agent.followers) else None
+        view = agent.hub_views[index]
+        address, port = agent.hub_endpoints[index]
+        rows.append(
+            {
+                "public_key": key.base64,
+                "address": str(address),
+                "port": port,
+                "connected": follower.up if follower is not None else None,
+                "error": follower.error if follower is not None else None,
+                "last_sync": timestamp(follower.last_sync if follower is not None else None),
+                "view_version": view.version,
+                "sees_us_as": endpoint_text(view.my_endpoint),
+                **choice.get(key.base64, {}),
+            }
+        )
+    return tuple(rows)
 
 
 def client_info(agent: MeshAgent) -> ClientInfo:
@@ -69,6 +101,8 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         down_since=follower.down_since if follower is not None else None,
         state_error=agent.state_error,
         operation_errors=dict(agent.operation_errors),
+        hubs=hub_rows(agent),
+        symmetric_nat=agent.symmetric_nat,
         lan_endpoints=(
             announced.lan_endpoints
             if announced is not None
@@ -157,7 +191,8 @@ def client_status(
     own = mesh.my_key if mesh is not None else (device.public_key if device else None)
     paths = mesh.paths if mesh is not None else {}
     managed = mesh.managed if mesh is not None else set()
-    keys = (set(paths) | set(view.peers) | set(on_device)) - {info.registry_key, own}
+    hub_keys = {PublicKey.from_base64(hub["public_key"]) for hub in info.hubs}
+    keys = (set(paths) | set(view.peers) | set(on_device)) - {info.registry_key, own} - hub_keys
     rows = []
     for key in keys:
         if key is None:
@@ -217,6 +252,11 @@ def client_status(
             )
             endpoint = endpoint or peer_path.endpoint or (remote.endpoint if remote else None)
         row["endpoint"] = endpoint_text(endpoint)
+        if info.hubs and row["path"] in ("relayed", "probing"):
+            # Several hubs: which one carries this peer's traffic now.
+            row["relay_hub"] = next(
+                (hub["public_key"] for hub in info.hubs if hub.get("relays")), None
+            )
         failed = info.operation_errors.get(key)
         row["device_operation_error"] = failed
         if failed:
@@ -244,6 +284,14 @@ def client_status(
             if name in ("latest_handshake", "handshake_age", "rx_bytes", "tx_bytes")
         },
     }
+    several: dict[str, Any] = {}
+    if info.hubs:
+        relay = next((hub for hub in info.hubs if hub.get("relays")), None)
+        several = {
+            "hubs": list(info.hubs),
+            "relay_hub": relay["public_key"] if relay is not None else None,
+            "symmetric_nat": info.symmetric_nat,
+        }
     return {
         "role": "client",
         "wgnat_version": __version__,
@@ -261,6 +309,7 @@ def client_status(
         "registry": registry,
         "counts": counts,
         "peers": rows,
+        **several,
     }
 
 

@@ -35,7 +35,7 @@ log = Logger(namespace="wgnat.client")
 
 
 class Options(CommonOptions):
-    synopsis = "-r REGISTRY_PUBLIC_KEY [-i IFACE] [-t DURATION] [options]"
+    synopsis = "-r REGISTRY_PUBLIC_KEY [-r ...] [-i IFACE] [-t DURATION] [options]"
     longdesc = (
         "Learn the other peers from the registry and add them as direct WireGuard peers "
         "through this host's one listen port (UDP hole punching); peers that cannot be "
@@ -43,7 +43,6 @@ class Options(CommonOptions):
     )
     optParameters = [
         ["interface", "i", "wg0", "WireGuard interface to manage"],
-        ["registry", "r", None, "The registry's public key (required)"],
         [
             "interval",
             "t",
@@ -99,6 +98,14 @@ class Options(CommonOptions):
     def __init__(self) -> None:
         super().__init__()
         self["accept-routes"] = []
+        self["registries"] = []
+
+    def opt_registry(self, value: str) -> None:
+        """The registry's public key (required; give -r again for each further
+        registry: several hubs)"""
+        self["registries"].append(value)
+
+    opt_r = opt_registry
 
     def opt_accept_routes(self, value: str) -> None:
         """Also accept allowed IPs inside CIDR from peers (repeatable, or comma-separated)"""
@@ -110,15 +117,21 @@ class Options(CommonOptions):
 
     def postOptions(self) -> None:
         self.check_common()
-        if not self["registry"]:
+        if not self["registries"] or not all(self["registries"]):
             raise usage.UsageError(
                 "-r REGISTRY_PUBLIC_KEY is required (the registry's "
                 "public key, as 'wg show' prints it)"
             )
-        try:
-            self["registry"] = PublicKey.from_base64(self["registry"])
-        except InvalidValue as exc:
-            raise usage.UsageError(f"-r: {exc}") from None
+        keys: list[PublicKey] = []
+        for text in self["registries"]:
+            try:
+                key = PublicKey.from_base64(text)
+            except InvalidValue as exc:
+                raise usage.UsageError(f"-r: {exc}") from None
+            if key in keys:
+                raise usage.UsageError(f"-r: {key.short} is given twice")
+            keys.append(key)
+        self["registry"], self["more-registries"] = keys[0], tuple(keys[1:])
         try:
             self["interval"] = parse_go_duration(self["interval"], minimum=1.0)
         except InvalidValue as exc:
@@ -215,6 +228,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     config = AgentConfig(
         registry_key=options["registry"],
+        more_registries=options["more-registries"],
         registry_address=options["registry-address"],
         registry_port=options["registry-port"],
         accept_routes=tuple(options["accept-routes"]),

@@ -44,6 +44,8 @@ class TrafficLedger:
     """Monotonic byte totals by path and by peer, from successive device reads."""
 
     registry_key: PublicKey
+    # The other registries (several -r): what goes through any hub is relayed.
+    other_hubs: frozenset[PublicKey] = frozenset()
     by_path: dict[str, Bytes] = field(default_factory=lambda: {path: Bytes() for path in PATHS})
     # Every peer ever seen on the device, kept when it leaves (so that a peer
     # removed and re-created continues its total, not restarts it).
@@ -52,7 +54,7 @@ class TrafficLedger:
     _last: dict[PublicKey, tuple[int, int]] = field(default_factory=dict)
 
     def path_of(self, key: PublicKey) -> str:
-        return "relayed" if key == self.registry_key else "direct"
+        return "relayed" if key == self.registry_key or key in self.other_hubs else "direct"
 
     def observe(self, device: DeviceState) -> None:
         """Count what the device's counters moved since the last read.  Reads

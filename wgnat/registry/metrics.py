@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from wgnat.metrics import LATENCY_BUCKETS, StateCollector, build_info
@@ -73,6 +73,20 @@ class RegistryMetrics:
         )
         for listener in ("api", "metrics"):
             self.connections_refused.labels(listener=listener)
+
+    def identify(self, interface: str, hub: str, tunnel_addresses: list[str]) -> None:
+        """wgnat_registry_info: which hub this is (its public key as logs and
+        `wgnat status` abbreviate it, its tunnel addresses), so that a
+        Prometheus scraping several hubs tells them apart and can join the
+        label onto every other series (`* on(instance) group_left(hub)`)."""
+        info = Gauge(
+            "wgnat_registry_info",
+            "Which hub this registry is (always 1): interface, abbreviated public key, "
+            "tunnel addresses",
+            ["interface", "hub", "tunnel_address"],
+            registry=self.registry,
+        )
+        info.labels(interface=interface, hub=hub, tunnel_address=",".join(tunnel_addresses)).set(1)
 
     def watch_connections(self, open_by_listener: Callable[[], dict[str, int]]) -> None:
         def read() -> Iterable[Metric]:

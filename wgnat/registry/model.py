@@ -65,6 +65,7 @@ class PeerRecord:
             self.allowed_ips,
             announcement.lan_endpoints if announcement else (),
             announcement.session if announcement else None,
+            announcement.symmetric_nat if announcement else False,
             announcement.ipv6_endpoints if announcement else (),
             announcement.mapped_endpoint if announcement else None,
             announcement.punch_first if announcement else False,
@@ -157,6 +158,7 @@ class RegistryModel:
         announcement = Announcement(
             announcement.session,
             tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
+            announcement.symmetric_nat,
             tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
             announcement.mapped_endpoint,
             announcement.punch_first,

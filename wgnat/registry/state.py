@@ -43,11 +43,13 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    # "ipv6" and "mapped" came later: a file from before has neither.
+    # "symmetric_nat", "ipv6", "mapped" and "punch_first" came later: a file
+    # from before has none of them.
     mapped = value.get("mapped")
     return Announcement(
         value["session"],
         tuple(Endpoint.parse(e) for e in value["lan"]),
+        bool(value.get("symmetric_nat", False)),
         tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
         Endpoint.parse(mapped) if mapped else None,
         value.get("punch_first") is True,
@@ -61,6 +63,8 @@ def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | 
         "session": announcement.session,
         "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
+    if announcement.symmetric_nat:
+        document["symmetric_nat"] = True
     if announcement.ipv6_endpoints:
         document["ipv6"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:

@@ -6,7 +6,7 @@ builds it for the status socket.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -37,6 +37,7 @@ def registry_status(
     now: float,
     waiting: int = 0,
     device_error: str | None = None,
+    tunnel_addresses: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The registry's status document: every peer on the hub's interface, live or
     not, with its observed endpoint and the LAN endpoints it announced."""
@@ -84,6 +85,9 @@ def registry_status(
         "backend": backend,
         "now": timestamp(now),
         "public_key": device.public_key.base64 if device and device.public_key else None,
+        # Which hub this is, for a client following several (and an operator
+        # reading two hubs' status side by side): the API's tunnel addresses.
+        "tunnel_addresses": list(tunnel_addresses),
         "listen_port": device.listen_port if device is not None else None,
         "device_error": device_error,
         "epoch": model.epoch,
@@ -96,7 +100,12 @@ def registry_status(
     }
 
 
-def status_provider(device: Device, hub: Registry, clock: IReactorTime) -> Deferred[dict[str, Any]]:
+def status_provider(
+    device: Device,
+    hub: Registry,
+    clock: IReactorTime,
+    tunnel_addresses: Callable[[], list[str]] = list,
+) -> Deferred[dict[str, Any]]:
     """Read the device, then describe every peer the registry knows."""
 
     def build(state: DeviceState | None, error: str | None = None) -> dict[str, Any]:
@@ -108,6 +117,7 @@ def status_provider(device: Device, hub: Registry, clock: IReactorTime) -> Defer
             now=clock.seconds(),
             waiting=hub.waiting(),
             device_error=error,
+            tunnel_addresses=tunnel_addresses(),
         )
 
     def unreadable(failure: Failure) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class RegistryDaemon(service.Service):
             lambda: {name: factory.open for name, factory in self.listeners.items()}
         )
         self.ports: list[IListeningPort] = []
+        self.tunnel_addresses: list[Any] = []  # the API's, once started
         self.listeners: dict[str, LimitedFactory] = {}
         self.keeper: StateKeeper | None = None
         # What start-up finds on the way, said after the first line (which names
@@ -139,7 +140,12 @@ class RegistryDaemon(service.Service):
         path = options.get("status-socket")
         self.status = (
             StatusSocket(
-                reactor, path, lambda: status_provider(device, self.hub, reactor), "wgnat-server"
+                reactor,
+                path,
+                lambda: status_provider(
+                    device, self.hub, reactor, lambda: [str(a) for a in self.tunnel_addresses]
+                ),
+                "wgnat-server",
             )
             if path
             else None
@@ -191,6 +197,10 @@ class RegistryDaemon(service.Service):
                 f"interface {ifname} has no tunnel address to serve the API on; "
                 f"add one: ip address add 10.0.0.1/24 dev {ifname}"
             )
+        self.tunnel_addresses = usable
+        if state.public_key is not None:
+            # Which hub this is, on every scrape (several hubs, one Prometheus).
+            self.metrics.identify(ifname, state.public_key.short, [str(a) for a in usable])
         limits = Limits(
             per_source=self.options["max-connections-per-peer"],
             total=self.options["max-connections"],
