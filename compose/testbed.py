@@ -87,7 +87,7 @@ REASONS = {
     "S": "s's NAT is symmetric (a new port per destination): no mapping to punch through",
     "X": (
         "x's router accepts any inbound packet (the conntrack race): x punches first "
-        "(--punch-first) and its peers answer 0.5 s later"
+        "(--punch-first) and its peers answer 1 s later"
     ),
 }
 

@@ -418,7 +418,7 @@ def test_punch_first_is_announced_and_passed_on():
         assert net.hub.model.announcements[kx].punch_first
         assert a.view.peers[kx].punch_first
         assert a.paths() == {kx: Path.RELAYED}  # waiting for x to punch first
-        net.clock.advance(0.5)
+        net.clock.advance(1.0)
         assert a.paths() == {kx: Path.PROBING}
     finally:
         net.stop()

@@ -2,7 +2,7 @@
 accepts everything: a home peer's first packet arriving there before x's own
 went out creates a confirmed conntrack entry, x's packet then gets another
 port, and the punch fails for as long as that entry lives.  With
-`--punch-first` x announces so, and its peers answer 0.5 s after it punched:
+`--punch-first` x announces so, and its peers answer 1 s after it punched:
 x's packet has left its router by then, so theirs arrive as replies.
 
     r1 (home)        a 192.168.1.10
@@ -82,7 +82,7 @@ def test_a_peer_behind_an_input_accept_router_that_punches_first_goes_direct(mes
 
     # The other order: a home peer that starts after x.  It learns of x from
     # its first answer, perhaps before the registry has its announcement (and
-    # so before x learns of it): it answers 0.5 s after the registry has it.
+    # so before x learns of it): it answers 1 s after the registry has it.
     mesh.start_client("d")
     started = time.monotonic()
     try:

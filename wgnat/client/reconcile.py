@@ -72,9 +72,11 @@ class Settings:
     # conntrack race, --punch-first): it announces so, and its peers let it
     # punch first.  A peer that announced it is probed this much later, so its
     # packet has left its router (and made the mapping ours will answer
-    # through) before ours arrives there.
+    # through) before ours arrives there.  Its side must first take the
+    # registry's push in, read its device, write its state file and set the
+    # peer: 0.5 s was not always enough in the Compose testbed under load.
     punch_first: bool = False
-    answer_delay: float = 0.5
+    answer_delay: float = 1.0
     # While probing, the device is read this often: each end sees a handshake
     # at most one poll (and a read) after it completed.
     probe_poll: float = 0.05
