@@ -60,7 +60,13 @@ except ImportError:  # pragma: no cover
 UAPI_SOCKET_DIR = "/var/run/wireguard"
 FAMILY = "wnl"  # every default prefix starts with this
 INTERNET_BRIDGE = "br0"
-MODES = ("home", "symmetric", "accept_all")
+MODES = ("home", "symmetric", "accept_all", "upnp")
+# A "upnp" router is a symmetric NAT whose gateway runs miniupnpd (PCP, NAT-PMP,
+# UPnP IGD).  miniupnpd refuses to map behind a reserved external address, which
+# every documentation range is, unless a STUN test says the address is public:
+# a STUN server (coturn) on two internet addresses does that (Lab.stun_server).
+STUN_ADDRESSES = ("203.0.113.60", "203.0.113.61")
+STUN_PORT = 3478
 # Port ranges a router's MASQUERADE moves to on successive rebind() calls; none
 # holds 51820 or the ports tests bind by hand, so every mapping really moves.
 REBIND_RANGES = ((40000, 49999), (30000, 39999), (20000, 29999))
@@ -351,8 +357,18 @@ class Router(Host):
         self._lan_ports = itertools.count(0)
         self.ipv6_lan: ipaddress.IPv6Network | None = None  # Lab.ipv6_router
 
+    @property
+    def iptables(self) -> str:
+        """miniupnpd changes the firewall through libiptc: the legacy tables,
+        which every rule of its router must then be in."""
+        return "iptables-legacy" if self.mode == "upnp" else "iptables"
+
     def _masquerade_rules(self, ports: tuple[int, int] | None) -> list[list[str]]:
-        random = ["--random-fully"] if self.mode == "symmetric" else []
+        random = ["--random-fully"] if self.mode in ("symmetric", "upnp") else []
+        if self.mode == "upnp":
+            # Only the LAN's packets: with --random-fully on the gateway's own,
+            # miniupnpd's STUN test sees a symmetric NAT and refuses to map.
+            random = ["-s", str(self.lan), *random]
         if ports is None:
             return [["-o", "wan", "-j", "MASQUERADE", *random]]
         to_ports = ["--to-ports", f"{ports[0]}-{ports[1]}"]
@@ -363,7 +379,26 @@ class Router(Host):
         ]
 
     def _setup_firewall(self) -> None:
-        rules = [["-t", "nat", "-A", "POSTROUTING", *r] for r in self._masquerade_rules(None)]
+        rules: list[list[str]] = []
+        if self.mode == "upnp":
+            # miniupnpd's chains (what its iptables_init.sh makes), before the NAT.
+            rules += [
+                ["-t", "nat", "-N", "MINIUPNPD"],
+                ["-t", "nat", "-A", "PREROUTING", "-i", "wan", "-j", "MINIUPNPD"],
+                ["-t", "nat", "-N", "MINIUPNPD-POSTROUTING"],
+                ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MINIUPNPD-POSTROUTING"],
+                ["-t", "mangle", "-N", "MINIUPNPD"],
+                ["-t", "mangle", "-A", "PREROUTING", "-i", "wan", "-j", "MINIUPNPD"],
+                ["-N", "MINIUPNPD"],
+                ["-A", "FORWARD", "-i", "wan", "!", "-o", "wan", "-j", "MINIUPNPD"],
+            ]
+            # Its STUN test asks for answers from the server's other address
+            # and port, which no outgoing packet of ours matched.
+            rules += [
+                ["-A", "INPUT", "-i", "wan", "-p", "udp", "-s", address, "-j", "ACCEPT"]
+                for address in STUN_ADDRESSES
+            ]
+        rules += [["-t", "nat", "-A", "POSTROUTING", *r] for r in self._masquerade_rules(None)]
         rules += [
             ["-P", "FORWARD", "DROP"],
             [
@@ -397,15 +432,59 @@ class Router(Host):
                 ["-A", "INPUT", "-i", "lan", "-j", "ACCEPT"],
             ]
         for rule in rules:
-            self.run("iptables", "-w", *rule)
+            self.run(self.iptables, "-w", *rule)
+
+    def start_miniupnpd(self, allowed: str | None = None, pcp: bool = True) -> subprocess.Popen:
+        """miniupnpd on this ("upnp") router: PCP/NAT-PMP and UPnP IGD on the LAN,
+        its external address checked by STUN (Lab.stun_server must run), mapping
+        only for `allowed` (a network: the LAN by default; others are refused),
+        with PCP/NAT-PMP (`pcp`) or with UPnP IGD only.
+        It answers no request before its STUN test ends (about 10 s):
+        `miniupnpd_ready()` says when."""
+        assert self.mode == "upnp", "miniupnpd runs on a router made with mode='upnp'"
+        config = os.path.join(self.lab.tmpdir, f"miniupnpd-{self.short}.conf")
+        with open(config, "w") as handle:
+            handle.write(
+                "ext_ifname=wan\n"
+                "listening_ip=lan\n"
+                "http_port=0\n"
+                f"enable_natpmp={'yes' if pcp else 'no'}\n"
+                "enable_upnp=yes\n"
+                "secure_mode=yes\n"
+                "system_uptime=yes\n"
+                "ext_perform_stun=yes\n"
+                f"ext_stun_host={STUN_ADDRESSES[0]}\n"
+                f"ext_stun_port={STUN_PORT}\n"
+                f"allow 1024-65535 {allowed or self.lan} 1024-65535\n"
+                "deny 0-65535 0.0.0.0/0 0-65535\n"
+            )
+        self.miniupnpd_log = os.path.join(self.lab.tmpdir, f"miniupnpd-{self.short}.log")
+        pidfile = os.path.join(self.lab.tmpdir, f"miniupnpd-{self.short}.pid")
+        with open(self.miniupnpd_log, "ab") as log:
+            return self.popen(
+                ["miniupnpd", "-d", "-f", config, "-P", pidfile],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def miniupnpd_output(self) -> str:
+        with open(self.miniupnpd_log, errors="replace") as handle:
+            return handle.read()
+
+    def miniupnpd_ready(self) -> bool:
+        output = self.miniupnpd_output()
+        return "Listening for NAT-PMP/PCP traffic" in output or (
+            "HTTP listening on port" in output and "Port forwarding is now enabled" in output
+        )
 
     def rebind(self) -> None:
         """Move every NAT mapping: MASQUERADE to a new port range, conntrack flushed."""
         ports = REBIND_RANGES[self.rebinds % len(REBIND_RANGES)]
         self.rebinds += 1
-        self.run("iptables", "-w", "-t", "nat", "-F", "POSTROUTING")
+        self.run(self.iptables, "-w", "-t", "nat", "-F", "POSTROUTING")
         for rule in self._masquerade_rules(ports):
-            self.run("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", *rule)
+            self.run(self.iptables, "-w", "-t", "nat", "-A", "POSTROUTING", *rule)
         self.flush_conntrack()
 
     def flush_conntrack(self) -> None:
@@ -695,6 +774,35 @@ class Lab:
         host = self.host(name)
         self._attach_to_internet(host.name, name, "eth0", iface)
         host.address = iface
+        return host
+
+    def stun_server(self, name: str = "stun") -> Host:
+        """A STUN server (coturn, STUN only) on the internet at both
+        STUN_ADDRESSES, as miniupnpd's STUN test needs (a second address and
+        port to ask for answers from)."""
+        host = self.public_host(name, f"{STUN_ADDRESSES[0]}/24")
+        for address in STUN_ADDRESSES[1:]:
+            host.run("ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        log_path = os.path.join(self.tmpdir, f"turnserver-{name}.log")
+        listening = [f"--listening-ip={address}" for address in STUN_ADDRESSES]
+        with open(log_path, "ab") as log:
+            host.popen(
+                [
+                    "turnserver",
+                    "-n",
+                    "--no-cli",
+                    "-S",
+                    "-z",
+                    *listening,
+                    f"--listening-port={STUN_PORT}",
+                    f"--alt-listening-port={STUN_PORT + 1}",
+                    f"--pidfile={os.path.join(self.tmpdir, f'turnserver-{name}.pid')}",
+                    "--log-file=stdout",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return host
 
     def router(self, name: str, public_address: str, lan: str, mode: str = "home") -> Router:

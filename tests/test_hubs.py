@@ -317,7 +317,7 @@ def test_symmetric_nat_is_on_the_wire_only_when_true() -> None:
     from wgnat._types import Announcement
     from wgnat.wire import encode_announcement, encode_peer, parse_announcement, peer_digest
 
-    plain, flagged = Announcement("aa"), Announcement("aa", (), True)
+    plain, flagged = Announcement("aa"), Announcement("aa", (), symmetric_nat=True)
     # A registry older than the field refuses unknown fields: never sent unless set.
     assert "symmetric_nat" not in encode_announcement(plain)
     assert parse_announcement(encode_announcement(flagged)) == flagged
@@ -528,7 +528,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
     from wgnat._types import Announcement
     from wgnat.client.follower import RegistryFollower
     from wgnat.client.metrics import ClientMetrics
-    from wgnat.client.registry_client import RegistryRefused
+    from wgnat.client.registry_client import RegistryError
     from wgnat.testing import ScriptedRegistryClient
 
     class OldRegistry(ScriptedRegistryClient):
@@ -540,7 +540,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
 
         def announce(self, announcement: Announcement):
             if announcement.symmetric_nat:
-                return fail(RegistryRefused("the registry refused the request: HTTP 400", 400))
+                return fail(RegistryError("the registry refused the request: HTTP 400", status=400))
             self.received.append(announcement)
             return succeed({"version": 0})
 
@@ -549,7 +549,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
         old,
         clock,
         HubView(),
-        lambda: succeed(Announcement("aa", (), True)),
+        lambda: succeed(Announcement("aa", (), symmetric_nat=True)),
         lambda changed, full: None,
         ClientMetrics(),
         60.0,

@@ -213,7 +213,7 @@ def test_a_client_refused_by_an_older_registry_announces_again_without_the_new_f
 
     from wgnat.client.follower import RegistryFollower
     from wgnat.client.metrics import ClientMetrics
-    from wgnat.client.registry_client import RegistryRefused
+    from wgnat.client.registry_client import RegistryError
     from wgnat.client.view import RegistryView
     from wgnat.testing import ScriptedRegistryClient
 
@@ -224,7 +224,7 @@ def test_a_client_refused_by_an_older_registry_announces_again_without_the_new_f
 
         def announce(self, announcement: Announcement):
             if set(encode_announcement(announcement)) - {"session", "lan_endpoints"}:
-                return fail(RegistryRefused("the registry refused the request: HTTP 400", 400))
+                return fail(RegistryError("the registry refused the request: HTTP 400", status=400))
             self.received.append(announcement)
             return succeed({"version": 0})
 

@@ -156,8 +156,8 @@ class Announcement:
     # Two registries saw this host at one public address with different ports:
     # its NAT maps each destination to a port of its own (several -r only).
     symmetric_nat: bool = False
-    ipv6_endpoints: tuple[Endpoint, ...] = ()
     mapped_endpoint: Endpoint | None = None
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
     # Its router accepts unsolicited packets on its INPUT chain (the conntrack
     # race): its peers let it punch first and answer a moment later.
     punch_first: bool = False

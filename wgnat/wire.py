@@ -13,8 +13,16 @@ An answer:
     {"epoch": "5f0c…", "version": 7, "full": true,
      "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
      "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
-                "last_handshake_age"[, "ipv6_endpoints"][, "mapped_endpoint"]}, ...],
+                "last_handshake_age"[, "symmetric_nat"][, "mapped_endpoint"]
+                [, "ipv6_endpoints"][, "punch_first"]}, ...],
      "removed": ["<public key>", ...]}
+
+"mapped_endpoint" ("IP:PORT", the public endpoint the peer's gateway maps to its
+listen port: NAT-PMP, PCP or UPnP IGD) is there only for a peer that announced
+one, and an announcement carries it only when the client holds a mapping: a
+registry or client that predates it never sees it (nor its bytes), and ignores
+it where it does (a client ignores unknown fields of an answer; a client whose
+announcement an older registry refuses for it announces again without it).
 
 A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
 answer first, then one shared line per change (the same document for every
@@ -55,7 +63,8 @@ MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
 MAX_IPV6_ENDPOINTS = 4
 # The announcement fields an older registry does not know (it refuses them).
-ANNOUNCEMENT_EXTENSIONS = ("symmetric_nat", "ipv6_endpoints", "mapped_endpoint", "punch_first")
+ANNOUNCEMENT_EXTENSIONS = ("symmetric_nat", "mapped_endpoint", "ipv6_endpoints", "punch_first")
+ANNOUNCEMENT_FIELDS = frozenset({"session", "lan_endpoints", *ANNOUNCEMENT_EXTENSIONS})
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -86,8 +95,9 @@ class RemotePeer:
     # It announced that its NAT maps each destination to a port of its own
     # (two registries saw it so): no direct path with another such peer.
     symmetric_nat: bool = False
-    ipv6_endpoints: tuple[Endpoint, ...] = ()
+    # The public endpoint its gateway maps to its listen port (port mapping).
     mapped_endpoint: Endpoint | None = None
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
     punch_first: bool = False
 
 
@@ -142,8 +152,8 @@ def peer_digest(
     lan_endpoints: Iterable[Endpoint],
     session: str | None,
     symmetric_nat: bool = False,
-    ipv6_endpoints: Iterable[Endpoint] = (),
     mapped_endpoint: Endpoint | None = None,
+    ipv6_endpoints: Iterable[Endpoint] = (),
     punch_first: bool = False,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
@@ -161,11 +171,11 @@ def peer_digest(
     )
     if symmetric_nat:  # only then: digests of peers without it stay as they were
         text += "|symmetric"
+    if mapped_endpoint is not None:
+        text += f"|mapped {mapped_endpoint}"
     ipv6 = ",".join(str(ep) for ep in ipv6_endpoints)
     if ipv6:
         text += "|ipv6=" + ipv6
-    if mapped_endpoint is not None:
-        text += f"|mapped={mapped_endpoint}"
     if punch_first:
         text += "|punch_first"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
@@ -191,10 +201,10 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
             peer.allowed_ips,
             peer.lan_endpoints,
             peer.session,
-            peer.symmetric_nat,
-            peer.ipv6_endpoints,
-            peer.mapped_endpoint,
-            peer.punch_first,
+            symmetric_nat=peer.symmetric_nat,
+            mapped_endpoint=peer.mapped_endpoint,
+            ipv6_endpoints=peer.ipv6_endpoints,
+            punch_first=peer.punch_first,
         )
     return format_digest(total)
 
@@ -355,10 +365,10 @@ def parse_announcement(document: Any) -> Announcement:
         return Announcement(
             document.get("session"),  # type: ignore[arg-type]
             tuple(endpoints),
-            symmetric,
-            ipv6,
-            mapped,
-            punch_first,
+            symmetric_nat=symmetric,
+            mapped_endpoint=mapped,
+            ipv6_endpoints=ipv6,
+            punch_first=punch_first,
         )
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
@@ -440,18 +450,19 @@ def _peer(document: Any, index: int) -> RemotePeer:
     if not isinstance(symmetric, bool):
         raise InvalidValue(f"{where}: 'symmetric_nat' is not true or false")
     ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints")
-    mapped = _optional_endpoint(document.get("mapped_endpoint"), f"{where}: mapped_endpoint")
     return RemotePeer(
         key,
         _optional_endpoint(document.get("endpoint"), where),
         tuple(allowed),
         lan,
         session,
-        None if age is None else float(age),
-        symmetric,
-        ipv6,
-        mapped,
-        _flag(document, "punch_first", where),
+        handshake_age=None if age is None else float(age),
+        symmetric_nat=symmetric,
+        mapped_endpoint=_optional_endpoint(
+            document.get("mapped_endpoint"), f"{where}: mapped_endpoint"
+        ),
+        ipv6_endpoints=ipv6,
+        punch_first=_flag(document, "punch_first", where),
     )
 
 

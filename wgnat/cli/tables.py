@@ -57,6 +57,16 @@ def format_client(status: Mapping[str, Any]) -> str:
     lines.extend(_hub_lines(status, now))
     if status.get("device_error"):
         lines.append(f"  cannot read {status['interface']}: {status['device_error']}")
+    mapping = status.get("port_mapping") or {}
+    if mapping.get("external_endpoint"):
+        lines.append(
+            f"  port mapping: {mapping['external_endpoint']} ({mapping.get('protocol')}, "
+            f"lifetime {mapping.get('lifetime')} s, expires in {mapping.get('expires_in')} s)"
+        )
+    elif mapping:
+        state = mapping.get("state") or "unknown"
+        error = f": {mapping['error']}" if mapping.get("error") else ""
+        lines.append(f"  port mapping: none ({state}{error})")
     counts = status["counts"]
     summary = f"peers: {counts['direct']} direct, {counts['relayed']} relayed, "
     summary += f"{counts['probing']} probing"

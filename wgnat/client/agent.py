@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from wgnat._types import (
     Announcement,
     DeviceState,
+    Endpoint,
     IPAddress,
     IPInterface,
     IPNetwork,
@@ -38,6 +39,7 @@ from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.lan import ipv6_endpoints, lan_endpoints
 from wgnat.client.merge import HubView, merge_views, symmetric_nat
 from wgnat.client.metrics import ClientMetrics
+from wgnat.client.portmap import PortMapper, PortMapping
 from wgnat.client.reconcile import (
     Action,
     Event,
@@ -110,6 +112,7 @@ class MeshAgent(service.Service):
         client_factory: ConnectionFactory = RegistryClient,
         state_store: StateStore | None = None,
         wall: Callable[[], float] = time.time,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.device = device
         self.reactor = reactor
@@ -118,6 +121,9 @@ class MeshAgent(service.Service):
         self._lan_addresses = lan_addresses
         self._client_factory = client_factory
         self.state_store = state_store
+        # None: --no-port-mapping.  Started after the registry is first asked.
+        self.port_mapper = port_mapper
+        self._mapping_withheld: Endpoint | None = None  # said once: not announced, why
         self.wall = wall  # the wall clock, for the retry moments both ends share
         # One view per registry, and the view the mesh plans from: with one
         # registry, that registry's view itself (client.merge).
@@ -224,6 +230,9 @@ class MeshAgent(service.Service):
         self.registry_address, self.registry_port = address, port
         self.metrics.watch(mesh.counts)
         self.metrics.watch_traffic(self.traffic, self.device.ifname, self.path_names)
+        if self.port_mapper is not None:
+            mapper = self.port_mapper
+            self.metrics.watch_port_mapping(lambda: mapper.describe(self.reactor.seconds()))
         self.metrics.registry_connected.set(0)
         log.info(
             "wgnat-client on {ifname} ({backend}): registry {registry} at {address}:{port}, "
@@ -276,6 +285,11 @@ class MeshAgent(service.Service):
             self._first_answers_by = self.reactor.seconds() + FIRST_ANSWERS_WAIT
         for follower in self.followers:
             follower.start()
+        # In the background, after the registry's first contact has begun:
+        # the gateway may take seconds to answer, or never.
+        if self.port_mapper is not None:
+            self.port_mapper.on_change = self._mapping_changed
+            self.port_mapper.start(self.listen_port)
 
     def _hub_endpoint(self, state: DeviceState, key: PublicKey) -> tuple[IPAddress, int]:
         """A further registry's tunnel address (from its peer's allowed IPs)
@@ -306,16 +320,14 @@ class MeshAgent(service.Service):
             )
         return hosts[0], port
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         cancel(self._wakeup)
-        if len(self.followers) > 1:
-            return gatherResults([follower.stop() for follower in self.followers]).addCallback(
-                lambda _: None
-            )
-        if self.follower is not None:
-            return self.follower.stop()
-        return succeed(None)
+        stopping: list[Deferred[Any]] = []
+        if self.port_mapper is not None:
+            stopping.append(self.port_mapper.stop())
+        stopping.extend(follower.stop() for follower in self.followers)
+        return gatherResults(stopping) if stopping else succeed(None)
 
     # -- what the registry says -------------------------------------------
     def _find_lan(self) -> Deferred[list[IPInterface]]:
@@ -339,12 +351,39 @@ class MeshAgent(service.Service):
             return Announcement(
                 self.session,
                 tuple(lan_endpoints(lan, self.listen_port)),
-                self.symmetric_nat,
+                symmetric_nat=self.symmetric_nat,
+                mapped_endpoint=self.mapped_endpoint(),
                 ipv6_endpoints=ipv6,
                 punch_first=self.config.settings.punch_first,
             )
 
         return self._find_lan().addCallback(announce)
+
+    def mapped_endpoint(self) -> Endpoint | None:
+        """The port mapping's external endpoint, to announce: only once the
+        registry has seen this host at that address.  A gateway behind another
+        NAT (a carrier's) maps an address no peer can reach, and peers would
+        try it before the endpoint the registry observes."""
+        mapping = self.port_mapper.mapping if self.port_mapper is not None else None
+        mine = self.view.my_endpoint
+        if mapping is None or mine is None:
+            return None
+        if mine.host != mapping.external.host:
+            if self._mapping_withheld != mapping.external:
+                self._mapping_withheld = mapping.external
+                log.warn(
+                    "port mapping {external} not announced: the registry sees this host at "
+                    "{public}, so another NAT lies beyond the gateway",
+                    external=mapping.external,
+                    public=mine.host,
+                )
+            return None
+        return mapping.external
+
+    def _mapping_changed(self, mapping: PortMapping | None) -> None:
+        if self.running:
+            for follower in self.followers:
+                follower.announcement_changed()
 
     def _view_changed(self, changed: bool, full: bool) -> None:
         # An unchanged full answer (the -t safety net, a reconnection) needs no
@@ -354,6 +393,12 @@ class MeshAgent(service.Service):
             self._merge()
         if changed or (full and not self._planned):
             self.reconcile_soon()
+        if self.port_mapper is not None:
+            mapped = self.mapped_endpoint()
+            for follower in self.followers:
+                announced = follower.announced.mapped_endpoint if follower.announced else None
+                if announced != mapped:
+                    follower.announcement_changed()  # our public address is known (or moved)
 
     def _waiting_for_answers(self) -> bool:
         """Several registries, before the first plan: some has not answered

@@ -20,12 +20,7 @@ from twisted.python.failure import Failure
 
 from wgnat._types import Announcement
 from wgnat.client.metrics import ClientMetrics
-from wgnat.client.registry_client import (
-    RegistryError,
-    RegistryRefused,
-    RegistryStream,
-    StreamEnded,
-)
+from wgnat.client.registry_client import RegistryError, RegistryStream, StreamEnded
 from wgnat.client.view import RegistryView
 from wgnat.timing import full_jitter, repeat, stop
 from wgnat.wire import Answer, view_digest, without_extensions
@@ -95,6 +90,9 @@ class RegistryFollower:
         self._checking: Deferred[Answer | None] | None = None
         self._announced_epoch: str | None = None
         self._announcing: Deferred[None] | None = None
+        # What we announce changed while an announcement was on its way (or
+        # before the first answer): announce again once it is done.
+        self._reannounce = False
         self._resync: LoopingCall | None = None
         self.done: Deferred[None] | None = None
 
@@ -236,6 +234,9 @@ class RegistryFollower:
             elif self.view.epoch != self._announced_epoch and self._announcing is None:
                 # The registry restarted without what we announced: again.
                 self._announce_in_background()
+            if self._reannounce and self._announcing is None:
+                self._reannounce = False
+                self._announce_if_changed()
 
     def _apply(self, answer: Answer, full: bool) -> None:
         changed = self.view.apply(answer)
@@ -250,8 +251,8 @@ class RegistryFollower:
         announcement = self._as_accepted((yield self.announcement()))
         try:
             yield self.connection.announce(announcement)
-        except RegistryRefused as exc:
-            if exc.code != 400 or announcement == without_extensions(announcement):
+        except RegistryError as exc:
+            if exc.status != 400 or announcement == without_extensions(announcement):
                 raise
             log.info(
                 "the registry refuses the optional announcement fields ({error}): an older "
@@ -277,10 +278,23 @@ class RegistryFollower:
 
         def done(result: object) -> None:
             self._announcing = None
+            if self._reannounce and self._running:
+                self._reannounce = False
+                self._announce_if_changed()
 
         announcing = self._announce()
         self._announcing = announcing
         announcing.addErrback(failed).addBoth(done)
+
+    def announcement_changed(self) -> None:
+        """What this client announces changed (its port mapping): tell the
+        registry now rather than at the next -t check."""
+        if not self._running:
+            return
+        if self._announcing is not None or self.view.epoch is None:
+            self._reannounce = True
+            return
+        self._announce_if_changed()
 
     def _announce_if_changed(self) -> None:
         if self._announcing is not None:

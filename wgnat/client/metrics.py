@@ -5,6 +5,7 @@ agent's latest device read (client/traffic.py) at scrape time."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,6 +14,8 @@ from wgnat._types import PublicKey
 from wgnat.client.reconcile import ACTION_KINDS
 from wgnat.client.traffic import PATHS, TrafficLedger
 from wgnat.metrics import LATENCY_BUCKETS, TIME_TO_DIRECT_BUCKETS, StateCollector, build_info
+
+PORT_MAPPING_PROTOCOLS = ("pcp", "nat-pmp", "upnp")
 
 # What the traffic metrics' HELP texts say "direct" and "relayed" mean.
 _PATH_MEANING = (
@@ -203,5 +206,45 @@ class ClientMetrics:
                         [interface, key.base64, path], 1.0 if current == path else 0.0
                     )
             yield path_family
+
+        self.registry.register(StateCollector(read))
+
+    def watch_port_mapping(self, describe: Callable[[], Mapping[str, Any]]) -> None:
+        """The port mapping at scrape time (`describe`: PortMapper.describe's
+        document): held or not by protocol, and the external endpoint and
+        lifetime of the one held."""
+
+        def read() -> Iterable[Metric]:
+            mapping = describe()
+            held = GaugeMetricFamily(
+                "wgnat_client_port_mapping_held",
+                "1 for the protocol of the port mapping of the listen port held from the "
+                "gateway (pcp, nat-pmp, upnp), 0 for the others",
+                labels=["protocol"],
+            )
+            for protocol in PORT_MAPPING_PROTOCOLS:
+                held.add_metric([protocol], 1.0 if mapping.get("protocol") == protocol else 0.0)
+            yield held
+            info = GaugeMetricFamily(
+                "wgnat_client_port_mapping_info",
+                "1, labelled with the external endpoint of the port mapping held (no "
+                "series without one)",
+                labels=["external_endpoint"],
+            )
+            lifetime = GaugeMetricFamily(
+                "wgnat_client_port_mapping_lifetime_seconds",
+                "Lifetime the gateway granted the port mapping held (renewed at half)",
+            )
+            remaining = GaugeMetricFamily(
+                "wgnat_client_port_mapping_remaining_seconds",
+                "Seconds until the port mapping held expires unless renewed",
+            )
+            if mapping.get("external_endpoint"):
+                info.add_metric([str(mapping["external_endpoint"])], 1.0)
+                lifetime.add_metric([], float(mapping.get("lifetime") or 0))
+                remaining.add_metric([], float(mapping.get("expires_in") or 0))
+            yield info
+            yield lifetime
+            yield remaining
 
         self.registry.register(StateCollector(read))

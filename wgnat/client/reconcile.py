@@ -873,6 +873,7 @@ class Mesh:
         now: float,
         why: str,
         found: list[Candidate] | None = None,
+        new_attempt: bool = True,
     ) -> list[Action]:
         """Probe `candidate` on a fresh peer entry: removed and added again, so
         that WireGuard forgets the old session and its 5 s wait between
@@ -890,7 +891,7 @@ class Mesh:
                 candidate.endpoint,
                 now,
                 why,
-                next_candidate=found is None,
+                next_candidate=found is None or not new_attempt,
             ),
         ]
 
@@ -914,7 +915,18 @@ class Mesh:
                 peer_path.candidates, peer_path.candidate = tuple(found), found[0]
                 return self._follow(key, peer_path, found[0].endpoint, now)
         same = next((c for c in found if c.kind == current.kind), None)
+        before = {c.endpoint for c in peer_path.candidates}
         peer_path.candidates = tuple(found)
+        if (
+            peer_path.path is Path.PROBING
+            and found[0].kind != current.kind
+            and found[0].endpoint not in before
+        ):
+            # A better candidate appeared while probing (a port mapping or an
+            # IPv6 address announced just after): tried at once, the same attempt.
+            return self._reprobe(
+                key, peer_path, found[0], now, f"a new candidate: {found[0]}", found, False
+            )
         if same is None:
             gone = _why_gone(current, remote, self.mine(self.my_endpoint))
             return self._reprobe(key, peer_path, found[0], now, gone, found)
@@ -935,6 +947,22 @@ class Mesh:
                 else self.settings.probe_timeout
             )
         self.events.append(Event("rebinding", key, f"{old} -> {target}"))
+        if peer_path.path is Path.PROBING:
+            # Its first initiation went to the old endpoint and is still pending:
+            # WireGuard sends no other for 5 s (REKEY_TIMEOUT), whatever we set,
+            # so the peer is made anew, which initiates at once (a port mapping
+            # announced just after the peer was first probed, say).
+            return [
+                Action("remove", key, f"endpoint moved from {old} to {target} while probing"),
+                Action(
+                    "probe",
+                    key,
+                    f"probing {target} (its endpoint moved); traffic stays relayed until a "
+                    "handshake",
+                    endpoint=target,
+                    keepalive=self.settings.keepalive,
+                ),
+            ]
         return [
             Action("endpoint", key, f"endpoint moved from {old} to {target}", endpoint=target),
             self._kick(key, "to open the new NAT mapping at once"),

@@ -7,6 +7,7 @@ anything uses them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Generator
 from io import BytesIO
 from typing import Any
@@ -16,6 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -34,6 +36,8 @@ from wgnat.wire import (
     parse_own_answer,
 )
 
+log = Logger(namespace="wgnat.client")
+
 CONNECT_TIMEOUT = 5.0
 # A request's answer (the announcement's, a stream's first line) within this.
 REQUEST_TIMEOUT = 15.0
@@ -46,15 +50,12 @@ MAX_PENDING_ANSWERS = 64
 
 
 class RegistryError(Exception):
-    """The registry could not be asked, or answered something unusable."""
+    """The registry could not be asked, or answered something unusable
+    (`status`: the HTTP status of a refusal, when it answered one)."""
 
-
-class RegistryRefused(RegistryError):
-    """The registry answered, refusing the request (`code`: its HTTP status)."""
-
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.status = status
 
 
 class StreamEnded(Exception):
@@ -245,6 +246,7 @@ class RegistryClient:
         # Request bodies are written on this reactor (the default cooperator
         # would use the global one).
         self._cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
+        self._mapped_refused = False  # said once: the registry predates mapped_endpoint
 
     def _send(
         self,
@@ -306,10 +308,10 @@ class RegistryClient:
             raise RegistryError(str(exc)) from None
         if response.code != 200:
             message = document.get("error") if isinstance(document, dict) else None
-            raise RegistryRefused(
+            raise RegistryError(
                 f"the registry refused the request: HTTP {response.code}: "
                 f"{str(message)[:200] if message else 'no reason given'}",
-                response.code,
+                status=response.code,
             )
         return document
 
@@ -361,10 +363,28 @@ class RegistryClient:
 
     @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
-        response = yield self._send(
-            b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
-        )
-        document = yield self._document(response)
+        try:
+            response = yield self._send(
+                b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
+            )
+            document = yield self._document(response)
+        except RegistryError as exc:
+            if announcement.mapped_endpoint is None or exc.status != 400:
+                raise
+            # A registry older than port mapping refuses the field it does not
+            # know: announce the rest, which it does know.
+            if not self._mapped_refused:
+                log.warn(
+                    "the registry refused this host's mapped endpoint ({error}): an older "
+                    "wgnat-server? Announcing without it",
+                    error=str(exc),
+                )
+                self._mapped_refused = True
+            without = dataclasses.replace(announcement, mapped_endpoint=None)
+            response = yield self._send(
+                b"POST", "/v1/announce", encode_body(encode_announcement(without))
+            )
+            document = yield self._document(response)
         return document
 
     def close(self) -> Deferred[None]:

@@ -55,6 +55,8 @@ class ClientInfo:
     # and whether they see this host behind a symmetric NAT.
     hubs: tuple[dict[str, Any], ...] = ()
     symmetric_nat: bool = False
+    # PortMapper.describe()'s document; None with --no-port-mapping.
+    port_mapping: dict[str, Any] | None = None
 
 
 def hub_rows(agent: MeshAgent) -> tuple[dict[str, Any], ...]:
@@ -103,6 +105,14 @@ def client_info(agent: MeshAgent) -> ClientInfo:
         operation_errors=dict(agent.operation_errors),
         hubs=hub_rows(agent),
         symmetric_nat=agent.symmetric_nat,
+        port_mapping=(
+            {
+                **agent.port_mapper.describe(agent.reactor.seconds()),
+                "announced": agent.mapped_endpoint() is not None,
+            }
+            if agent.port_mapper is not None
+            else None
+        ),
         lan_endpoints=(
             announced.lan_endpoints
             if announced is not None
@@ -306,6 +316,7 @@ def client_status(
         "public_endpoint": endpoint_text(view.my_endpoint),
         "lan_endpoints": [str(e) for e in info.lan_endpoints],
         "ipv6_endpoints": [str(e) for e in info.ipv6_endpoints],
+        "port_mapping": info.port_mapping or {"state": "disabled (--no-port-mapping)"},
         "registry": registry,
         "counts": counts,
         "peers": rows,

@@ -18,6 +18,7 @@ from wgnat._types import InvalidValue, IPInterface, PublicKey, parse_network
 from wgnat.client.agent import AgentConfig, MeshAgent
 from wgnat.client.lan import lan_addresses
 from wgnat.client.metrics import ClientMetrics
+from wgnat.client.portmap import PortMapper, UdpChannel, UpnpIgd, default_gateway
 from wgnat.client.reconcile import Settings
 from wgnat.client.state_file import StateStore, default_state_path
 from wgnat.client.status import status_provider
@@ -92,6 +93,11 @@ class Options(CommonOptions):
             "This host's router accepts unsolicited packets on its INPUT chain (the "
             "conntrack race): announce it, so that peers let this host punch first "
             "and answer a moment later",
+        ],
+        [
+            "no-port-mapping",
+            None,
+            "Do not ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) of the listen port",
         ],
     ]
 
@@ -243,6 +249,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     def find_lan(name: str) -> Deferred[list[IPInterface]]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), lan_addresses, name)
 
+    def in_thread(function: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+    port_mapper = None
+    if not options["no-port-mapping"]:
+        port_mapper = PortMapper(
+            reactor,
+            default_gateway,
+            lambda gateway, received: UdpChannel(reactor, gateway, received),
+            upnp=UpnpIgd(reactor, in_thread),
+        )
     agent = MeshAgent(
         device,
         reactor,
@@ -250,5 +267,6 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         metrics=ClientMetrics(per_peer=bool(options["metrics-per-peer"])),
         lan_addresses=find_lan,
         state_store=StateStore(default_state_path(options["state-dir"], ifname)),
+        port_mapper=port_mapper,
     )
     return ClientDaemon(agent, reactor, options["metrics-listen"], options["status-socket"])

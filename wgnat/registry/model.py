@@ -65,10 +65,10 @@ class PeerRecord:
             self.allowed_ips,
             announcement.lan_endpoints if announcement else (),
             announcement.session if announcement else None,
-            announcement.symmetric_nat if announcement else False,
-            announcement.ipv6_endpoints if announcement else (),
-            announcement.mapped_endpoint if announcement else None,
-            announcement.punch_first if announcement else False,
+            symmetric_nat=announcement.symmetric_nat if announcement else False,
+            mapped_endpoint=announcement.mapped_endpoint if announcement else None,
+            ipv6_endpoints=announcement.ipv6_endpoints if announcement else (),
+            punch_first=announcement.punch_first if announcement else False,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -158,10 +158,10 @@ class RegistryModel:
         announcement = Announcement(
             announcement.session,
             tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
-            announcement.symmetric_nat,
-            tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
-            announcement.mapped_endpoint,
-            announcement.punch_first,
+            symmetric_nat=announcement.symmetric_nat,
+            mapped_endpoint=announcement.mapped_endpoint,
+            ipv6_endpoints=tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
+            punch_first=announcement.punch_first,
         )
         if self.announcements.get(key) == announcement:
             return False

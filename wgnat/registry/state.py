@@ -43,16 +43,16 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    # "symmetric_nat", "ipv6", "mapped" and "punch_first" came later: a file
+    # "symmetric_nat", "mapped", "ipv6" and "punch_first" came later: a file
     # from before has none of them.
     mapped = value.get("mapped")
     return Announcement(
         value["session"],
         tuple(Endpoint.parse(e) for e in value["lan"]),
-        bool(value.get("symmetric_nat", False)),
-        tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
-        Endpoint.parse(mapped) if mapped else None,
-        value.get("punch_first") is True,
+        symmetric_nat=bool(value.get("symmetric_nat", False)),
+        mapped_endpoint=Endpoint.parse(mapped) if mapped else None,
+        ipv6_endpoints=tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
+        punch_first=value.get("punch_first") is True,
     )
 
 
