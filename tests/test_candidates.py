@@ -424,15 +424,6 @@ def test_punch_first_is_announced_and_passed_on():
         net.stop()
 
 
-def test_a_public_host_does_not_wait_for_a_peer_that_punches_first():
-    """With no NAT in front of us, the peer's router giving its packet another
-    port does no harm: WireGuard takes it from there."""
-    b = new_key()
-    w = world()
-    w.mesh.my_addresses = (ep(MY_PUBLIC).host,)
-    assert [a.kind for a in w.step(view_of(punching(b), me=MY_PUBLIC), T0)] == ["probe"]
-
-
 def test_answering_a_peer_that_punches_first_waits_for_our_announcement_to_reach_it():
     """It learns of us when the registry has our announcement: before that,
     our packet would reach its router before its own left."""

@@ -210,7 +210,6 @@ class MeshAgent(service.Service):
             policy,
             config.settings,
             lan_networks=tuple(a.network for a in self.lan),
-            my_addresses=tuple(a.ip for a in self.lan),
             other_hubs=frozenset(config.more_registries),
         )
         remembered: set[PublicKey] | None = None
@@ -340,8 +339,6 @@ class MeshAgent(service.Service):
             self.lan = lan
             ipv6 = tuple(ipv6_endpoints(lan, self.listen_port)) if self.config.settings.ipv6 else ()
             mesh = self.mesh
-            if mesh is not None:
-                mesh.my_addresses = tuple(a.ip for a in lan)
             if mesh is not None and mesh.my_ipv6_endpoints != ipv6:
                 # Our own IPv6 endpoints decide which candidates each peer has:
                 # a path over an address that went away is left at once.

@@ -380,9 +380,6 @@ class Mesh:
     symmetric_nat: bool = False
     # The global IPv6 endpoints this host announced (the agent sets them).
     my_ipv6_endpoints: tuple[Endpoint, ...] = ()
-    # This host's own addresses (the agent sets them): our public endpoint at
-    # one of them means no NAT in front of us.
-    my_addresses: tuple[IPAddress, ...] = ()
     # Whether the registry holds our announcement (the agent sets it): a peer
     # that punches first learns of us only then, so answering it waits for it.
     announced: bool = True
@@ -833,10 +830,12 @@ class Mesh:
         the peer punches first (its router accepts unsolicited packets: ours
         arriving there before its own left would make its router move its
         mapping for us, and the punch would fail until that entry expired)."""
-        # Without a NAT in front of us nothing here is racy: the peer's router
-        # gives its packet another port, which we accept (WireGuard roams).
-        public = self.my_endpoint is not None and self.my_endpoint.host in self.my_addresses
-        late = remote.punch_first and not self.settings.punch_first and not public
+        # A public host waits too: its packet arriving first would not stop
+        # its own path (WireGuard roams to the new port) but would leave the
+        # peer's router a second mapping for the peer's port, which it then
+        # gives the peer's packets to everyone else (seen in the testbed: x's
+        # pairs with a and c failed once p had answered x at once).
+        late = remote.punch_first and not self.settings.punch_first
         if late and not self.announced and now - peer_path.since < ANNOUNCED_WAIT:
             # It cannot punch before it knows of us: the registry pushes our
             # announcement to it once the registry has it.
