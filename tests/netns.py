@@ -355,6 +355,7 @@ class Router(Host):
         self.mode = mode
         self.rebinds = 0
         self._lan_ports = itertools.count(0)
+        self.ipv6_lan: ipaddress.IPv6Network | None = None  # Lab.ipv6_router
 
     @property
     def iptables(self) -> str:
@@ -693,6 +694,7 @@ class Lab:
         self._internet: str | None = None
         self._wg_counter = itertools.count(0)
         self._closed = False
+        self._ipv6_ready = False
         _live_labs.add(self)
 
     def __repr__(self) -> str:
@@ -820,6 +822,85 @@ class Lab:
         _run_root(["ip", "-n", nsname, "link", "set", "lan", "up"])
         router._setup_firewall()
         return router
+
+    # -- IPv6 ---------------------------------------------------------------
+    # The IPv6 internet: the internet bridge's namespace routes 2001:db8::/32
+    # (the documentation range) between the routers' and public hosts' `/64`s
+    # on the bridge; a router routes its LAN's /64 (no NAT: IPv6) behind a
+    # stateful firewall.  Addresses are added without duplicate address
+    # detection, so they are usable at once.
+    IPV6_CORE = "2001:db8::1"
+
+    def _ipv6_core(self) -> str:
+        inet = self._internet_ns()
+        if not self._ipv6_ready:
+            for cmd in (
+                ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+                [
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    f"{self.IPV6_CORE}/64",
+                    "dev",
+                    INTERNET_BRIDGE,
+                    "nodad",
+                ],
+            ):
+                _run_root(["ip", "netns", "exec", inet, *cmd])
+            self._ipv6_ready = True
+        return inet
+
+    def ipv6_public(self, host: Host, address: str) -> None:
+        """Give a public host (or a router's `wan`) an address on the IPv6
+        internet's segment, e.g. "2001:db8::30/64", and its default route."""
+        self._ipv6_core()
+        ifname = "wan" if isinstance(host, Router) else "eth0"
+        _run_root(["ip", "-n", host.name, "-6", "addr", "add", address, "dev", ifname, "nodad"])
+        _run_root(["ip", "-n", host.name, "-6", "route", "add", "default", "via", self.IPV6_CORE])
+
+    def ipv6_router(self, router: Router, wan: str, lan: str) -> None:
+        """Route the IPv6 prefix `lan` (e.g. "2001:db8:3::/64") to `router`'s LAN,
+        whose `::1` it holds, with `wan` (e.g. "2001:db8::23/64") on the internet.
+        Its IPv6 firewall is a home router's: forwarding from the LAN out and
+        what answers it, nothing else in (so two hosts behind two such routers
+        need the simultaneous open that hole punching does)."""
+        inet = self._ipv6_core()
+        self.ipv6_public(router, wan)
+        network = ipaddress.IPv6Network(lan)
+        gateway = network.network_address + 1
+        router.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        inside = f"{gateway}/{network.prefixlen}"
+        _run_root(["ip", "-n", router.name, "-6", "addr", "add", inside, "dev", "lan", "nodad"])
+        wan_ip = ipaddress.IPv6Interface(wan).ip
+        _run_root(["ip", "-n", inet, "-6", "route", "add", str(network), "via", str(wan_ip)])
+        router.ipv6_lan = network
+        for rule in (
+            ["-P", "FORWARD", "DROP"],
+            [
+                "-A",
+                "FORWARD",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
+        ):
+            router.run("ip6tables", "-w", *rule)
+
+    def ipv6_lan_host(self, host: Host, address: str) -> None:
+        """Give a LAN host an address in its router's IPv6 prefix (e.g.
+        "2001:db8:3::10/64") and its default route through the router."""
+        router = host.router
+        network = router.ipv6_lan if router is not None else None
+        if network is None:
+            raise ValueError(f"{host.short} is behind no router with IPv6 (Lab.ipv6_router)")
+        _run_root(["ip", "-n", host.name, "-6", "addr", "add", address, "dev", "eth0", "nodad"])
+        gateway = str(network.network_address + 1)
+        _run_root(["ip", "-n", host.name, "-6", "route", "add", "default", "via", gateway])
 
     def lan_host(self, router: Router, name: str, address: str) -> Host:
         """A host on `router`'s LAN with a default route via the router's `.1`."""

@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from wgnat.client.lan import lan_endpoints, usable_lan_interface
-from wgnat.wire import parse_announcement
+from wgnat.client.lan import ipv6_endpoints, lan_endpoints, usable_lan_interface
+from wgnat.wire import MAX_IPV6_ENDPOINTS, parse_announcement
 
 UNREACHABLE = [
     "127.0.0.1/8",
@@ -42,3 +42,23 @@ def test_at_most_the_registrys_limit_is_announced():
     announced = lan_endpoints(addresses, 51820)
     assert len(announced) == 8
     parse_announcement({"session": "ab", "lan_endpoints": [str(e) for e in announced]})
+
+
+def test_global_ipv6_endpoints_are_the_ones_another_site_can_reach():
+    addresses = [
+        ipaddress.ip_interface(t)
+        for t in [
+            *UNREACHABLE,
+            "192.168.1.10/24",
+            "fd00::10/64",  # unique local: one site only
+            "2001:db8:1::10/64",
+            "2001:db8:1::10/64",  # listed twice (two links): announced once
+            "2001:db8:9::10/64",
+        ]
+    ]
+    announced = ipv6_endpoints(addresses, 51820)
+    assert [str(e) for e in announced] == ["[2001:db8:1::10]:51820", "[2001:db8:9::10]:51820"]
+    body = {"session": "ab", "ipv6_endpoints": [str(e) for e in announced]}
+    assert parse_announcement(body).ipv6_endpoints == tuple(announced)
+    many = [ipaddress.ip_interface(f"2001:db8::{n}/64") for n in range(1, 10)]
+    assert len(ipv6_endpoints(many, 51820)) == MAX_IPV6_ENDPOINTS

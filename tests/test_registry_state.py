@@ -173,3 +173,34 @@ def test_a_client_told_more_than_the_file_holds_gets_a_full_answer_not_a_wrong_d
         LIVE_WINDOW,
     )
     assert again.gap == restored.gap
+
+
+def test_ipv6_and_mapped_endpoints_are_kept_across_a_restart_and_old_files_still_load():
+    model, device = populated_model()
+    key = next(iter(model.records))
+    model.announce(
+        key,
+        Announcement(
+            "cd",
+            ipv6_endpoints=(ep("[2001:db8::7]:51820"),),
+            mapped_endpoint=ep("198.51.100.23:40000"),
+            punch_first=True,
+        ),
+    )
+    document = json.loads(json.dumps(encode_state(model, "wg0", device.public_key)))
+    restored = decode_state(document, "wg0", device.public_key, LIVE_WINDOW)
+    assert restored.announcements[key] == model.announcements[key]
+    assert restored.digest == model.digest
+    # A file written before these fields: announcements without "ipv6"/"mapped".
+    for _, announcement in document["announcements"]:
+        if announcement is not None:
+            announcement.pop("ipv6", None)
+            announcement.pop("mapped", None)
+            announcement.pop("punch_first", None)
+    for item in document["records"]:
+        if item["announcement"] is not None:
+            item["announcement"].pop("ipv6", None)
+            item["announcement"].pop("mapped", None)
+            item["announcement"].pop("punch_first", None)
+    older = decode_state(document, "wg0", device.public_key, LIVE_WINDOW)
+    assert older.announcements[key] == Announcement("cd")

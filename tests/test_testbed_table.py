@@ -19,7 +19,7 @@ def test_every_pair_has_an_expectation_with_a_reason_in_the_legend():
     assert expected[("a", "b")] == ("direct", "L")
     assert expected[("a", "s")] == ("relayed", "S")
     assert expected[("s", "p")] == ("direct", "P")
-    assert expected[("c", "x")] == ("either", "X")
+    assert expected[("c", "x")] == ("direct", "X")
     # The same as what the Compose test requires.
     for pair in testbed.EXPECTED_DIRECT:
         assert testbed.expectation(*pair)[0] == "direct"

@@ -146,10 +146,10 @@ def parse_network(text: object) -> IPNetwork:
 @dataclass(frozen=True)
 class Announcement:
     """What a client tells the registry about itself: its LAN endpoints (for peers
-    behind the same NAT), the public endpoint its gateway maps to its listen port
-    (NAT-PMP, PCP or UPnP: reachable even through a symmetric NAT), and a session
-    id, new at every client start, which tells the others that a wgnat client now
-    runs there and will punch back."""
+    behind the same NAT), its global IPv6 endpoints (no NAT between two peers
+    that both have one), the endpoint its gateway mapped for it (port mapping;
+    None without one) and a session id, new at every client start, which tells
+    the others that a wgnat client now runs there and will punch back."""
 
     session: str
     lan_endpoints: tuple[Endpoint, ...] = ()
@@ -157,6 +157,10 @@ class Announcement:
     # its NAT maps each destination to a port of its own (several -r only).
     symmetric_nat: bool = False
     mapped_endpoint: Endpoint | None = None
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
+    # Its router accepts unsolicited packets on its INPUT chain (the conntrack
+    # race): its peers let it punch first and answer a moment later.
+    punch_first: bool = False
 
     def __post_init__(self) -> None:
         if (

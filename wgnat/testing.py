@@ -30,6 +30,7 @@ from wgnat._types import (
     Endpoint,
     InvalidValue,
     IPAddress,
+    IPInterface,
     PeerState,
     PublicKey,
     parse_network,
@@ -254,6 +255,7 @@ class Host:
     device: MemoryDevice
     tunnel: str
     lan: str
+    ipv6: str | None = None  # a global IPv6 address of the host, if any
     store: MemoryStateStore = field(default_factory=MemoryStateStore)
     client: MemoryRegistryClient | None = None
     agent: MeshAgent | None = None
@@ -276,7 +278,13 @@ class SimulatedNetwork:
         self.hosts: dict[str, Host] = {}
 
     def add_host(
-        self, name: str, tunnel: str, public: str, lan: str = "192.168.1.10", ifname: str = "wg0"
+        self,
+        name: str,
+        tunnel: str,
+        public: str,
+        lan: str = "192.168.1.10",
+        ifname: str = "wg0",
+        ipv6: str | None = None,
     ) -> Host:
         key = PublicKey(os.urandom(32))
         now = self.clock.seconds()
@@ -295,7 +303,7 @@ class SimulatedNetwork:
         self.registry_device.add_peer(
             PeerState(key, Endpoint.parse(public), (parse_network(f"{tunnel}/32"),), now)
         )
-        host = Host(name, key, device, tunnel, lan)
+        host = Host(name, key, device, tunnel, lan, ipv6)
         self.hosts[name] = host
         return host
 
@@ -304,12 +312,19 @@ class SimulatedNetwork:
         host = self.hosts[name]
         client = MemoryRegistryClient(self.hub, ipaddress.ip_address(host.tunnel))
         host.client = client
-        lan = ipaddress.ip_interface(f"{host.lan}/24")
+
+        def addresses(ifname: str) -> Deferred[list[IPInterface]]:
+            # The host's addresses as they are when asked (a test may change them).
+            found: list[IPInterface] = [ipaddress.ip_interface(f"{host.lan}/24")]
+            if host.ipv6 is not None:
+                found.append(ipaddress.ip_interface(f"{host.ipv6}/64"))
+            return succeed(found)
+
         agent = MeshAgent(
             host.device,
             self.clock,
             AgentConfig(registry_key=self.registry_key, settings=Settings(**settings)),
-            lan_addresses=lambda ifname: succeed([lan]),
+            lan_addresses=addresses,
             client_factory=lambda reactor, address, port: client,
             state_store=host.store,
             wall=self.clock.seconds,  # the simulation's clock is its wall clock

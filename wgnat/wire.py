@@ -13,7 +13,8 @@ An answer:
     {"epoch": "5f0c…", "version": 7, "full": true,
      "you": {"public_key": "…", "endpoint": "203.0.113.21:51820", "allowed_ips": [...]},
      "peers": [{"public_key", "endpoint", "allowed_ips", "lan_endpoints", "session",
-                "last_handshake_age", ["mapped_endpoint"]}, ...],
+                "last_handshake_age"[, "symmetric_nat"][, "mapped_endpoint"]
+                [, "ipv6_endpoints"][, "punch_first"]}, ...],
      "removed": ["<public key>", ...]}
 
 "mapped_endpoint" ("IP:PORT", the public endpoint the peer's gateway maps to its
@@ -26,6 +27,14 @@ announcement an older registry refuses for it announces again without it).
 A stream (GET /v1/peers?stream=1) is newline-delimited JSON: the caller's own
 answer first, then one shared line per change (the same document for every
 caller, without "you"), and an empty line as a keep-alive.
+
+Compatibility: "ipv6_endpoints" (global IPv6 addresses with the listen port)
+and "mapped_endpoint" (a port its gateway mapped for it) came later.  Both are
+optional in an announcement and written in a peer's record only when it has
+them, and a peer's digest covers them only then: a client or registry from
+before them sees the same documents and digests as before for every peer that
+has neither (older clients ignore fields they do not know; an older registry
+refuses an announcement carrying them, which the client then repeats without).
 """
 
 from __future__ import annotations
@@ -52,7 +61,10 @@ from wgnat._types import (
 MAX_PEERS = 100_000
 MAX_ALLOWED_IPS = 256
 MAX_LAN_ENDPOINTS = 8
-ANNOUNCEMENT_FIELDS = frozenset({"session", "lan_endpoints", "mapped_endpoint", "symmetric_nat"})
+MAX_IPV6_ENDPOINTS = 4
+# The announcement fields an older registry does not know (it refuses them).
+ANNOUNCEMENT_EXTENSIONS = ("symmetric_nat", "mapped_endpoint", "ipv6_endpoints", "punch_first")
+ANNOUNCEMENT_FIELDS = frozenset({"session", "lan_endpoints", *ANNOUNCEMENT_EXTENSIONS})
 # A request body (an announcement is well under 1 KiB).
 MAX_BODY_BYTES = 16 * 1024
 # An answer or one line of a stream, as the client reads it (~200 B a peer).
@@ -85,6 +97,8 @@ class RemotePeer:
     symmetric_nat: bool = False
     # The public endpoint its gateway maps to its listen port (port mapping).
     mapped_endpoint: Endpoint | None = None
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
+    punch_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,27 @@ def reachable_from_elsewhere(endpoint: Endpoint) -> bool:
     return not (host.is_loopback or host.is_link_local or host.is_multicast or host.is_unspecified)
 
 
+# Unique local (fc00::/7) and the deprecated site-local (fec0::/10) addresses
+# route only inside one site: a peer elsewhere cannot reach them.
+_SITE_ONLY = (ipaddress.IPv6Network("fc00::/7"), ipaddress.IPv6Network("fec0::/10"))
+
+
+def global_ipv6(endpoint: Endpoint) -> bool:
+    """Whether `endpoint` is an IPv6 address a peer on another site could reach
+    with no NAT between: IPv6 proper (not IPv4-mapped or -compatible), reachable
+    from another host, not unique-local or site-local.  Not `is_global`, which
+    refuses the documentation range 2001:db8::/32 that tests and testbeds use
+    as their IPv6 internet (as they use 198.51.100.0/24 for IPv4)."""
+    host = endpoint.host
+    return (
+        isinstance(host, ipaddress.IPv6Address)
+        and host.ipv4_mapped is None
+        and int(host) >> 32 != 0  # ::a.b.c.d (IPv4-compatible) and ::1
+        and reachable_from_elsewhere(endpoint)
+        and not any(host in network for network in _SITE_ONLY)
+    )
+
+
 # -- the digest of a view (GET /v1/check) ------------------------------------------
 
 
@@ -118,11 +153,13 @@ def peer_digest(
     session: str | None,
     symmetric_nat: bool = False,
     mapped_endpoint: Endpoint | None = None,
+    ipv6_endpoints: Iterable[Endpoint] = (),
+    punch_first: bool = False,
 ) -> int:
     """64 bits that change with anything of a peer a client acts on.  Views
     combine their peers' digests with XOR, which the registry keeps up to date
-    in O(1) per change and adjusts per caller in O(1).  A mapped endpoint is
-    added only when there is one, so a peer without it digests as before."""
+    in O(1) per change and adjusts per caller in O(1).  The later fields count
+    only when present, so a peer without them digests as it did before them."""
     text = "|".join(
         (
             public_key.base64,
@@ -136,6 +173,11 @@ def peer_digest(
         text += "|symmetric"
     if mapped_endpoint is not None:
         text += f"|mapped {mapped_endpoint}"
+    ipv6 = ",".join(str(ep) for ep in ipv6_endpoints)
+    if ipv6:
+        text += "|ipv6=" + ipv6
+    if punch_first:
+        text += "|punch_first"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
@@ -161,6 +203,8 @@ def view_digest(peers: Iterable[RemotePeer], my_endpoint: Endpoint | None) -> st
             peer.session,
             symmetric_nat=peer.symmetric_nat,
             mapped_endpoint=peer.mapped_endpoint,
+            ipv6_endpoints=peer.ipv6_endpoints,
+            punch_first=peer.punch_first,
         )
     return format_digest(total)
 
@@ -188,8 +232,12 @@ def encode_peer(
     }
     if announcement is not None and announcement.symmetric_nat:
         document["symmetric_nat"] = True  # only then: older clients never see it
+    if announcement is not None and announcement.ipv6_endpoints:
+        document["ipv6_endpoints"] = [str(ep) for ep in announcement.ipv6_endpoints]
     if announcement is not None and announcement.mapped_endpoint is not None:
         document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    if announcement is not None and announcement.punch_first:
+        document["punch_first"] = True
     return document
 
 
@@ -245,16 +293,27 @@ def encode_body(document: Mapping[str, Any] | list[Any]) -> bytes:
 
 
 def encode_announcement(announcement: Announcement) -> dict[str, Any]:
+    """The body of POST /v1/announce; the later fields only when set, so that
+    an older registry (which refuses fields it does not know) accepts it."""
     document: dict[str, Any] = {
         "session": announcement.session,
         "lan_endpoints": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
     if announcement.symmetric_nat:
-        # Only then: a registry older than this field refuses unknown fields.
         document["symmetric_nat"] = True
+    if announcement.ipv6_endpoints:
+        document["ipv6_endpoints"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:
         document["mapped_endpoint"] = str(announcement.mapped_endpoint)
+    if announcement.punch_first:
+        document["punch_first"] = True
     return document
+
+
+def without_extensions(announcement: Announcement) -> Announcement:
+    """What a registry older than every optional field accepts of
+    `announcement`: its session and LAN endpoints."""
+    return Announcement(announcement.session, announcement.lan_endpoints)
 
 
 # -- decoding -------------------------------------------------------------------
@@ -269,14 +328,17 @@ def decode_json(body: bytes, what: str) -> Any:
 
 
 def parse_announcement(document: Any) -> Announcement:
-    """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS endpoints,
-    each reachable from another host, duplicates dropped; at most one mapped
-    endpoint, reachable from another host; whether two registries saw it
-    behind a symmetric NAT."""
-    if not isinstance(document, dict) or set(document) - ANNOUNCEMENT_FIELDS:
+    """POST /v1/announce's body, decoded: at most MAX_LAN_ENDPOINTS LAN
+    endpoints, each reachable from another host, duplicates dropped; at most
+    MAX_IPV6_ENDPOINTS global IPv6 endpoints (`global_ipv6`); an optional
+    mapped endpoint reachable from another host; two optional flags."""
+    known = {"lan_endpoints", "session", *ANNOUNCEMENT_EXTENSIONS}
+    if not isinstance(document, dict) or set(document) - known:
         raise InvalidValue(
             'expected {"session": "HEX", "lan_endpoints": ["IP:PORT", ...], '
-            '"mapped_endpoint": "IP:PORT" (optional), "symmetric_nat": false (optional)}'
+            '"symmetric_nat": false, "ipv6_endpoints": ["[IPV6]:PORT", ...], '
+            '"mapped_endpoint": "IP:PORT", "punch_first": false} (all but the first two '
+            "optional)"
         )
     symmetric = document.get("symmetric_nat", False)
     if not isinstance(symmetric, bool):
@@ -294,18 +356,47 @@ def parse_announcement(document: Any) -> Announcement:
             raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
         if endpoint not in endpoints:
             endpoints.append(endpoint)
+    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), "ipv6_endpoints")
     mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
     if mapped is not None and not reachable_from_elsewhere(mapped):
         raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
+    punch_first = _flag(document, "punch_first", "announcement")
     try:
         return Announcement(
             document.get("session"),  # type: ignore[arg-type]
             tuple(endpoints),
             symmetric_nat=symmetric,
             mapped_endpoint=mapped,
+            ipv6_endpoints=ipv6,
+            punch_first=punch_first,
         )
     except InvalidValue as exc:
         raise InvalidValue(f"session: {exc}") from None
+
+
+def _flag(document: Mapping[str, Any], name: str, where: str) -> bool:
+    value = document.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidValue(f"{where}: {name!r} is not true or false")
+    return value
+
+
+def _ipv6_endpoints(items: Any, where: str) -> tuple[Endpoint, ...]:
+    """A list of at most MAX_IPV6_ENDPOINTS global IPv6 endpoints, duplicates dropped."""
+    if not isinstance(items, list) or len(items) > MAX_IPV6_ENDPOINTS:
+        raise InvalidValue(f"{where} must be a list of at most {MAX_IPV6_ENDPOINTS} '[IPV6]:PORT'")
+    endpoints: list[Endpoint] = []
+    for item in items:
+        endpoint = _optional_endpoint(item, where)
+        if endpoint is None or not global_ipv6(endpoint):
+            raise InvalidValue(
+                f"{where}: {item if endpoint is None else endpoint} is not a global IPv6 "
+                "endpoint (IPv6 reachable from another site: not link-local, unique-local, "
+                "loopback or IPv4-mapped)"
+            )
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    return tuple(endpoints)
 
 
 def _list(document: Mapping[str, Any], name: str, limit: int, where: str) -> list[Any]:
@@ -358,6 +449,7 @@ def _peer(document: Any, index: int) -> RemotePeer:
     symmetric = document.get("symmetric_nat", False)
     if not isinstance(symmetric, bool):
         raise InvalidValue(f"{where}: 'symmetric_nat' is not true or false")
+    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints")
     return RemotePeer(
         key,
         _optional_endpoint(document.get("endpoint"), where),
@@ -369,6 +461,8 @@ def _peer(document: Any, index: int) -> RemotePeer:
         mapped_endpoint=_optional_endpoint(
             document.get("mapped_endpoint"), f"{where}: mapped_endpoint"
         ),
+        ipv6_endpoints=ipv6,
+        punch_first=_flag(document, "punch_first", where),
     )
 
 

@@ -4,7 +4,7 @@ runs them.  The same scenarios as test_mesh.py, with NAT routers in containers:
     r1 (home)        a, b       (two clients behind one NAT: LAN endpoints)
     r2 (home)        c
     r3 (symmetric)   s          (relayed, except towards p)
-    r4 (accept_all)  x          (the conntrack race: either path, always reachable)
+    r4 (accept_all)  x          (the conntrack race: direct, as x runs with --punch-first)
     public           p
     registry, registry2         (two hubs: every client follows both, registry relays)
 
@@ -254,6 +254,8 @@ def test_mesh_forms_with_the_right_paths_and_no_loss(bed):
     check(bed.direct("a", "p") == "198.51.100.30:51820", bed, "a reaches p directly")
     check((bed.direct("p", "s") or "").startswith("198.51.100.23:"), bed, "p reaches s via r3")
     check((bed.direct("p", "x") or "").startswith("198.51.100.24:"), bed, "p reaches x via r4")
+    # x punched first, so r4 kept x's port for its home peers too.
+    check(bed.direct("c", "x") == "198.51.100.24:51820", bed, "c reaches x at its own port")
     # The symmetric NAT: given up on after the probe timeout, relayed by the hub.
     wait(
         bed,

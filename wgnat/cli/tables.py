@@ -36,7 +36,8 @@ def format_client(status: Mapping[str, Any]) -> str:
     ]
     seen = status.get("public_endpoint") or "unknown"
     lan = ", ".join(status.get("lan_endpoints") or []) or "none"
-    lines.append(f"  seen by the registry as {seen}; LAN endpoints announced: {lan}")
+    ipv6 = ", ".join(status.get("ipv6_endpoints") or []) or "none"
+    lines.append(f"  seen by the registry as {seen}; LAN endpoints announced: {lan}; IPv6: {ipv6}")
     registry = status["registry"]
     where = f"{registry['address']}:{registry['port']}" if registry.get("address") else "(starting)"
     if registry.get("connected"):

@@ -36,7 +36,7 @@ from wgnat._types import (
 )
 from wgnat.client.follower import RegistryConnection, RegistryFollower
 from wgnat.client.hubs import HubChoice, HubSettings
-from wgnat.client.lan import lan_endpoints
+from wgnat.client.lan import ipv6_endpoints, lan_endpoints
 from wgnat.client.merge import HubView, SymmetricVerdict, merge_views, symmetric_nat
 from wgnat.client.metrics import ClientMetrics
 from wgnat.client.portmap import PortMapper, PortMapping
@@ -338,11 +338,21 @@ class MeshAgent(service.Service):
     def _announcement(self) -> Deferred[Announcement]:
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
+            ipv6 = tuple(ipv6_endpoints(lan, self.listen_port)) if self.config.settings.ipv6 else ()
+            mesh = self.mesh
+            if mesh is not None and mesh.my_ipv6_endpoints != ipv6:
+                # Our own IPv6 endpoints decide which candidates each peer has:
+                # a path over an address that went away is left at once.
+                mesh.my_ipv6_endpoints = ipv6
+                if self._planned:
+                    self.reconcile_soon()
             return Announcement(
                 self.session,
                 tuple(lan_endpoints(lan, self.listen_port)),
                 symmetric_nat=self.symmetric_nat,
                 mapped_endpoint=self.mapped_endpoint(),
+                ipv6_endpoints=ipv6,
+                punch_first=self.config.settings.punch_first,
             )
 
         return self._find_lan().addCallback(announce)
@@ -463,6 +473,9 @@ class MeshAgent(service.Service):
                         answered=sum(view.version is not None for view in self.hub_views),
                         total=len(self.hub_views),
                     )
+                # A peer that punches first learns of us once a registry has
+                # our announcement: answering it waits for that.
+                mesh.announced = any(f.announced is not None for f in self.followers)
                 actions = mesh.plan(self.view, state, self.reactor.seconds(), self.wall())
                 self._planned = True
                 yield self._apply_all(actions)
@@ -667,6 +680,10 @@ class MeshAgent(service.Service):
                     "{detail}); remove it yourself if wgnat made it",
                     peer=self.describe(event.public_key),
                     detail=event.detail,
+                )
+            elif event.kind == "answer_later" and event.public_key is not None:
+                log.info(
+                    "{peer} {detail}", peer=self.describe(event.public_key), detail=event.detail
                 )
             elif event.kind == "own_endpoint":
                 log.info(

@@ -9,7 +9,6 @@ view, telling the agent whether anything changed.  A failure keeps the view
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
@@ -24,7 +23,7 @@ from wgnat.client.metrics import ClientMetrics
 from wgnat.client.registry_client import RegistryError, RegistryStream, StreamEnded
 from wgnat.client.view import RegistryView
 from wgnat.timing import full_jitter, repeat, stop
-from wgnat.wire import Answer, view_digest
+from wgnat.wire import Answer, view_digest, without_extensions
 
 log = Logger(namespace="wgnat.client")
 
@@ -80,8 +79,9 @@ class RegistryFollower:
         # than one full backoff (RECONNECT_MAXIMUM).
         self.down_since: float | None = None
         self.announced: Announcement | None = None
-        # A registry older than the "symmetric_nat" field refuses it (HTTP 400):
-        # announced without it from then on (several -r only ever set it).
+        # A registry older than the optional announcement fields (symmetric_nat,
+        # ipv6_endpoints, mapped_endpoint, punch_first) refuses them (HTTP 400):
+        # announced without them from then on.
         self.plain_announcements = False
         self._running = False
         self._stream: RegistryStream | None = None
@@ -252,11 +252,12 @@ class RegistryFollower:
         try:
             yield self.connection.announce(announcement)
         except RegistryError as exc:
-            if exc.status != 400 or not announcement.symmetric_nat:
+            if exc.status != 400 or announcement == without_extensions(announcement):
                 raise
             log.info(
-                "the registry refuses the symmetric_nat field ({error}): an older registry; "
-                "announcing without it",
+                "the registry refuses the optional announcement fields ({error}): an older "
+                "registry; announcing the session and LAN endpoints only (peers then reach "
+                "this host over IPv4, and do not know it is behind a symmetric NAT)",
                 error=str(exc),
             )
             self.plain_announcements = True
@@ -309,8 +310,8 @@ class RegistryFollower:
         )
 
     def _as_accepted(self, announcement: Announcement) -> Announcement:
-        if self.plain_announcements and announcement.symmetric_nat:
-            return dataclasses.replace(announcement, symmetric_nat=False)
+        if self.plain_announcements:
+            return without_extensions(announcement)
         return announcement
 
     def _down(self, error: str) -> None:

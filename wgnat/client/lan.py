@@ -1,10 +1,17 @@
 """This host's LAN endpoints: the addresses a peer behind the same NAT can reach
-us at (Linux NATs do not hairpin), each with our one WireGuard listen port."""
+us at (Linux NATs do not hairpin), each with our one WireGuard listen port; and
+among them its global IPv6 endpoints, which a peer anywhere with IPv6 can reach
+with no NAT between."""
 
 from __future__ import annotations
 
 from wgnat._types import Endpoint, InvalidValue, IPInterface
-from wgnat.wire import MAX_LAN_ENDPOINTS, reachable_from_elsewhere
+from wgnat.wire import (
+    MAX_IPV6_ENDPOINTS,
+    MAX_LAN_ENDPOINTS,
+    global_ipv6,
+    reachable_from_elsewhere,
+)
 
 
 def usable_lan_interface(address: IPInterface) -> bool:
@@ -36,3 +43,19 @@ def lan_endpoints(
     return [
         Endpoint(address.ip, listen_port) for address in addresses if usable_lan_interface(address)
     ][:limit]
+
+
+def ipv6_endpoints(
+    addresses: list[IPInterface], listen_port: int, limit: int = MAX_IPV6_ENDPOINTS
+) -> list[Endpoint]:
+    """This host's global IPv6 endpoints (the registry's test, `global_ipv6`),
+    each with our listen port (WireGuard listens on both families on that one
+    port), at most `limit`, in the order the host lists its addresses."""
+    found: list[Endpoint] = []
+    for address in addresses:
+        if address.version != 6:
+            continue
+        endpoint = Endpoint(address.ip, listen_port)
+        if global_ipv6(endpoint) and endpoint not in found:
+            found.append(endpoint)
+    return found[:limit]

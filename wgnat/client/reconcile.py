@@ -21,6 +21,11 @@ time each end takes to see the handshake (its next probe poll and a device
 read); an end that sees it later switches at once and says how late.  RELAYED:
 the peer is not on the device at all, so the registry's broader allowed IPs
 carry its traffic.
+
+Which endpoint a probe aims at comes from `candidates.candidates` (LAN, IPv6,
+a mapped port, the observed endpoint, in that order): a probe that gets no
+handshake moves to the next candidate (the peer re-created, so that WireGuard
+sends a fresh initiation at once) and falls back to RELAYED after the last.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from wgnat._types import (
     PeerUpdate,
     PublicKey,
 )
+from wgnat.client.candidates import Candidate, Mine, candidates, describe_choice
 from wgnat.client.view import RegistryView
-from wgnat.wire import RemotePeer, reachable_from_elsewhere
+from wgnat.wire import RemotePeer
 
 
 class Path(enum.Enum):
@@ -56,6 +62,21 @@ class Settings:
     keepalive: int = 25
     # One lost initiation costs WireGuard's 5 s rekey timeout; 6 s allows one retry.
     probe_timeout: float = 6.0
+    # A candidate with others after it (LAN, IPv6, a mapped port: no NAT
+    # mapping to punch) handshakes as soon as both ends have the peer, within
+    # milliseconds of each other; this long without, the next one is tried.
+    candidate_timeout: float = 2.0
+    # Use peers' IPv6 endpoints (and announce ours): --no-ipv6 turns it off.
+    ipv6: bool = True
+    # This host's router accepts unsolicited packets on its INPUT chain (the
+    # conntrack race, --punch-first): it announces so, and its peers let it
+    # punch first.  A peer that announced it is probed this much later, so its
+    # packet has left its router (and made the mapping ours will answer
+    # through) before ours arrives there.  Its side must first take the
+    # registry's push in, read its device, write its state file and set the
+    # peer: 0.5 s was not always enough in the Compose testbed under load.
+    punch_first: bool = False
+    answer_delay: float = 1.0
     # While probing, the device is read this often: each end sees a handshake
     # at most one poll (and a read) after it completed.
     probe_poll: float = 0.05
@@ -115,6 +136,15 @@ class PeerPath:
     probed_at: float | None = None  # the start of the last direct attempt
     # SWITCHING: how long after the handshake this end's poll saw it.
     seen_after: float = 0.0
+    # The endpoints worth a direct attempt, best first, as the last plan saw
+    # them, and the one probed (or direct) now: None for a path taken back
+    # after a restart, until a plan finds its endpoint among them.
+    candidates: tuple[Candidate, ...] = ()
+    candidate: Candidate | None = None
+    # What the candidates before this one gave (for the reason of a fallback).
+    tried: tuple[str, ...] = ()
+    # Waiting until then for the peer to punch first (Settings.answer_delay).
+    answer_at: float | None = None
 
 
 # A WireGuard keepalive on the wire: a transport header and the tag of an
@@ -129,6 +159,12 @@ KEEPALIVE_PACKET_BYTES = 32
 # the 5 s read (and suspecting paths) for good.
 INITIATION_PACKET_BYTES = 148
 HANDSHAKE_PACKET_BYTES = INITIATION_PACKET_BYTES + KEEPALIVE_PACKET_BYTES
+
+# How often a plan waiting for our own announcement to reach the registry looks
+# again (only while a peer that punches first waits for it).
+ANNOUNCED_POLL = 0.1
+# ...and for at most this long (the registry may refuse or never get it).
+ANNOUNCED_WAIT = 5.0
 
 # Every kind of device operation an Action can be (metrics label values).
 ACTION_KINDS = ("probe", "promote", "endpoint", "kick", "remove")
@@ -181,7 +217,8 @@ class Action:
 @dataclass(frozen=True)
 class Event:
     """Something the agent counts or logs: "probe", "direct", "fallback",
-    "rebinding", "removed", "rejected" (allowed IPs refused), "own_endpoint"
+    "rebinding", "removed", "rejected" (allowed IPs refused), "answer_later"
+    (a probe held back for the peer to punch first), "own_endpoint"
     (our public endpoint moved), "recovered" / "left_alone" (a peer taken back,
     or not, after the state file was lost)."""
 
@@ -341,6 +378,11 @@ class Mesh:
     # with a peer that announced one too are not probed (no hole punching gets
     # through two of them); they stay relayed from the start.
     symmetric_nat: bool = False
+    # The global IPv6 endpoints this host announced (the agent sets them).
+    my_ipv6_endpoints: tuple[Endpoint, ...] = ()
+    # Whether the registry holds our announcement (the agent sets it): a peer
+    # that punches first learns of us only then, so answering it waits for it.
+    announced: bool = True
     # The wall clock minus `now`, as the last plan was told (see plan()).
     _wall_offset: float = 0.0
 
@@ -348,29 +390,17 @@ class Mesh:
         return key == self.registry_key or key in self.other_hubs
 
     # -- helpers ----------------------------------------------------------
+    def mine(self, my_endpoint: Endpoint | None) -> Mine:
+        return Mine(my_endpoint, self.my_ipv6_endpoints, self.lan_networks, self.settings.ipv6)
+
+    def candidates_for(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> list[Candidate]:
+        """Where to try `remote` directly, best first (candidates.candidates)."""
+        return candidates(remote, self.mine(my_endpoint))
+
     def target_endpoint(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> Endpoint | None:
-        """Behind the same public IP (Linux NATs do not hairpin), use a LAN endpoint;
-        else the port its gateway maps for it, when it announced one; else the
-        endpoint the registry observes.  Only a LAN or mapped endpoint the
-        registry itself would accept (`reachable_from_elsewhere`): a registry
-        that serves ::ffff:127.0.0.1 must not aim our handshakes at this host's
-        own services."""
-        lan = [ep for ep in remote.lan_endpoints if reachable_from_elsewhere(ep)]
-        if (
-            remote.endpoint is not None
-            and my_endpoint is not None
-            and remote.endpoint.host == my_endpoint.host
-            and lan
-        ):
-            for endpoint in lan:
-                if any(endpoint.host in network for network in self.lan_networks):
-                    return endpoint
-            return lan[0]
-        if remote.mapped_endpoint is not None and reachable_from_elsewhere(remote.mapped_endpoint):
-            # Its gateway forwards this port to it (port mapping): reachable
-            # whatever its NAT does to other ports, a symmetric NAT included.
-            return remote.mapped_endpoint
-        return remote.endpoint
+        """The first candidate's endpoint (None: nothing to punch with)."""
+        found = self.candidates_for(remote, my_endpoint)
+        return found[0].endpoint if found else None
 
     def backoff(self, attempts: int) -> float:
         steps = self.settings.retry_backoff
@@ -505,10 +535,16 @@ class Mesh:
         peer_path.last_rx, peer_path.rx_changed_at = -1, now  # the next read sets it
         peer_path.last_tx, peer_path.unanswered_since, peer_path.data_sent_at = -1, None, None
         self.events.append(Event("direct", key, seconds=now - peer_path.learned_at))
+        chosen = peer_path.candidate
+        at = (
+            describe_choice(chosen)
+            if chosen is not None and chosen.endpoint == peer_path.endpoint
+            else str(peer_path.endpoint)
+        )
         return Action(
             "promote",
             key,
-            f"direct at {peer_path.endpoint}: handshake completed "
+            f"direct at {at}: handshake completed "
             f"(seen {peer_path.seen_after * 1000:.0f} ms after it{_lateness(peer_path, now)})",
             allowed_ips=peer_path.allowed_ips,
         )
@@ -605,7 +641,12 @@ class Mesh:
             if rejected and self.rejected_logged.get(key) != tuple(rejected):
                 self.rejected_logged[key] = tuple(rejected)
                 self.events.append(Event("rejected", key, "; ".join(rejected)))
-            target = self.target_endpoint(remote, view.my_endpoint)
+            found = self.candidates_for(remote, view.my_endpoint)
+            if self.symmetric_nat and remote.symmetric_nat:
+                # No hole punching gets through two symmetric NATs, but a LAN,
+                # IPv6 or a mapped port does not punch through them at all.
+                found = [c for c in found if c.kind != "observed"]
+            target = found[0].endpoint if found else None
             peer_path = self.paths.get(key)
             if peer_path is not None:
                 peer_path.gone_since = None
@@ -629,8 +670,12 @@ class Mesh:
                             allowed_ips=allowed,
                         )
                     )
-            skipped = _why_not_probed(remote, target, allowed, rejected)
-            if skipped is None and self.symmetric_nat and remote.symmetric_nat:
+            # Only the observed endpoint, through two symmetric NATs: hopeless.
+            hopeless = self.symmetric_nat and remote.symmetric_nat and not found
+            skipped = _why_not_probed(
+                remote, remote.endpoint if hopeless else target, allowed, rejected
+            )
+            if skipped is None and hopeless:
                 skipped = (
                     "both ends are behind symmetric NATs (a port per destination), which no "
                     "hole punching gets through; relayed through the registry"
@@ -643,24 +688,34 @@ class Mesh:
                 self.paths[key] = peer_path = PeerPath(
                     Path.RELAYED, now, None, learned_at=now, allowed_ips=allowed
                 )
-                actions.append(self._probe(key, peer_path, target, now, "new peer"))
+                actions.extend(self._start(key, peer_path, now, "new peer", found, remote))
             elif peer_path.path is Path.RELAYED:
+                tried = {candidate.endpoint for candidate in peer_path.candidates}
+                fresh = [c for c in found if c.endpoint not in tried]
                 if remote.session != peer_path.session:
                     # Its client (re)started and probes us now: answer at once.
                     peer_path.attempts = 0
-                    actions.append(self._probe(key, peer_path, target, now, "its client started"))
-                elif peer_path.endpoint is not None and target != peer_path.endpoint:
-                    # A new mapping (a NAT rebinding, a restarted router) is a new
-                    # chance: the old one is what failed.
-                    actions.append(
-                        self._probe(key, peer_path, target, now, f"its endpoint moved to {target}")
+                    actions.extend(
+                        self._start(key, peer_path, now, "its client started", found, remote)
                     )
+                elif peer_path.endpoint is not None and (
+                    fresh if peer_path.candidates else target != peer_path.endpoint
+                ):
+                    # A new mapping (a NAT rebinding, a restarted router) or a new
+                    # kind of endpoint is a new chance: the old ones are what failed.
+                    new = fresh[0] if fresh else found[0]
+                    why = (
+                        f"its endpoint moved to {new.endpoint}"
+                        if new.kind in ("lan", "observed")
+                        else f"a new candidate: {new}"
+                    )
+                    actions.extend(self._start(key, peer_path, now, why, found, remote))
                 elif now >= peer_path.retry_at:
                     # No attempt yet: its first probe was held back (not_saved).
                     why = f"retry #{peer_path.attempts}" if peer_path.attempts else "new peer"
-                    actions.append(self._probe(key, peer_path, target, now, why))
-            elif peer_path.endpoint != target:
-                actions.extend(self._follow(key, peer_path, target, now))
+                    actions.extend(self._start(key, peer_path, now, why, found, remote))
+            else:
+                actions.extend(self._track(key, peer_path, found, remote, now))
             peer_path.session = remote.session
 
         for key in [key for key in self.unplanned if key not in view.peers or key in unmanaged]:
@@ -718,25 +773,166 @@ class Mesh:
         ]
 
     def _probe(
-        self, key: PublicKey, peer_path: PeerPath, target: Endpoint | None, now: float, why: str
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        target: Endpoint | None,
+        now: float,
+        why: str,
+        found: list[Candidate] | None = None,
+        next_candidate: bool = False,
     ) -> Action:
+        """A direct attempt at `target`.  `found`: a new attempt down this list of
+        candidates, from its first (`target`); None: the same endpoint again.
+        `next_candidate`: the attempt goes on at the next candidate (not a new
+        attempt: the retry backoff counts attempts)."""
+        if found is not None:
+            peer_path.candidates = tuple(found)
+            peer_path.candidate = found[0] if found else None
+            peer_path.tried = ()
         peer_path.path = Path.PROBING
         peer_path.since = now
         peer_path.endpoint = target
-        peer_path.attempts += 1
-        peer_path.deadline = now + self.settings.probe_timeout
+        if not next_candidate:
+            peer_path.attempts += 1
+            peer_path.probed_at = now
+        peer_path.deadline = now + (
+            self.settings.candidate_timeout
+            if self._next_candidate(peer_path) is not None
+            else self.settings.probe_timeout
+        )
         peer_path.reason = why
-        peer_path.probed_at = now
         if key not in self.managed:
             self.unsaved.add(key)  # ours once the agent has written it down
         self.events.append(Event("probe", key))
+        chosen = peer_path.candidate
+        aim = (
+            describe_choice(chosen) if chosen is not None and chosen.endpoint == target else target
+        )
         return Action(
             "probe",
             key,
-            f"probing {target} ({why}); traffic stays relayed until a handshake",
+            f"probing {aim} ({why}); traffic stays relayed until a handshake",
             endpoint=target,
             keepalive=self.settings.keepalive,
         )
+
+    def _start(
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        now: float,
+        why: str,
+        found: list[Candidate],
+        remote: RemotePeer,
+    ) -> list[Action]:
+        """A direct attempt down `found`, at once, or after answer_delay when
+        the peer punches first (its router accepts unsolicited packets: ours
+        arriving there before its own left would make its router move its
+        mapping for us, and the punch would fail until that entry expired)."""
+        # A public host waits too: its packet arriving first would not stop
+        # its own path (WireGuard roams to the new port) but would leave the
+        # peer's router a second mapping for the peer's port, which it then
+        # gives the peer's packets to everyone else (seen in the testbed: x's
+        # pairs with a and c failed once p had answered x at once).
+        late = remote.punch_first and not self.settings.punch_first
+        if late and not self.announced and now - peer_path.since < ANNOUNCED_WAIT:
+            # It cannot punch before it knows of us: the registry pushes our
+            # announcement to it once the registry has it.
+            peer_path.retry_at = now + ANNOUNCED_POLL
+            peer_path.reason = (
+                f"{why}: it punches first (its router accepts unsolicited packets), once "
+                "the registry has told it of this host"
+            )
+            return []
+        if late and peer_path.answer_at is None:
+            peer_path.answer_at = peer_path.retry_at = now + self.settings.answer_delay
+            peer_path.reason = (
+                f"{why}: it punches first (its router accepts unsolicited packets), "
+                f"answered {self.settings.answer_delay:g} s later"
+            )
+            self.events.append(Event("answer_later", key, peer_path.reason))
+            return []
+        peer_path.answer_at = None
+        return [self._probe(key, peer_path, found[0].endpoint, now, why, found)]
+
+    def _next_candidate(self, peer_path: PeerPath) -> Candidate | None:
+        """The candidate after the one probed now, if any."""
+        current = peer_path.candidate
+        if current is None or current not in peer_path.candidates:
+            return None
+        index = peer_path.candidates.index(current)
+        return peer_path.candidates[index + 1] if index + 1 < len(peer_path.candidates) else None
+
+    def _reprobe(
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        candidate: Candidate,
+        now: float,
+        why: str,
+        found: list[Candidate] | None = None,
+        new_attempt: bool = True,
+    ) -> list[Action]:
+        """Probe `candidate` on a fresh peer entry: removed and added again, so
+        that WireGuard forgets the old session and its 5 s wait between
+        initiations, sends an initiation at once, and only a handshake on the
+        new endpoint counts."""
+        if found is not None:
+            peer_path.candidates = tuple(found)
+            peer_path.tried = ()
+        peer_path.candidate = candidate
+        return [
+            Action("remove", key, f"{why}; trying {candidate} next"),
+            self._probe(
+                key,
+                peer_path,
+                candidate.endpoint,
+                now,
+                why,
+                next_candidate=found is None or not new_attempt,
+            ),
+        ]
+
+    def _track(
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        found: list[Candidate],
+        remote: RemotePeer,
+        now: float,
+    ) -> list[Action]:
+        """A probing, switching or direct path whose candidates may have changed:
+        an endpoint of its kind that moved is followed (a NAT rebinding); a kind
+        no longer on the list (an IPv6 address gone, public addresses no longer
+        the same) is left for the best candidate there is now."""
+        current = peer_path.candidate
+        if current is None:
+            # Taken back after a restart: its kind is the one at its endpoint.
+            current = next((c for c in found if c.endpoint == peer_path.endpoint), None)
+            if current is None:
+                peer_path.candidates, peer_path.candidate = tuple(found), found[0]
+                return self._follow(key, peer_path, found[0].endpoint, now)
+        same = next((c for c in found if c.kind == current.kind), None)
+        before = {c.endpoint for c in peer_path.candidates}
+        peer_path.candidates = tuple(found)
+        if (
+            peer_path.path is Path.PROBING
+            and found[0].kind != current.kind
+            and found[0].endpoint not in before
+        ):
+            # A better candidate appeared while probing (a port mapping or an
+            # IPv6 address announced just after): tried at once, the same attempt.
+            return self._reprobe(
+                key, peer_path, found[0], now, f"a new candidate: {found[0]}", found, False
+            )
+        if same is None:
+            gone = _why_gone(current, remote, self.mine(self.my_endpoint))
+            return self._reprobe(key, peer_path, found[0], now, gone, found)
+        peer_path.candidate = same
+        if same.endpoint != peer_path.endpoint:
+            return self._follow(key, peer_path, same.endpoint, now)
+        return []
 
     def _follow(
         self, key: PublicKey, peer_path: PeerPath, target: Endpoint, now: float
@@ -744,7 +940,11 @@ class Mesh:
         old = peer_path.endpoint
         peer_path.endpoint = target
         if peer_path.path is Path.PROBING:
-            peer_path.deadline = now + self.settings.probe_timeout
+            peer_path.deadline = now + (
+                self.settings.candidate_timeout
+                if self._next_candidate(peer_path) is not None
+                else self.settings.probe_timeout
+            )
         self.events.append(Event("rebinding", key, f"{old} -> {target}"))
         if peer_path.path is Path.PROBING:
             # Its first initiation went to the old endpoint and is still pending:
@@ -784,6 +984,8 @@ class Mesh:
             peer_path.retry_at = retry_moment(self.my_key, key, wall, step) - self._wall_offset
         else:
             peer_path.retry_at = now + step
+        if kind == "path_died" and peer_path.candidate is not None:
+            why = f"{why} (on {peer_path.candidate})"
         peer_path.reason = why
         self.events.append(Event("fallback", key, kind))
         return Action("remove", key, f"relayed: {why}, retry in {peer_path.retry_at - now:.0f} s")
@@ -805,13 +1007,26 @@ class Mesh:
             peer_path.deadline = handshake + self.settings.switch_delay
             return []
         if now >= peer_path.deadline:
+            following = self._next_candidate(peer_path)
+            current = peer_path.candidate
+            if following is not None and current is not None:
+                waited = self.settings.candidate_timeout
+                peer_path.tried += (f"{current} gave none within {waited:g} s",)
+                return self._reprobe(
+                    key,
+                    peer_path,
+                    following,
+                    now,
+                    f"no direct handshake with {current} within {waited:g} s",
+                )
+            before = f"; before it {', '.join(peer_path.tried)}" if peer_path.tried else ""
             return [
                 self._fall_back(
                     key,
                     peer_path,
                     now,
                     f"no direct handshake with {peer_path.endpoint} within "
-                    f"{self.settings.probe_timeout:g} s (symmetric NAT or firewall?)",
+                    f"{self.settings.probe_timeout:g} s (symmetric NAT or firewall?){before}",
                     "no_handshake",
                 )
             ]
@@ -941,6 +1156,21 @@ def _why_not_probed(
     if not allowed:
         return "it has no allowed IPs at the registry; relayed"
     return None
+
+
+def _why_gone(candidate: Candidate, remote: RemotePeer, mine: Mine) -> str:
+    """Why a candidate a path used is no longer on the list."""
+    if candidate.kind == "ipv6":
+        if candidate.endpoint not in remote.ipv6_endpoints:
+            return f"its IPv6 endpoint {candidate.endpoint} is no longer announced"
+        if not mine.use_ipv6:
+            return "IPv6 is turned off here"
+        return "this host has no global IPv6 address any more"
+    if candidate.kind == "lan":
+        return "its public address is no longer ours, so its LAN endpoint is out of reach"
+    if candidate.kind == "mapped":
+        return f"its mapped endpoint {candidate.endpoint} is no longer announced"
+    return f"{candidate} is no longer a candidate"
 
 
 def retry_moment(mine: PublicKey, theirs: PublicKey, now: float, step: float) -> float:

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from wgnat import __version__
 from wgnat._types import DeviceState, Endpoint, PublicKey
 from wgnat.client.agent import MeshAgent
+from wgnat.client.candidates import Candidate, describe_choice
 from wgnat.client.lan import lan_endpoints
 from wgnat.client.reconcile import Mesh, Path, PeerPath, Settings
 from wgnat.client.view import RegistryView
@@ -46,6 +47,7 @@ class ClientInfo:
     last_sync: float | None = None
     down_since: float | None = None  # without the registry since (None: connected)
     lan_endpoints: tuple[Endpoint, ...] = ()
+    ipv6_endpoints: tuple[Endpoint, ...] = ()
     state_error: str | None = None  # the last state file write's, until one works
     # The peers whose last device operation failed, and how (until one works).
     operation_errors: dict[PublicKey, str] = field(default_factory=dict)
@@ -116,6 +118,7 @@ def client_info(agent: MeshAgent) -> ClientInfo:
             if announced is not None
             else tuple(lan_endpoints(agent.lan, agent.listen_port))
         ),
+        ipv6_endpoints=announced.ipv6_endpoints if announced is not None else (),
     )
 
 
@@ -125,6 +128,24 @@ def _unplanned(remote: RemotePeer | None, mesh: Mesh | None, key: PublicKey) -> 
         return "not in the registry's view"
     recorded = mesh.unplanned.get(key) if mesh is not None else None
     return recorded or "not decided yet (waiting for the next reconciliation)"
+
+
+def _aim(peer_path: PeerPath) -> str:
+    """What a probe aims at: its candidate's kind and endpoint when known."""
+    chosen = peer_path.candidate
+    if chosen is not None and chosen.endpoint == peer_path.endpoint:
+        return str(chosen)
+    return endpoint_text(peer_path.endpoint) or "?"
+
+
+def _candidate(candidate: Candidate | None) -> dict[str, str] | None:
+    if candidate is None:
+        return None
+    return {
+        "kind": candidate.kind,
+        "endpoint": str(candidate.endpoint),
+        "reason": candidate.reason,
+    }
 
 
 def _why(peer_path: PeerPath, now: float, removal_grace: float) -> str:
@@ -138,6 +159,10 @@ def _why(peer_path: PeerPath, now: float, removal_grace: float) -> str:
             else "handshake completed"
         )
         why += f"; direct for {duration(now - peer_path.since)}"
+        chosen = peer_path.candidate
+        if chosen is not None:
+            # The observed endpoint is the usual case: its kind says enough.
+            why += f"; over {chosen if chosen.kind == 'observed' else describe_choice(chosen)}"
     elif path is Path.SWITCHING:
         why = (
             f"handshake completed; both ends switch to direct in "
@@ -145,7 +170,7 @@ def _why(peer_path: PeerPath, now: float, removal_grace: float) -> str:
         )
     elif path is Path.PROBING:
         why = (
-            f"probing {endpoint_text(peer_path.endpoint) or '?'} ({peer_path.reason}), attempt "
+            f"probing {_aim(peer_path)} ({peer_path.reason}), attempt "
             f"#{peer_path.attempts}: traffic stays relayed until a handshake; gives up in "
             f"{duration(max(0.0, peer_path.deadline - now))}"
         )
@@ -196,6 +221,7 @@ def client_status(
             "wgnat_client": remote is not None and remote.session is not None,
             "registry_endpoint": endpoint_text(remote.endpoint) if remote else None,
             "lan_endpoints": [str(e) for e in remote.lan_endpoints] if remote else [],
+            "ipv6_endpoints": [str(e) for e in remote.ipv6_endpoints] if remote else [],
             "mapped_endpoint": endpoint_text(remote.mapped_endpoint) if remote else None,
             "in_registry": remote is not None,
             **device_fields(device_peer, now),
@@ -229,6 +255,10 @@ def client_status(
                     else None
                 ),
                 gone_since=timestamp(peer_path.gone_since),
+                # The endpoint tried or used now, its kind and why it is on the
+                # list (candidates.py); every candidate, best first.
+                candidate=_candidate(peer_path.candidate),
+                candidates=[_candidate(c) for c in peer_path.candidates],
             )
             endpoint = endpoint or peer_path.endpoint or (remote.endpoint if remote else None)
         row["endpoint"] = endpoint_text(endpoint)
@@ -285,6 +315,7 @@ def client_status(
         "state_error": info.state_error,
         "public_endpoint": endpoint_text(view.my_endpoint),
         "lan_endpoints": [str(e) for e in info.lan_endpoints],
+        "ipv6_endpoints": [str(e) for e in info.ipv6_endpoints],
         "port_mapping": info.port_mapping or {"state": "disabled (--no-port-mapping)"},
         "registry": registry,
         "counts": counts,

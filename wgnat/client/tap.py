@@ -82,6 +82,19 @@ class Options(CommonOptions):
             "labelled interface and public_key)",
         ],
         [
+            "no-ipv6",
+            None,
+            "Neither announce this host's global IPv6 endpoints nor use other peers' "
+            "(direct paths over IPv4 only)",
+        ],
+        [
+            "punch-first",
+            None,
+            "This host's router accepts unsolicited packets on its INPUT chain (the "
+            "conntrack race): announce it, so that peers let this host punch first "
+            "and answer a moment later",
+        ],
+        [
             "no-port-mapping",
             None,
             "Do not ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) of the listen port",
@@ -226,7 +239,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         registry_port=options["registry-port"],
         accept_routes=tuple(options["accept-routes"]),
         resync_interval=options["interval"],
-        settings=Settings(keepalive=options["keepalive"]),
+        settings=Settings(
+            keepalive=options["keepalive"],
+            ipv6=not options["no-ipv6"],
+            punch_first=bool(options["punch-first"]),
+        ),
     )
 
     def find_lan(name: str) -> Deferred[list[IPInterface]]:

@@ -382,10 +382,10 @@ class Registry:
                     self.on_change()
             if changed:
                 log.info(
-                    "{peer} announced LAN endpoints {endpoints}, mapped endpoint {mapped}",
+                    "{peer} announced LAN endpoints {endpoints}{more}",
                     peer=caller.short,
                     endpoints=", ".join(map(str, announcement.lan_endpoints)) or "(none)",
-                    mapped=announcement.mapped_endpoint or "(none)",
+                    more=_more_endpoints(announcement),
                 )
                 self.notify()
             return changed
@@ -434,3 +434,15 @@ def log_changes(changes: list[Change]) -> None:
             "and {count} more peers changed in the same device read",
             count=len(changes) - MAX_CHANGES_LOGGED,
         )
+
+
+def _more_endpoints(announcement: Announcement) -> str:
+    """The IPv6 and mapped endpoints of an announcement, for its log line."""
+    more = ""
+    if announcement.ipv6_endpoints:
+        more += ", IPv6 " + ", ".join(map(str, announcement.ipv6_endpoints))
+    if announcement.mapped_endpoint is not None:
+        more += f", mapped {announcement.mapped_endpoint}"
+    if announcement.punch_first:
+        more += ", punches first"
+    return more

@@ -26,6 +26,7 @@ from wgnat._types import (
     PublicKey,
 )
 from wgnat.wire import (
+    MAX_IPV6_ENDPOINTS,
     MAX_LAN_ENDPOINTS,
     encode_answer,
     encode_body,
@@ -66,6 +67,8 @@ class PeerRecord:
             announcement.session if announcement else None,
             symmetric_nat=announcement.symmetric_nat if announcement else False,
             mapped_endpoint=announcement.mapped_endpoint if announcement else None,
+            ipv6_endpoints=announcement.ipv6_endpoints if announcement else (),
+            punch_first=announcement.punch_first if announcement else False,
         )
 
     def same_for_clients(self, other: PeerRecord) -> bool:
@@ -157,6 +160,8 @@ class RegistryModel:
             tuple(announcement.lan_endpoints[:MAX_LAN_ENDPOINTS]),
             symmetric_nat=announcement.symmetric_nat,
             mapped_endpoint=announcement.mapped_endpoint,
+            ipv6_endpoints=tuple(announcement.ipv6_endpoints[:MAX_IPV6_ENDPOINTS]),
+            punch_first=announcement.punch_first,
         )
         if self.announcements.get(key) == announcement:
             return False

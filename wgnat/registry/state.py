@@ -43,27 +43,35 @@ def default_state_path(state_dir: str, ifname: str) -> str:
 def _announcement(value: Any) -> Announcement | None:
     if value is None:
         return None
-    mapped = value.get("mapped")  # absent in files of registries before port mapping
+    # "symmetric_nat", "mapped", "ipv6" and "punch_first" came later: a file
+    # from before has none of them.
+    mapped = value.get("mapped")
     return Announcement(
         value["session"],
         tuple(Endpoint.parse(e) for e in value["lan"]),
         symmetric_nat=bool(value.get("symmetric_nat", False)),
         mapped_endpoint=Endpoint.parse(mapped) if mapped else None,
+        ipv6_endpoints=tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
+        punch_first=value.get("punch_first") is True,
     )
 
 
 def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | None:
     if announcement is None:
         return None
-    encoded: dict[str, Any] = {
+    document: dict[str, Any] = {
         "session": announcement.session,
         "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
     }
     if announcement.symmetric_nat:
-        encoded["symmetric_nat"] = True
+        document["symmetric_nat"] = True
+    if announcement.ipv6_endpoints:
+        document["ipv6"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
     if announcement.mapped_endpoint is not None:
-        encoded["mapped"] = str(announcement.mapped_endpoint)
-    return encoded
+        document["mapped"] = str(announcement.mapped_endpoint)
+    if announcement.punch_first:
+        document["punch_first"] = True
+    return document
 
 
 def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -> dict[str, Any]:

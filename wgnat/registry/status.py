@@ -68,8 +68,11 @@ def registry_status(
                 "lan_endpoints": (
                     [str(e) for e in announcement.lan_endpoints] if announcement else []
                 ),
-                "mapped_endpoint": endpoint_text(
-                    announcement.mapped_endpoint if announcement else None
+                "ipv6_endpoints": (
+                    [str(e) for e in announcement.ipv6_endpoints] if announcement else []
+                ),
+                "mapped_endpoint": (
+                    endpoint_text(announcement.mapped_endpoint) if announcement else None
                 ),
                 **device_fields(peer, now),
             }
