@@ -90,6 +90,30 @@ def test_an_announcement_one_registry_missed_comes_from_the_other() -> None:
     assert merged.session == "aa" and merged.lan_endpoints == (ep("192.168.1.5:51820"),)
 
 
+def test_everything_a_peer_announced_comes_from_one_record() -> None:
+    """Its IPv6 and mapped endpoints and its flags too, not only its session and
+    LAN endpoints: a candidate that came and went with whichever registry saw
+    the newest handshake would make the client leave a working path."""
+    import dataclasses
+
+    now = Now()
+    one, two = HubView(clock=now), HubView(clock=now)
+    announced = dataclasses.replace(
+        record(A, "192.0.2.1:1000", age=50.0, session="aa", lan=["192.168.1.5:51820"]),
+        ipv6_endpoints=(ep("[2001:db8::5]:51820"),),
+        mapped_endpoint=ep("192.0.2.1:51820"),
+        punch_first=True,
+        symmetric_nat=True,
+    )
+    one.apply(full(announced))
+    two.apply(full(record(A, "192.0.2.1:2000", age=1.0, session=None)))
+    merged = merge_views([one, two], [True, True]).peers[A]
+    assert merged.endpoint == ep("192.0.2.1:2000")  # the freshest
+    assert merged.ipv6_endpoints == (ep("[2001:db8::5]:51820"),)
+    assert merged.mapped_endpoint == ep("192.0.2.1:51820")
+    assert merged.punch_first and merged.symmetric_nat and merged.session == "aa"
+
+
 def test_a_peer_is_removed_only_when_no_registry_lists_it() -> None:
     one, two = HubView(), HubView()
     one.apply(full(record(A, "192.0.2.1:1000"), record(B, "192.0.2.2:1000")))
@@ -504,13 +528,27 @@ def test_a_symmetric_verdict_is_kept_through_one_agreeing_answer() -> None:
     from wgnat.client.merge import SymmetricVerdict
 
     verdict = SymmetricVerdict()
-    assert not verdict.update(False, 0) and not verdict.symmetric
-    assert verdict.update(True, 1) and verdict.symmetric
+    assert not verdict.update(False, 0, starting=True) and not verdict.symmetric
+    assert verdict.update(True, 1, starting=True) and verdict.symmetric  # at the start: at once
     assert not verdict.update(False, 2) and verdict.symmetric  # the stale answer
     assert not verdict.update(True, 3) and verdict.symmetric  # proven again: wait anew
     assert not verdict.update(False, 4)
     assert not verdict.update(False, 303) and verdict.symmetric
     assert verdict.update(False, 304) and not verdict.symmetric
+
+
+def test_a_rebinding_seen_by_one_hub_first_does_not_make_a_symmetric_nat() -> None:
+    """Once the client runs, a NAT rebinding shows one hub the new port up to a
+    keepalive before the other: only a disagreement that lasts 30 s counts."""
+    from wgnat.client.merge import SymmetricVerdict
+
+    verdict = SymmetricVerdict()
+    assert not verdict.update(False, 0, starting=True)
+    assert not verdict.update(True, 100) and not verdict.symmetric  # hub 1 saw it first
+    assert not verdict.update(True, 120) and not verdict.symmetric
+    assert not verdict.update(False, 125)  # hub 2 caught up: one port again
+    assert not verdict.update(True, 200) and not verdict.update(True, 229)
+    assert verdict.update(True, 230) and verdict.symmetric  # 30 s apart: proven
 
 
 def test_an_agent_keeps_its_symmetric_verdict_while_a_hub_briefly_agrees() -> None:
@@ -532,6 +570,28 @@ def test_an_agent_keeps_its_symmetric_verdict_while_a_hub_briefly_agrees() -> No
     net.registries[0].refresh()
     net.clock.advance(1)
     assert s.symmetric_nat and kt not in s.paths()
+
+
+def test_the_reconcile_loop_merges_again_only_when_a_registry_came_or_went(monkeypatch) -> None:
+    """A merge is O(peers x hubs); the loop runs every 50 ms while probing."""
+    import wgnat.client.agent as agent_module
+
+    net = TwoHubs()
+    net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
+    net.add_host("b", "198.51.100.3", ("203.0.113.22:51820", "203.0.113.22:51820"))
+    a, _b = net.agent("a"), net.agent("b")
+    net.clock.advance(1)
+    merges = []
+    real = agent_module.merge_views
+    monkeypatch.setattr(agent_module, "merge_views", lambda *args: merges.append(1) or real(*args))
+    for _ in range(40):  # probing b: a pass every 50 ms, nothing new from the registries
+        a.reconcile_soon()
+        net.clock.advance(0.05)
+    assert merges == []
+    a.followers[1].up = False  # hub 2 went away: merged again
+    a.reconcile_soon()
+    net.clock.advance(0.05)
+    assert merges
 
 
 def test_a_handshake_from_before_the_start_does_not_keep_a_dead_hub_relaying() -> None:
@@ -623,8 +683,11 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
             super().__init__(A, [{"epoch": "e1", "version": 1, "full": True, "peers": []}])
             self.received: list[Announcement] = []
 
+        refusals = 0
+
         def announce(self, announcement: Announcement):
             if announcement.symmetric_nat:
+                self.refusals += 1
                 return fail(RegistryError("the registry refused the request: HTTP 400", status=400))
             self.received.append(announcement)
             return succeed({"version": 0})
@@ -644,6 +707,11 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
     assert follower.plain_announcements and follower.up is True
     follower.resync()  # the -t check: nothing new to announce
     assert old.received == [Announcement("aa")]
+    # The registry restarts under another epoch (upgraded, perhaps): asked
+    # again with the fields, and without them once more when it still refuses.
+    follower.view.epoch = "e2"
+    follower.resync()
+    assert old.refusals == 2 and old.received == [Announcement("aa")] * 2
     follower.stop()
 
 

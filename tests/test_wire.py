@@ -190,7 +190,13 @@ def test_bad_ipv6_and_mapped_endpoints_are_refused_with_the_reason():
     for extra, message in bad:
         with pytest.raises(InvalidValue, match=message):
             parse_announcement({"session": "ab", "lan_endpoints": [], **extra})
+    # In a registry's answer an odd entry is left out, not the whole answer
+    # refused (test_an_answer_with_an_odd_ipv6_endpoint_keeps_the_rest); a
+    # value that is not a list still is.
     peer = {"public_key": PublicKey(b"k" * 32).base64, "ipv6_endpoints": ["10.0.0.1:1"]}
+    answer = parse_answer({"epoch": "e", "version": 1, "full": True, "peers": [peer]})
+    assert answer.peers[0].ipv6_endpoints == ()
+    peer["ipv6_endpoints"] = "[2001:db8::1]:1"
     with pytest.raises(InvalidValue, match=r"peers\[0\]: ipv6_endpoints"):
         parse_answer({"epoch": "e", "version": 1, "full": True, "peers": [peer]})
 
@@ -246,3 +252,26 @@ def test_a_client_refused_by_an_older_registry_announces_again_without_the_new_f
     follower.resync()  # nothing new to announce: not again
     assert old.received == [Announcement("ab", lan)]
     follower.stop()
+
+
+def test_an_answer_with_an_odd_ipv6_endpoint_keeps_the_rest() -> None:
+    """A registry's answer is parsed leniently there: one entry a later
+    registry's rules allow (or too many) must not cost the whole answer."""
+    from wgnat.wire import MAX_IPV6_ENDPOINTS, parse_answer
+
+    good = [f"[2001:db8::{n}]:51820" for n in range(1, MAX_IPV6_ENDPOINTS + 2)]
+    document = {
+        "epoch": "e",
+        "version": 1,
+        "full": True,
+        "peers": [
+            {
+                "public_key": "A" * 43 + "=",
+                "endpoint": "192.0.2.1:51820",
+                "allowed_ips": ["198.51.100.2/32"],
+                "ipv6_endpoints": ["[fe80::1]:51820", "nonsense", *good],
+            }
+        ],
+    }
+    peer = parse_answer(document).peers[0]
+    assert [str(e) for e in peer.ipv6_endpoints] == good[:MAX_IPV6_ENDPOINTS]

@@ -356,7 +356,7 @@ def parse_announcement(document: Any) -> Announcement:
             raise InvalidValue(f"lan_endpoints: {endpoint} is not reachable from another host")
         if endpoint not in endpoints:
             endpoints.append(endpoint)
-    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), "ipv6_endpoints")
+    ipv6 = ipv6_endpoints_of(document.get("ipv6_endpoints", []), "ipv6_endpoints")
     mapped = _optional_endpoint(document.get("mapped_endpoint"), "mapped_endpoint")
     if mapped is not None and not reachable_from_elsewhere(mapped):
         raise InvalidValue(f"mapped_endpoint: {mapped} is not reachable from another host")
@@ -381,14 +381,25 @@ def _flag(document: Mapping[str, Any], name: str, where: str) -> bool:
     return value
 
 
-def _ipv6_endpoints(items: Any, where: str) -> tuple[Endpoint, ...]:
-    """A list of at most MAX_IPV6_ENDPOINTS global IPv6 endpoints, duplicates dropped."""
-    if not isinstance(items, list) or len(items) > MAX_IPV6_ENDPOINTS:
+def ipv6_endpoints_of(items: Any, where: str, strict: bool = True) -> tuple[Endpoint, ...]:
+    """A list of at most MAX_IPV6_ENDPOINTS global IPv6 endpoints, duplicates
+    dropped.  Not `strict` (a registry's answer, its state file): entries that
+    are not such an endpoint, and those past the limit, are left out, so that
+    one odd candidate (a later registry's rules, a hand-edited file) never
+    costs the whole answer."""
+    if not isinstance(items, list) or (strict and len(items) > MAX_IPV6_ENDPOINTS):
         raise InvalidValue(f"{where} must be a list of at most {MAX_IPV6_ENDPOINTS} '[IPV6]:PORT'")
     endpoints: list[Endpoint] = []
     for item in items:
-        endpoint = _optional_endpoint(item, where)
+        try:
+            endpoint = _optional_endpoint(item, where)
+        except InvalidValue:
+            if strict:
+                raise
+            continue
         if endpoint is None or not global_ipv6(endpoint):
+            if not strict:
+                continue
             raise InvalidValue(
                 f"{where}: {item if endpoint is None else endpoint} is not a global IPv6 "
                 "endpoint (IPv6 reachable from another site: not link-local, unique-local, "
@@ -396,7 +407,7 @@ def _ipv6_endpoints(items: Any, where: str) -> tuple[Endpoint, ...]:
             )
         if endpoint not in endpoints:
             endpoints.append(endpoint)
-    return tuple(endpoints)
+    return tuple(endpoints[:MAX_IPV6_ENDPOINTS])
 
 
 def _list(document: Mapping[str, Any], name: str, limit: int, where: str) -> list[Any]:
@@ -449,7 +460,9 @@ def _peer(document: Any, index: int) -> RemotePeer:
     symmetric = document.get("symmetric_nat", False)
     if not isinstance(symmetric, bool):
         raise InvalidValue(f"{where}: 'symmetric_nat' is not true or false")
-    ipv6 = _ipv6_endpoints(document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints")
+    ipv6 = ipv6_endpoints_of(
+        document.get("ipv6_endpoints", []), f"{where}: ipv6_endpoints", strict=False
+    )
     return RemotePeer(
         key,
         _optional_endpoint(document.get("endpoint"), where),

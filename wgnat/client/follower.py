@@ -81,8 +81,9 @@ class RegistryFollower:
         self.announced: Announcement | None = None
         # A registry older than the optional announcement fields (symmetric_nat,
         # ipv6_endpoints, mapped_endpoint, punch_first) refuses them (HTTP 400):
-        # announced without them from then on.
+        # announced without them until its epoch changes (restarted, perhaps upgraded).
         self.plain_announcements = False
+        self._plain_epoch: str | None = None  # the epoch of the registry that refused
         self._running = False
         self._stream: RegistryStream | None = None
         self._inflight: Deferred[Any] | None = None
@@ -248,6 +249,9 @@ class RegistryFollower:
     @inlineCallbacks
     def _announce(self) -> Generator[Deferred[Any], Any, None]:
         epoch = self.view.epoch
+        if self.plain_announcements and epoch != self._plain_epoch:
+            # Another epoch: the registry restarted, perhaps upgraded.
+            self.plain_announcements = False
         announcement = self._as_accepted((yield self.announcement()))
         try:
             yield self.connection.announce(announcement)
@@ -260,7 +264,7 @@ class RegistryFollower:
                 "this host over IPv4, and do not know it is behind a symmetric NAT)",
                 error=str(exc),
             )
-            self.plain_announcements = True
+            self.plain_announcements, self._plain_epoch = True, epoch
             announcement = self._as_accepted(announcement)
             yield self.connection.announce(announcement)
         self.announced = announcement

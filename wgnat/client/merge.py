@@ -8,9 +8,10 @@ one registry's view when there is one.  Per peer:
   handshake, placed on this client's clock when the record arrived (its
   `last_handshake_age` subtracted).  Records of registries that answer now beat
   those of registries we cannot reach (whose views are kept as they were);
-- what the peer announced (its session, its LAN endpoints) comes from the
-  winning record, or when that registry has no announcement from it (the peer
-  could not reach it), from the freshest record that has one;
+- what the peer announced (its session, LAN, IPv6 and mapped endpoints, its
+  flags: `ANNOUNCED_FIELDS`) comes, all of it, from the freshest record that
+  has an announcement (the winning record's registry may have none: the peer
+  could not reach it);
 - a peer is in the merge while any registry lists it: removed only when none does;
 - a peer two registries see at one public address with different ports is
   behind a symmetric NAT, whether or not it announced so itself.
@@ -57,6 +58,20 @@ class HubView(RegistryView):
         return changed
 
 
+# What a peer announced itself (all of it from one registry's record, that of
+# the freshest record that has an announcement): a record from a registry the
+# peer could not reach has none of it, and mixing two announcements could pair
+# one client start's session with another's endpoints.
+ANNOUNCED_FIELDS = (
+    "session",
+    "lan_endpoints",
+    "ipv6_endpoints",
+    "mapped_endpoint",
+    "punch_first",
+    "symmetric_nat",
+)
+
+
 def _rank(view: HubView, up: bool | None, key: PublicKey) -> tuple[bool, float]:
     seen = view.seen.get(key)
     return (up is True, float("-inf") if seen is None else seen)
@@ -88,13 +103,16 @@ def merge_views(views: Sequence[HubView], up: Sequence[bool | None]) -> Registry
             reverse=True,
         )
         best = ranked[0][2]
-        if best.session is None:
-            announced = next((peer for _, _, peer in ranked if peer.session is not None), None)
-            if announced is not None:
-                best = dataclasses.replace(
-                    best, session=announced.session, lan_endpoints=announced.lan_endpoints
-                )
-        if not best.symmetric_nat and symmetric_nat([peer.endpoint for _, _, peer in ranked]):
+        announced = next((peer for _, _, peer in ranked if peer.session is not None), None)
+        if announced is not None and announced is not best:
+            best = dataclasses.replace(
+                best, **{name: getattr(announced, name) for name in ANNOUNCED_FIELDS}
+            )
+        # Only registries that answer now: a view kept from one we cannot
+        # reach holds the peer's endpoint as it was (a rebinding since is no
+        # second port).
+        followed = [peer.endpoint for rank, _, peer in ranked if rank[0]]
+        if not best.symmetric_nat and symmetric_nat(followed):
             best = dataclasses.replace(best, symmetric_nat=True)
         merged.peers[key] = best
     return merged
@@ -123,29 +141,46 @@ def symmetric_nat(endpoints: Sequence[Endpoint | None]) -> bool:
 
 
 # How long two registries must agree on this host's port before a symmetric NAT
-# they proved is taken back (see SymmetricVerdict).
+# they proved is taken back, and how long they must disagree, once the client
+# runs, before it is set (see SymmetricVerdict).
 SYMMETRIC_CLEAR_AFTER = 300.0
+SYMMETRIC_SET_AFTER = 30.0
 
 
 @dataclass
 class SymmetricVerdict:
-    """Whether this host is behind a symmetric NAT, as its registries prove it:
-    set at the first proof, cleared only after `clear_after` s in which they
-    agree.  A hub that has just come back can report this host at a stale port
-    (the endpoint its device was configured or left with) until our next
-    handshake with it; clearing the verdict on that one agreeing answer would
-    probe, for a moment, every pair that cannot work."""
+    """Whether this host is behind a symmetric NAT, as its registries prove it.
+
+    At the start (before the first plan) the first proof sets it at once: the
+    registries have just seen our first handshakes.  Later a disagreement must
+    last `set_after` s (a keepalive and a margin): a NAT rebinding shows one
+    hub the new port up to a keepalive before the other.  It is cleared only
+    after `clear_after` s in which they agree: a hub that has just come back
+    can report this host at a stale port (the endpoint its device was
+    configured or left with) until our next handshake with it, and clearing
+    the verdict on that one agreeing answer would probe, for a moment, every
+    pair that cannot work."""
 
     clear_after: float = SYMMETRIC_CLEAR_AFTER
+    set_after: float = SYMMETRIC_SET_AFTER
     symmetric: bool = False
     agreeing_since: float | None = None
+    disagreeing_since: float | None = None
 
-    def update(self, proven: bool, now: float) -> bool:
-        """Take what the registries say now; whether the verdict changed."""
+    def update(self, proven: bool, now: float, starting: bool = False) -> bool:
+        """Take what the registries say now (`starting`: before the first
+        plan); whether the verdict changed."""
         if proven:
             self.agreeing_since = None
-            changed, self.symmetric = not self.symmetric, True
-            return changed
+            if self.symmetric:
+                return False
+            if self.disagreeing_since is None:
+                self.disagreeing_since = now
+            if starting or now - self.disagreeing_since >= self.set_after:
+                self.symmetric, self.disagreeing_since = True, None
+                return True
+            return False
+        self.disagreeing_since = None
         if not self.symmetric:
             return False
         if self.agreeing_since is None:

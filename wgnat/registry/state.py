@@ -29,6 +29,7 @@ from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey, parse_
 from wgnat.files import write_atomically
 from wgnat.logs import HeldLog
 from wgnat.registry.model import PeerRecord, RegistryModel
+from wgnat.wire import ipv6_endpoints_of
 
 log = Logger(namespace="wgnat.registry")
 
@@ -51,7 +52,7 @@ def _announcement(value: Any) -> Announcement | None:
         tuple(Endpoint.parse(e) for e in value["lan"]),
         symmetric_nat=bool(value.get("symmetric_nat", False)),
         mapped_endpoint=Endpoint.parse(mapped) if mapped else None,
-        ipv6_endpoints=tuple(Endpoint.parse(e) for e in value.get("ipv6", [])),
+        ipv6_endpoints=ipv6_endpoints_of(value.get("ipv6", []), "ipv6", strict=False),
         punch_first=value.get("punch_first") is True,
     )
 
