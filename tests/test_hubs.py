@@ -103,7 +103,6 @@ def test_everything_a_peer_announced_comes_from_one_record() -> None:
         ipv6_endpoints=(ep("[2001:db8::5]:51820"),),
         mapped_endpoint=ep("192.0.2.1:51820"),
         punch_first=True,
-        symmetric_nat=True,
     )
     one.apply(full(announced))
     two.apply(full(record(A, "192.0.2.1:2000", age=1.0, session=None)))
@@ -111,7 +110,29 @@ def test_everything_a_peer_announced_comes_from_one_record() -> None:
     assert merged.endpoint == ep("192.0.2.1:2000")  # the freshest
     assert merged.ipv6_endpoints == (ep("[2001:db8::5]:51820"),)
     assert merged.mapped_endpoint == ep("192.0.2.1:51820")
-    assert merged.punch_first and merged.symmetric_nat and merged.session == "aa"
+    assert merged.punch_first and merged.session == "aa"
+
+
+def test_a_symmetric_peers_endpoint_does_not_alternate_with_its_keepalives() -> None:
+    """Each hub sees a peer behind a symmetric NAT at a port of its own, and its
+    keepalives to each make either record the freshest in turn: the merge keeps
+    the first followed registry's, or the peer's endpoint would "move" every
+    few seconds and be probed anew each time (the Compose testbed's s-p)."""
+    import dataclasses
+
+    def said(endpoint: str, age: float) -> RemotePeer:
+        return dataclasses.replace(record(A, endpoint, age=age), symmetric_nat=True)
+
+    now = Now()
+    one, two = HubView(clock=now), HubView(clock=now)
+    one.apply(full(said("192.0.2.1:1000", age=20.0)))
+    two.apply(full(said("192.0.2.1:2000", age=1.0)))
+    assert merge_views([one, two], [True, True]).peers[A].endpoint == ep("192.0.2.1:1000")
+    now.t += 12
+    one.apply(delta(said("192.0.2.1:1000", age=0.5)))
+    assert merge_views([one, two], [True, True]).peers[A].endpoint == ep("192.0.2.1:1000")
+    # Hub 1 unreachable: hub 2's, the one we follow.
+    assert merge_views([one, two], [False, True]).peers[A].endpoint == ep("192.0.2.1:2000")
 
 
 def test_a_peer_is_removed_only_when_no_registry_lists_it() -> None:

@@ -14,7 +14,9 @@ one registry's view when there is one.  Per peer:
   could not reach it);
 - a peer is in the merge while any registry lists it: removed only when none does;
 - a peer two registries see at one public address with different ports is
-  behind a symmetric NAT, whether or not it announced so itself.
+  behind a symmetric NAT, whether or not it announced so itself; when it
+  announced so, its record is the first followed registry's, not the freshest
+  (which alternates with its keepalives to each hub).
 
 A full answer is encoded once per version and shared, so its ages may be as old
 as that version: such a record looks fresher than it is by at most that much,
@@ -103,16 +105,26 @@ def merge_views(views: Sequence[HubView], up: Sequence[bool | None]) -> Registry
             reverse=True,
         )
         best = ranked[0][2]
-        announced = next((peer for _, _, peer in ranked if peer.session is not None), None)
-        if announced is not None and announced is not best:
-            best = dataclasses.replace(
-                best, **{name: getattr(announced, name) for name in ANNOUNCED_FIELDS}
-            )
         # Only registries that answer now: a view kept from one we cannot
         # reach holds the peer's endpoint as it was (a rebinding since is no
         # second port).
         followed = [peer.endpoint for rank, _, peer in ranked if rank[0]]
-        if not best.symmetric_nat and symmetric_nat(followed):
+        symmetric = symmetric_nat(followed)
+        announced = next((peer for _, _, peer in ranked if peer.session is not None), None)
+        if announced is not None and announced.symmetric_nat:
+            # It says it is behind a symmetric NAT: each registry sees it at a
+            # port of its own, and the freshest record alternates with its
+            # keepalives to each.  The first followed registry's, so that its
+            # endpoint does not "move" every few seconds (each move re-probes
+            # it, which a public peer's handshake with it, through yet another
+            # port, never survives).  Two ports without that word may be a
+            # rebinding one hub saw first: the freshest is right then.
+            best = max(ranked, key=lambda item: (item[0][0], item[1]))[2]
+        if announced is not None and announced is not best:
+            best = dataclasses.replace(
+                best, **{name: getattr(announced, name) for name in ANNOUNCED_FIELDS}
+            )
+        if not best.symmetric_nat and symmetric:
             best = dataclasses.replace(best, symmetric_nat=True)
         merged.peers[key] = best
     return merged
