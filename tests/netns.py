@@ -60,6 +60,23 @@ except ImportError:  # pragma: no cover
 UAPI_SOCKET_DIR = "/var/run/wireguard"
 FAMILY = "wnl"  # every default prefix starts with this
 INTERNET_BRIDGE = "br0"
+# A realistic router's forwarding, IPv4 and IPv6 alike: what the LAN opened is
+# answered, nothing else comes in.
+STATEFUL_FORWARD = (
+    ["-P", "FORWARD", "DROP"],
+    [
+        "-A",
+        "FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ],
+    ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
+)
+
 MODES = ("home", "symmetric", "accept_all", "upnp")
 # A "upnp" router is a symmetric NAT whose gateway runs miniupnpd (PCP, NAT-PMP,
 # UPnP IGD).  miniupnpd refuses to map behind a reserved external address, which
@@ -400,18 +417,7 @@ class Router(Host):
             ]
         rules += [["-t", "nat", "-A", "POSTROUTING", *r] for r in self._masquerade_rules(None)]
         rules += [
-            ["-P", "FORWARD", "DROP"],
-            [
-                "-A",
-                "FORWARD",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
+            *STATEFUL_FORWARD,
             # LAN to LAN stays on the bridge; with br_netfilter it also passes FORWARD.
             ["-A", "FORWARD", "-i", "lan", "-o", "lan", "-j", "ACCEPT"],
         ]
@@ -875,20 +881,7 @@ class Lab:
         wan_ip = ipaddress.IPv6Interface(wan).ip
         _run_root(["ip", "-n", inet, "-6", "route", "add", str(network), "via", str(wan_ip)])
         router.ipv6_lan = network
-        for rule in (
-            ["-P", "FORWARD", "DROP"],
-            [
-                "-A",
-                "FORWARD",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
-        ):
+        for rule in STATEFUL_FORWARD:
             router.run("ip6tables", "-w", *rule)
 
     def ipv6_lan_host(self, host: Host, address: str) -> None:

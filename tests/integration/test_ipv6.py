@@ -16,7 +16,7 @@ import os
 import time
 
 import pytest
-from meshlab import BIN, MeshLab, wait_until
+from meshlab import BIN, MeshLab, check, wait_until
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -55,11 +55,6 @@ def mesh(lab):  # noqa: F811
         yield m
     finally:
         m.stop_all()
-
-
-def check(condition: bool, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def status_row(mesh: MeshLab, name: str, other: str) -> dict | None:

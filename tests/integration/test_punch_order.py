@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from meshlab import MeshLab, wait_until
+from meshlab import MeshLab, check, wait_until
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -40,11 +40,6 @@ def mesh(lab):  # noqa: F811
         yield m
     finally:
         m.stop_all()
-
-
-def check(condition: bool, mesh: MeshLab, message: str) -> None:
-    if not condition:
-        raise AssertionError(f"{message}\n{mesh.report()}")
 
 
 def test_a_peer_behind_an_input_accept_router_that_punches_first_goes_direct(mesh):
