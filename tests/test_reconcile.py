@@ -682,3 +682,24 @@ def test_retry_moments_stay_on_the_wall_clock_when_now_is_a_steady_clock():
     retry_at = world.mesh.paths[b].retry_at
     # The other end, whose steady clock reads the wall clock, retries at the same moment.
     assert retry_at + offset == retry_moment(ME, b, T0 + 19 + offset, 10.0)
+
+
+def test_a_symmetric_peer_whose_endpoint_moves_while_probing_is_not_made_anew():
+    """Behind a symmetric NAT its handshakes reach us from a port no registry
+    sees, and with two hubs its endpoint takes turns between their records:
+    re-making its entry would lose a handshake already completed with us."""
+    import dataclasses
+
+    b = new_key()
+    world = World(make_mesh())
+    moving = dataclasses.replace(remote(b, "203.0.113.23:14010"), symmetric_nat=True)
+    world.step(view_of(moving), T0)
+    moved = dataclasses.replace(moving, endpoint=ep("203.0.113.23:59389"))
+    actions = world.step(view_of(moved), T0 + 0.1)
+    assert "remove" not in [a.kind for a in actions]
+    assert [a.kind for a in actions] == ["endpoint", "kick"]
+    # Not behind a symmetric NAT: made anew (its pending initiation went astray).
+    c = new_key()
+    world.step(view_of(remote(c, "203.0.113.24:1000")), T0 + 0.2)
+    actions = world.step(view_of(remote(c, "203.0.113.24:2000")), T0 + 0.3)
+    assert [a.kind for a in actions][:2] == ["remove", "probe"]

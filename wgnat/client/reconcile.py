@@ -912,7 +912,9 @@ class Mesh:
             current = next((c for c in found if c.endpoint == peer_path.endpoint), None)
             if current is None:
                 peer_path.candidates, peer_path.candidate = tuple(found), found[0]
-                return self._follow(key, peer_path, found[0].endpoint, now)
+                return self._follow(
+                    key, peer_path, found[0].endpoint, now, remake=not remote.symmetric_nat
+                )
         same = next((c for c in found if c.kind == current.kind), None)
         before = {c.endpoint for c in peer_path.candidates}
         peer_path.candidates = tuple(found)
@@ -931,12 +933,22 @@ class Mesh:
             return self._reprobe(key, peer_path, found[0], now, gone, found)
         peer_path.candidate = same
         if same.endpoint != peer_path.endpoint:
-            return self._follow(key, peer_path, same.endpoint, now)
+            return self._follow(key, peer_path, same.endpoint, now, remake=not remote.symmetric_nat)
         return []
 
     def _follow(
-        self, key: PublicKey, peer_path: PeerPath, target: Endpoint, now: float
+        self,
+        key: PublicKey,
+        peer_path: PeerPath,
+        target: Endpoint,
+        now: float,
+        remake: bool = True,
     ) -> list[Action]:
+        """Its endpoint moved.  `remake`: a probing peer is made anew (see
+        below); not for a peer behind a symmetric NAT, whose handshakes come
+        from a port no registry sees and whose "moves" are the hubs' records
+        taking turns: made anew, it would lose a handshake it may already have
+        completed with us (the Compose testbed's s-p, with two hubs)."""
         old = peer_path.endpoint
         peer_path.endpoint = target
         if peer_path.path is Path.PROBING:
@@ -946,7 +958,7 @@ class Mesh:
                 else self.settings.probe_timeout
             )
         self.events.append(Event("rebinding", key, f"{old} -> {target}"))
-        if peer_path.path is Path.PROBING:
+        if peer_path.path is Path.PROBING and remake:
             # Its first initiation went to the old endpoint and is still pending:
             # WireGuard sends no other for 5 s (REKEY_TIMEOUT), whatever we set,
             # so the peer is made anew, which initiates at once (a port mapping
