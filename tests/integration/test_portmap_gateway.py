@@ -15,11 +15,11 @@ behind a symmetric NAT of its own: y's initiation reaches s through the
 mapping, and s answers where it came from.  The second test runs that pair
 with two hubs, which tell both ends they are behind symmetric NATs.  The third
 has miniupnpd refuse (over UPnP IGD, which answers a denial at once) and a
-lease lapse.  A PCP refusal is tested against constructed answers only
-(tests/test_portmap.py): miniupnpd 2.3.1 refuses a PCP request its permission
-rules deny by trying every external port in turn (a log line each, about 50 s
-here) before it answers NOT_AUTHORIZED, and answers nothing else meanwhile,
-which would make a test a minute long and fragile.
+lease lapse; the fourth speaks NAT-PMP to it.  A PCP refusal is tested against
+constructed answers only (tests/test_portmap.py): miniupnpd 2.3.1 refuses a
+PCP request its permission rules deny by trying every external port in turn (a
+log line each, about 50 s here) before it answers NOT_AUTHORIZED, and answers
+nothing else meanwhile, which would make a test a minute long and fragile.
 """
 
 from __future__ import annotations
@@ -290,3 +290,51 @@ def test_a_refused_mapping_and_a_lapsed_lease_go_on_without_it_saying_why(lab): 
         )
     finally:
         mesh.stop_all()
+
+
+# NAT-PMP as our client speaks it once a gateway refuses PCP's version, run in
+# a LAN host's namespace against the real miniupnpd: "map" asks for a mapping
+# and leaves it, "delete" asks for its removal (NAT-PMP's lifetime 0).
+NATPMP_SCRIPT = """
+import ipaddress, sys
+from twisted.internet import task
+from wgnat.client.portmap import PcpOrNatPmp, PortMapping, UdpChannel
+from wgnat._types import Endpoint
+
+def main(reactor, what, gateway, external):
+    method = PcpOrNatPmp(
+        reactor, ipaddress.ip_address(gateway), lambda g, got: UdpChannel(reactor, g, got)
+    )
+    method.name = "nat-pmp"  # what a gateway answering "unsupported version" makes it
+    if what == "map":
+        asked = method.map(51820, 60)
+        asked.addCallback(lambda m: print("MAPPED", m.protocol, m.external, m.lifetime))
+    else:
+        gone = PortMapping("nat-pmp", Endpoint.parse(external), 51820, 60, 0.0)
+        asked = method.delete(gone).addCallback(lambda _: print("DELETED"))
+    return asked.addBoth(lambda result: (method.close(), result)[1])
+
+task.react(main, sys.argv[1:])
+"""
+
+
+def test_nat_pmp_maps_and_deletes_against_the_real_gateway(lab):  # noqa: F811
+    """The NAT-PMP half of PcpOrNatPmp (a gateway that speaks only NAT-PMP is
+    recognised by its answer to PCP: tests/test_portmap.py) against miniupnpd,
+    which answers both."""
+    lab.stun_server()
+    r3 = lab.router("r3", "203.0.113.23/24", "192.168.3.0/24", "upnp")
+    r3.start_miniupnpd()
+    s = lab.lan_host(r3, "s", "192.168.3.10/24")
+    wait_until(r3.miniupnpd_ready, 30, interval=0.1, what="miniupnpd's STUN test")
+    python = os.path.join(BIN, "python")
+    mapped = s.run(python, "-c", NATPMP_SCRIPT, "map", "192.168.3.1", MAPPED, timeout=30)
+    assert f"MAPPED nat-pmp {MAPPED} 60" in mapped.stdout, mapped.stdout + mapped.stderr
+    rules = r3.run("iptables-legacy", "-t", "nat", "-S", "MINIUPNPD").stdout
+    assert "--dport 51820 -j DNAT" in rules, rules
+    deleted = s.run(python, "-c", NATPMP_SCRIPT, "delete", "192.168.3.1", MAPPED, timeout=30)
+    assert "DELETED" in deleted.stdout, deleted.stdout + deleted.stderr
+    rules = r3.run("iptables-legacy", "-t", "nat", "-S", "MINIUPNPD").stdout
+    assert "51820" not in rules, rules
+    # miniupnpd logs which protocol it was asked in (not PCP).
+    assert "NAT-PMP port mapping request : 51820->192.168.3.10:51820 udp" in r3.miniupnpd_output()
