@@ -5,6 +5,8 @@ on plain numbers."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.merge import HubView, merge_views, own_endpoint, symmetric_nat
@@ -729,7 +731,18 @@ def test_status_with_one_registry_is_as_before() -> None:
     net.stop()
 
 
-def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_it() -> None:
+@pytest.mark.parametrize(
+    "extension",
+    [
+        {"symmetric_nat": True},
+        {"mapped_endpoint": ep("203.0.113.23:51820")},
+        {"ipv6_endpoints": (ep("[2001:db8::5]:51820"),)},
+        {"punch_first": True},
+    ],
+)
+def test_an_older_registry_refusing_an_optional_field_is_announced_to_without_it(
+    extension,
+) -> None:
     from twisted.internet.defer import fail, succeed
     from twisted.internet.task import Clock
 
@@ -749,7 +762,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
         refusals = 0
 
         def announce(self, announcement: Announcement):
-            if announcement.symmetric_nat:
+            if announcement != Announcement("aa"):
                 self.refusals += 1
                 return fail(RegistryError("the registry refused the request: HTTP 400", status=400))
             self.received.append(announcement)
@@ -760,7 +773,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
         old,
         clock,
         HubView(),
-        lambda: succeed(Announcement("aa", (), symmetric_nat=True)),
+        lambda: succeed(Announcement("aa", (), **extension)),
         lambda changed, full: None,
         ClientMetrics(),
         60.0,
@@ -779,7 +792,6 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
 
 
 def test_a_peer_removed_from_one_hub_stays_and_from_both_goes() -> None:
-
     net = TwoHubs()
     _, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
     kb, _ = net.add_host("b", "198.51.100.3", ("203.0.113.22:51820", "203.0.113.22:51820"))
