@@ -4,6 +4,7 @@ target, and compatibility with registries and clients that predate it."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 
@@ -357,3 +358,49 @@ def test_no_port_mapping_turns_the_mapper_off(monkeypatch):
         options.parseOptions(["-r", new_key().base64, "--status-socket", "", *flags])
         daemon = tap.makeService(options, reactor=Clock())
         assert (daemon.agent.port_mapper is not None) is expected
+
+
+def test_a_mapped_endpoint_at_another_address_than_the_peer_is_seen_is_not_passed_on():
+    """A gateway maps a port of its own external address: a mapped endpoint
+    elsewhere would aim every peer's probes at another host.  Kept, and served
+    once the peer is seen at that address."""
+    device = MemoryDevice("wg0", public_key=new_key())
+    a, b = new_key(), new_key()
+    device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
+    device.add_peer(peer(b, "198.51.100.21:51820", ("10.0.0.3/32",), NOW))
+    model = RegistryModel()
+    model.observe(device.snapshot(), NOW)
+    model.announce(a, Announcement("ab", (), mapped_endpoint=ep("192.0.2.99:51820")))
+
+    def served_to_b():
+        answer = parse_answer(json.loads(json.dumps(model.answer(b, None, NOW))))
+        (listed,) = [p for p in answer.peers if p.public_key == a]
+        others = [p for p in answer.peers if p.public_key != b]
+        assert view_digest(others, answer.my_endpoint) == model.view_digest(b)
+        return listed.mapped_endpoint
+
+    assert served_to_b() is None
+    assert model.announcements[a].mapped_endpoint == ep("192.0.2.99:51820")  # kept
+    # a's NAT now sends from that address: the mapping is served.
+    device.peers[a] = dataclasses.replace(device.peers[a], endpoint=ep("192.0.2.99:2222"))
+    model.observe(device.snapshot(), NOW + 1)
+    assert served_to_b() == ep("192.0.2.99:51820")
+
+
+def test_the_registry_says_why_it_does_not_pass_a_mapped_endpoint_on(logged):
+    from twisted.internet.task import Clock
+
+    from wgnat.registry.hub import Registry
+
+    device = MemoryDevice("wg0", public_key=new_key())
+    a = new_key()
+    device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
+    clock = Clock()
+    clock.advance(NOW)
+    hub = Registry(device, clock)
+    hub.announce(a, Announcement("ab", (), mapped_endpoint=ep("192.0.2.99:51820")))
+    assert any(
+        "its mapped endpoint 192.0.2.99:51820 is not passed on: its packets come from "
+        "198.51.100.23:1111" in line
+        for line in logged
+    ), logged
