@@ -552,15 +552,22 @@ def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed()
     assert p.view.peers[ks].symmetric_nat
 
 
+def two_symmetric_hosts():
+    """Two hubs and hosts s and t, each seen by the hubs at two ports of one
+    address (symmetric NATs): (net, s's key, s's device, t's key, t's device)."""
+    net = TwoHubs()
+    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    return net, ks, ds, kt, dt
+
+
 def test_two_symmetric_nats_go_direct_when_one_holds_a_mapped_port() -> None:
     """s's gateway mapped a port, t has none: t probes that port, and s takes
     part (probes t's observed endpoint, which t's NAT drops) so that t's
     handshake, from wherever t's NAT sends it, completes.  Both tell why."""
     from tests.test_mapped_endpoint import OneShotGateway  # maps 203.0.113.23:51820
 
-    net = TwoHubs()
-    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, ds, kt, dt = two_symmetric_hosts()
     s, t = net.agent("s", port_mapper_from=OneShotGateway), net.agent("t")
     net.clock.advance(1)
     assert s.symmetric_nat and t.symmetric_nat
@@ -576,9 +583,7 @@ def test_two_symmetric_nats_go_direct_when_one_holds_a_mapped_port() -> None:
 
 
 def test_two_symmetric_nats_without_a_mapped_port_are_still_not_probed() -> None:
-    net = TwoHubs()
-    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, _ds, kt, _dt = two_symmetric_hosts()
     s, t = net.agent("s"), net.agent("t")
     net.clock.advance(2)
     assert s.mesh.my_mapped_endpoint is None
@@ -617,9 +622,7 @@ def test_a_rebinding_seen_by_one_hub_first_does_not_make_a_symmetric_nat() -> No
 
 
 def test_an_agent_keeps_its_symmetric_verdict_while_a_hub_briefly_agrees() -> None:
-    net = TwoHubs()
-    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, _ds, kt, _dt = two_symmetric_hosts()
     s, _t = net.agent("s"), net.agent("t")
     net.clock.advance(1)
     assert s.symmetric_nat

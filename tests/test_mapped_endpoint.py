@@ -54,13 +54,20 @@ def test_a_mapped_endpoint_no_other_host_could_use_is_refused(value):
         parse_announcement({"session": "ab", "mapped_endpoint": value})
 
 
-def test_the_registry_passes_the_mapped_endpoint_on_and_versions_it():
+def hub_with_two_peers():
+    """A registry's device and model with peers a (seen at 198.51.100.23:1111)
+    and b: (device, model, a, b)."""
     device = MemoryDevice("wg0", public_key=new_key())
     a, b = new_key(), new_key()
     device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
     device.add_peer(peer(b, "198.51.100.21:51820", ("10.0.0.3/32",), NOW))
     model = RegistryModel()
     model.observe(device.snapshot(), NOW)
+    return device, model, a, b
+
+
+def test_the_registry_passes_the_mapped_endpoint_on_and_versions_it():
+    device, model, a, b = hub_with_two_peers()
     version = model.version
     assert model.announce(a, Announcement("ab", (), mapped_endpoint=ep("198.51.100.23:51820")))
     assert model.version == version + 1
@@ -364,12 +371,7 @@ def test_a_mapped_endpoint_at_another_address_than_the_peer_is_seen_is_not_passe
     """A gateway maps a port of its own external address: a mapped endpoint
     elsewhere would aim every peer's probes at another host.  Kept, and served
     once the peer is seen at that address."""
-    device = MemoryDevice("wg0", public_key=new_key())
-    a, b = new_key(), new_key()
-    device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
-    device.add_peer(peer(b, "198.51.100.21:51820", ("10.0.0.3/32",), NOW))
-    model = RegistryModel()
-    model.observe(device.snapshot(), NOW)
+    device, model, a, b = hub_with_two_peers()
     model.announce(a, Announcement("ab", (), mapped_endpoint=ep("192.0.2.99:51820")))
 
     def served_to_b():
