@@ -184,6 +184,15 @@ def timed_race(
         time.sleep(POLL)
 
 
+def path_lines(mesh: MeshLab, name: str, other: str) -> list[str]:
+    """`name`'s log lines on its path to `other` (its attempts and switches, with
+    their second-resolution times): how a slow path formed, in the stage's log."""
+    node = mesh.clients[name]
+    assert node.daemon is not None
+    tag = f"{mesh.clients[other].tunnel_ip} ("
+    return [line for line in node.daemon.log().splitlines() if tag in line]
+
+
 def build(where: Lab, kinds: dict[str, str], ipv6: bool = False) -> MeshLab:
     """The hub (`kinds["reg"]`) and the clients a, b (r1), c (r2), s (r3), u (r5,
     the mapping gateway) present in `kinds`, every spoke reaching the hub before
@@ -226,7 +235,9 @@ def build(where: Lab, kinds: dict[str, str], ipv6: bool = False) -> MeshLab:
             where.ipv6_lan_host(host, f"{address}/64")
     for node in mesh.clients.values():
         assert node.host.ping("198.51.100.1", count=3, timeout=3), f"{node.name} reaches the hub"
+    waited = []  # what the waits below cost, once the rest is built (the stage's time)
     if ipv6:
+        begun = time.monotonic()
         # Neighbour discovery on the new links works about 2 s after they came
         # up (their link-local addresses' duplicate detection): each reaches the
         # other's router before wgnat runs, so no first initiation is lost to it.
@@ -240,8 +251,13 @@ def build(where: Lab, kinds: dict[str, str], ipv6: bool = False) -> MeshLab:
                 interval=0.2,
                 what=f"{name} to reach {far} over IPv6",
             )
+        waited.append(f"IPv6 neighbour discovery {time.monotonic() - begun:.1f} s")
     if gateway is not None:
+        begun = time.monotonic()
         wait_until(gateway.miniupnpd_ready, 60, interval=0.2, what="miniupnpd's STUN test")
+        waited.append(f"miniupnpd's STUN test {time.monotonic() - begun:.1f} s")
+    if waited:
+        print(f"\nlab built, then waited for: {', '.join(waited)}")
     return mesh
 
 
@@ -265,9 +281,8 @@ def kernel_mesh() -> Iterator[MeshLab]:
         built = time.monotonic() - begun
         took = start(mesh)
         print(
-            f"\nkernel mesh: lab built in {built:.1f} s (miniupnpd's STUN test and IPv6 "
-            f"neighbour discovery included), registry and {len(mesh.clients)} clients "
-            f"started in {took:.1f} s"
+            f"kernel mesh: lab built in {built:.1f} s, registry and {len(mesh.clients)} "
+            f"clients started in {took:.1f} s"
         )
         yield mesh
     finally:
@@ -333,6 +348,10 @@ def test_kernel_mesh_goes_direct_through_hard_nats_over_ipv6_and_a_mapped_port(
         mesh,
         "u pings a over the direct path",
     )
+    for name, other in (("s", "c"), ("c", "s"), ("u", "a"), ("a", "u")):
+        print("\n".join(path_lines(mesh, name, other)))
+    u_log = mesh.clients["u"].daemon.log().splitlines()  # type: ignore[union-attr]
+    print("\n".join(line for line in u_log if "[wgnat.client.portmap" in line))
     print(
         f"kernel mesh (polled every {POLL} s): s (symmetric IPv4 NAT) - c direct over IPv6 "
         f"{took['s', 'c']}; u (symmetric NAT, PCP gateway) - a direct at {U_MAPPED} "
