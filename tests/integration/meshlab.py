@@ -44,6 +44,9 @@ class Daemon:
     name: str
     process: subprocess.Popen
     log_path: str
+    # When the process was spawned (time.monotonic()): what times to an outcome
+    # count from when they include the daemon's own start-up.
+    started: float = field(default_factory=time.monotonic)
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
