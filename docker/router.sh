@@ -77,6 +77,11 @@ up)
         iptables -w -A INPUT -i "$lan" -j ACCEPT
     fi
     if [ -n "${ROUTER_WAN6:-}" ]; then ipv6_up; fi
+    # What crossed the router before its rules existed (the interfaces are up
+    # before this script runs): an unsolicited packet accepted then stays a
+    # conntrack entry as long as its sender keeps sending, and takes the port a
+    # LAN host's mapping needs (the conntrack race, after a restart).
+    conntrack -F 2>/dev/null || true
     echo "$mode" >/run/wgnat-router-mode
     echo "wgnat-router: $mode NAT, internet on $wan ($ROUTER_WAN), LAN on $lan"
     exec sleep infinity
