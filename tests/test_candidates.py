@@ -467,3 +467,22 @@ def test_two_symmetric_nats_still_try_ipv6_but_never_the_observed_endpoints():
     assert [cand.kind for cand in w.mesh.paths[b].candidates] == ["ipv6"]
     assert str(w.device.peers[b].endpoint) == THEIR_V6
     assert c not in w.mesh.paths and "both ends are behind symmetric NATs" in w.mesh.unplanned[c]
+
+
+def test_through_two_symmetric_nats_only_our_mapped_port_keeps_the_observed_endpoint():
+    from wgnat.client.candidates import through_symmetric_nats
+
+    b = new_key()
+    theirs = remote(b, "203.0.113.23:1111")
+    found = candidates(theirs, mine(ipv6=()))
+    assert through_symmetric_nats(found, theirs, mine(ipv6=())) == []
+    mapped = dataclasses.replace(mine(ipv6=()), mapped_endpoint=ep("203.0.113.21:40000"))
+    (kept,) = through_symmetric_nats(found, theirs, mapped)
+    assert (kept.kind, str(kept.endpoint)) == ("observed", "203.0.113.23:1111")
+    assert "reaches our mapped port 203.0.113.21:40000" in kept.reason
+    # Anything that goes through no NAT mapping is tried instead, as before.
+    with_v6 = remote(b, "203.0.113.23:1111", ipv6=(THEIR_V6,))
+    dual = dataclasses.replace(mine(), mapped_endpoint=ep("203.0.113.21:40000"))
+    assert kinds(through_symmetric_nats(candidates(with_v6, dual), with_v6, dual)) == [
+        ("ipv6", THEIR_V6)
+    ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.merge import HubView, merge_views, own_endpoint, symmetric_nat
+from wgnat.client.reconcile import Path
 from wgnat.wire import Answer, RemotePeer
 
 T0 = 1_000_000.0
@@ -465,7 +466,8 @@ class TwoHubs:
         self.hosts[name] = (key, host, tunnel)
         return key, host
 
-    def agent(self, name: str):
+    def agent(self, name: str, port_mapper_from=None):
+        """`port_mapper_from(clock)`: a mapping method its port mapper uses."""
         from twisted.internet.defer import succeed
 
         from wgnat.client.agent import AgentConfig, MeshAgent
@@ -484,6 +486,12 @@ class TwoHubs:
             client_factory=lambda reactor, address, port: clients[address],
             wall=self.clock.seconds,
         )
+        if port_mapper_from is not None:
+            from wgnat.client.portmap import PortMapper
+
+            agent.port_mapper = PortMapper(
+                self.clock, lambda: None, None, upnp=port_mapper_from(self.clock)
+            )
         agent.startService()
         agent.test_clients = clients  # type: ignore[attr-defined]
         return agent
@@ -540,6 +548,40 @@ def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed()
     assert ("set", kt) not in [(kind, u.public_key) for kind, u in ds.operations]
     assert kp in s.paths() and kp in t.paths()
     assert p.view.peers[ks].symmetric_nat
+
+
+def test_two_symmetric_nats_go_direct_when_one_holds_a_mapped_port() -> None:
+    """s's gateway mapped a port, t has none: t probes that port, and s takes
+    part (probes t's observed endpoint, which t's NAT drops) so that t's
+    handshake, from wherever t's NAT sends it, completes.  Both tell why."""
+    from tests.test_mapped_endpoint import OneShotGateway  # maps 203.0.113.23:51820
+
+    net = TwoHubs()
+    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    s, t = net.agent("s", port_mapper_from=OneShotGateway), net.agent("t")
+    net.clock.advance(1)
+    assert s.symmetric_nat and t.symmetric_nat
+    assert s.mesh.my_mapped_endpoint == ep("203.0.113.23:51820")
+    net.clock.advance(1)
+    assert t.view.peers[ks].mapped_endpoint == ep("203.0.113.23:51820")
+    assert t.paths()[ks] is Path.PROBING and s.paths()[kt] is Path.PROBING
+    assert str(dt.peers[ks].endpoint) == "203.0.113.23:51820"  # s's mapped port
+    assert str(ds.peers[kt].endpoint) in ("203.0.113.24:50001", "203.0.113.24:50002")
+    chosen = s.mesh.paths[kt].candidate
+    assert chosen is not None and "reaches our mapped port 203.0.113.23:51820" in chosen.reason
+    assert kt not in s.mesh.unplanned and ks not in t.mesh.unplanned
+
+
+def test_two_symmetric_nats_without_a_mapped_port_are_still_not_probed() -> None:
+    net = TwoHubs()
+    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    s, t = net.agent("s"), net.agent("t")
+    net.clock.advance(2)
+    assert s.mesh.my_mapped_endpoint is None
+    assert kt not in s.paths() and ks not in t.paths()
+    assert "both ends are behind symmetric NATs" in s.mesh.unplanned[kt]
 
 
 def test_a_symmetric_verdict_is_kept_through_one_agreeing_answer() -> None:
@@ -737,7 +779,6 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
 
 
 def test_a_peer_removed_from_one_hub_stays_and_from_both_goes() -> None:
-    from wgnat.client.reconcile import Path
 
     net = TwoHubs()
     _, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))

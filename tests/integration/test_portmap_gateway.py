@@ -12,7 +12,8 @@ made "public" for it by a STUN test against coturn on the simulated internet.
 Without a mapping, s and u are relayed with a (test_mesh.py shows it); with
 one, they are direct with a and p at their mapped endpoints, and even with y,
 behind a symmetric NAT of its own: y's initiation reaches s through the
-mapping, and s answers where it came from.  A refusal is tested against
+mapping, and s answers where it came from; the second test runs that pair
+with two hubs, which tell both ends they are behind symmetric NATs.  A refusal is tested against
 constructed answers only (tests/test_portmap.py): miniupnpd 2.3.1 refuses a PCP
 request its permission rules deny by trying every external port in turn (a log
 line each, about 50 s here) before it answers NOT_AUTHORIZED, and answers
@@ -141,5 +142,59 @@ def test_a_client_behind_a_symmetric_nat_with_a_mapping_gateway_goes_direct(lab)
             f"(its STUN test); s direct with a, p and y {to_direct:.2f} s after the clients "
             f"started (mapped endpoint {MAPPED}, PCP); u (UPnP IGD) {upnp_direct:.2f} s"
         )
+    finally:
+        mesh.stop_all()
+
+
+def test_two_symmetric_nats_with_two_hubs_go_direct_through_one_mapping(lab):  # noqa: F811
+    """Two hubs tell both s and y that they sit behind symmetric NATs, so the
+    pair is hopeless for hole punching; but s's gateway maps a port: y probes
+    it, s probes y's observed endpoint (dropped by y's NAT) to take part, and
+    y's handshake, through a port of y's NAT no registry sees, completes."""
+    lab.stun_server()
+    r3 = lab.router("r3", "203.0.113.23/24", "192.168.3.0/24", "upnp")
+    r3.start_miniupnpd()
+    mesh = MeshLab(lab)
+    try:
+        mesh.build_registry()
+        mesh.build_second_hub()
+        r4 = lab.router("r4", "203.0.113.24/24", "192.168.4.0/24", "symmetric")
+        hosts = {
+            "s": lab.lan_host(r3, "s", "192.168.3.10/24"),
+            "y": lab.lan_host(r4, "y", "192.168.4.10/24"),
+        }
+        for name, host in hosts.items():
+            mesh.add_client(name, host)
+        mesh.start_registry()
+        assert mesh.hub2 is not None
+        mesh.start_registry(node=mesh.hub2)
+        wait_until(r3.miniupnpd_ready, 30, interval=0.1, what="miniupnpd's STUN test")
+        started = time.monotonic()
+        for name in hosts:
+            mesh.start_client(name)
+        try:
+            wait_until(
+                lambda: mesh.direct("s", "y") and mesh.direct("y", "s"),
+                15,
+                interval=0.01,
+                what="s-y direct",
+            )
+        except AssertionError as exc:
+            check(False, mesh, f"{exc}\n--- miniupnpd\n{r3.miniupnpd_output()[-3000:]}")
+        to_direct = time.monotonic() - started
+        check(mesh.direct("y", "s") == MAPPED, mesh, "y reaches s at its mapped endpoint")
+        for name in hosts:
+            document = status(mesh, name)
+            check(
+                document is not None and document.get("symmetric_nat") is True,
+                mesh,
+                f"{name} knows it is behind a symmetric NAT: {document}",
+            )
+        check(
+            mesh.clients["y"].host.ping(mesh.clients["s"].tunnel_ip, count=2),
+            mesh,
+            "y pings s over the direct path",
+        )
+        print(f"two hubs: s-y (both symmetric, s mapped) direct {to_direct:.2f} s after start")
     finally:
         mesh.stop_all()

@@ -340,18 +340,25 @@ class MeshAgent(service.Service):
         def announce(lan: list[IPInterface]) -> Announcement:
             self.lan = lan
             ipv6 = tuple(ipv6_endpoints(lan, self.listen_port)) if self.config.settings.ipv6 else ()
+            mapped = self.mapped_endpoint()
             mesh = self.mesh
-            if mesh is not None and mesh.my_ipv6_endpoints != ipv6:
-                # Our own IPv6 endpoints decide which candidates each peer has:
-                # a path over an address that went away is left at once.
+            if mesh is not None and (mesh.my_ipv6_endpoints, mesh.my_mapped_endpoint) != (
+                ipv6,
+                mapped,
+            ):
+                # Our own IPv6 endpoints and mapped port decide which candidates
+                # each peer has: a path over an address that went away is left at
+                # once, and a peer behind a symmetric NAT is worth a probe only
+                # while it can reach our mapped port.
                 mesh.my_ipv6_endpoints = ipv6
+                mesh.my_mapped_endpoint = mapped
                 if self._planned:
                     self.reconcile_soon()
             return Announcement(
                 self.session,
                 tuple(lan_endpoints(lan, self.listen_port)),
                 symmetric_nat=self.symmetric_nat,
-                mapped_endpoint=self.mapped_endpoint(),
+                mapped_endpoint=mapped,
                 ipv6_endpoints=ipv6,
                 punch_first=self.config.settings.punch_first,
             )

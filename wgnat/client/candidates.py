@@ -50,13 +50,15 @@ class Candidate:
 @dataclass(frozen=True)
 class Mine:
     """What this end knows of itself: its public endpoint as the registry sees
-    it, the global IPv6 endpoints it announced, its LAN networks, and whether
-    IPv6 candidates are used at all (`--no-ipv6`)."""
+    it, the global IPv6 endpoints it announced, its LAN networks, whether
+    IPv6 candidates are used at all (`--no-ipv6`), and the port its gateway
+    mapped for it, as announced."""
 
     public_endpoint: Endpoint | None = None
     ipv6_endpoints: tuple[Endpoint, ...] = ()
     lan_networks: tuple[IPNetwork, ...] = ()
     use_ipv6: bool = True
+    mapped_endpoint: Endpoint | None = None
 
 
 def candidates(remote: RemotePeer, mine: Mine) -> list[Candidate]:
@@ -93,6 +95,32 @@ def candidates(remote: RemotePeer, mine: Mine) -> list[Candidate]:
         add(mapped, "mapped", "its gateway mapped a port for it")
     add(public, "observed", "its public endpoint as the registry sees it, hole-punched")
     return found
+
+
+def through_symmetric_nats(
+    found: list[Candidate], remote: RemotePeer, mine: Mine
+) -> list[Candidate]:
+    """The candidates worth trying when both ends are behind symmetric NATs.
+
+    No hole punching gets through two of them, so the observed endpoints are
+    dropped; a LAN, IPv6 or a mapped port goes through no NAT mapping at all.
+    One case is asymmetric: when only this end holds a mapped port, the peer
+    has a candidate for us (that port) while we have none for it.  Its
+    handshake reaches us through our gateway, and WireGuard takes the address
+    it came from as the endpoint; we still have to take part (add it, probe),
+    so its observed endpoint stays, with why.  Our probes there are dropped by
+    its NAT, harmlessly."""
+    usable = [c for c in found if c.kind != "observed"]
+    if usable or mine.mapped_endpoint is None or remote.endpoint is None:
+        return usable
+    return [
+        Candidate(
+            remote.endpoint,
+            "observed",
+            f"its NAT is symmetric too, but it reaches our mapped port {mine.mapped_endpoint}: "
+            "its handshake sets where it is",
+        )
+    ]
 
 
 def describe_choice(candidate: Candidate) -> str:

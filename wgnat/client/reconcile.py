@@ -45,7 +45,13 @@ from wgnat._types import (
     PeerUpdate,
     PublicKey,
 )
-from wgnat.client.candidates import Candidate, Mine, candidates, describe_choice
+from wgnat.client.candidates import (
+    Candidate,
+    Mine,
+    candidates,
+    describe_choice,
+    through_symmetric_nats,
+)
 from wgnat.client.view import RegistryView
 from wgnat.wire import RemotePeer
 
@@ -380,6 +386,8 @@ class Mesh:
     symmetric_nat: bool = False
     # The global IPv6 endpoints this host announced (the agent sets them).
     my_ipv6_endpoints: tuple[Endpoint, ...] = ()
+    # The port its gateway mapped for this host, as announced (the agent sets it).
+    my_mapped_endpoint: Endpoint | None = None
     # Whether the registry holds our announcement (the agent sets it): a peer
     # that punches first learns of us only then, so answering it waits for it.
     announced: bool = True
@@ -391,7 +399,13 @@ class Mesh:
 
     # -- helpers ----------------------------------------------------------
     def mine(self, my_endpoint: Endpoint | None) -> Mine:
-        return Mine(my_endpoint, self.my_ipv6_endpoints, self.lan_networks, self.settings.ipv6)
+        return Mine(
+            my_endpoint,
+            self.my_ipv6_endpoints,
+            self.lan_networks,
+            self.settings.ipv6,
+            self.my_mapped_endpoint,
+        )
 
     def candidates_for(self, remote: RemotePeer, my_endpoint: Endpoint | None) -> list[Candidate]:
         """Where to try `remote` directly, best first (candidates.candidates)."""
@@ -643,9 +657,7 @@ class Mesh:
                 self.events.append(Event("rejected", key, "; ".join(rejected)))
             found = self.candidates_for(remote, view.my_endpoint)
             if self.symmetric_nat and remote.symmetric_nat:
-                # No hole punching gets through two symmetric NATs, but a LAN,
-                # IPv6 or a mapped port does not punch through them at all.
-                found = [c for c in found if c.kind != "observed"]
+                found = through_symmetric_nats(found, remote, self.mine(view.my_endpoint))
             target = found[0].endpoint if found else None
             peer_path = self.paths.get(key)
             if peer_path is not None:
