@@ -117,6 +117,10 @@ G_MAPPED = "198.51.100.25:51820"
 # The clients the two hubs see at one address with a port each (r3 and r5 are
 # symmetric NATs; r5's mapping is for inbound packets only).
 SYMMETRIC = ("s", "g")
+# r5 alone holds NET_RAW besides NET_ADMIN (libiptc's raw socket: docker-compose.yml).
+GATEWAY_CAPABILITIES = ["NET_ADMIN", "NET_RAW"]
+# The testbed's STUN server (coturn), which r5's miniupnpd checks its address with.
+STUN = "stun"
 # -- end --
 
 
