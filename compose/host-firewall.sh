@@ -24,3 +24,19 @@ for bridge in $bridges; do
     *) echo "usage: $0 add|remove" >&2; exit 2 ;;
     esac
 done
+# -- IPv6 internet (issue 16) --
+# The testbed's IPv6 crosses the same bridges (the containers address themselves;
+# Docker's IPv6 is off).  An engine that manages ip6tables (Docker 27 and later by
+# default) has a DOCKER-USER chain there too: the same rules.  Docker 20.10 leaves
+# ip6tables alone, and bridged IPv6 meets the host's FORWARD policy only.
+if ip6tables -w -nL DOCKER-USER >/dev/null 2>&1; then
+    for bridge in $bridges; do
+        rule="-i $bridge -o $bridge -j ACCEPT"
+        # shellcheck disable=SC2086
+        case "$action" in
+        add) ip6tables -w -C DOCKER-USER $rule 2>/dev/null || ip6tables -w -I DOCKER-USER $rule ;;
+        remove) while ip6tables -w -D DOCKER-USER $rule 2>/dev/null; do :; done ;;
+        esac
+    done
+fi
+# -- end --

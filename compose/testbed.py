@@ -58,10 +58,10 @@ VENV_DIR = os.path.join(ROOT, ".venv")
 CLIENTS = {
     "a": ("192.0.2.2", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.10"),
     "b": ("192.0.2.3", "behind r1 (home NAT 198.51.100.21), LAN 192.168.1.11"),
-    "c": ("192.0.2.4", "behind r2 (home NAT 198.51.100.22)"),
-    "s": ("192.0.2.5", "behind r3 (symmetric NAT 198.51.100.23)"),
+    "c": ("192.0.2.4", "behind r2 (home NAT 198.51.100.22), IPv6 2001:db8:0:2::10"),
+    "s": ("192.0.2.5", "behind r3 (symmetric NAT 198.51.100.23), IPv6 2001:db8:0:3::10"),
     "x": ("192.0.2.6", "behind r4 (INPUT accepts all, 198.51.100.24)"),
-    "p": ("192.0.2.7", "public 198.51.100.30, no NAT"),
+    "p": ("192.0.2.7", "public 198.51.100.30, no NAT, IPv6 2001:db8:0:100::30"),
     "g": ("192.0.2.9", "behind r5 (symmetric NAT 198.51.100.25 with a port-mapping gateway)"),
 }
 ROUTERS = ("r1", "r2", "r3", "r4", "r5")
@@ -72,7 +72,8 @@ KEY_HOSTS = (*HUBS, *CLIENTS, "prometheus")
 CAPABILITIES = ["NET_ADMIN"]
 # What the topology must give.  x's pairs through r4 depend on who punches
 # first (the conntrack race): x runs with --punch-first, so its peers answer
-# after it and they go direct.
+# after it and they go direct.  s, behind the symmetric NAT, goes direct over
+# IPv6 with the other dual-stack clients (IPV6 below).
 EXPECTED_DIRECT = [
     ("a", "b"),
     ("a", "c"),
@@ -85,6 +86,7 @@ EXPECTED_DIRECT = [
     ("a", "x"),
     ("b", "x"),
     ("c", "x"),
+    ("c", "s"),
     # g behind r5's mapping: every peer reaches g at its mapped endpoint.
     ("a", "g"),
     ("b", "g"),
@@ -93,20 +95,34 @@ EXPECTED_DIRECT = [
     ("x", "g"),
     ("p", "g"),
 ]
-EXPECTED_RELAYED = [("a", "s"), ("b", "s"), ("c", "s"), ("s", "x")]
+EXPECTED_RELAYED = [("a", "s"), ("b", "s"), ("s", "x")]
 # Why each pair gets what it gets, for the demo's "expected" column: the legend
 # letters and their sentences.
 REASONS = {
     "L": "one NAT: each reaches the other at its announced LAN endpoint (no hairpinning)",
     "H": "both behind port-preserving home NATs: the two initiations cross and punch through",
     "P": "p is public (no NAT): the other end's outgoing packets open its own NAT",
-    "S": "s's NAT is symmetric (a new port per destination): no mapping to punch through",
+    "S": (
+        "s's NAT is symmetric (a new port per destination): no mapping to punch through, "
+        "and the other end has no IPv6"
+    ),
     "X": (
         "x's router accepts any inbound packet (the conntrack race): x punches first "
         "(--punch-first) and its peers answer 1 s later"
     ),
+    "6": (
+        "both ends have global IPv6 (no NAT between; the stateful firewalls open "
+        "to the simultaneous probe)"
+    ),
     "M": "g's gateway maps a port for it (PCP/NAT-PMP/UPnP IGD): its peers reach that port",
 }
+# -- IPv6 internet (issue 16) --
+# The dual-stack clients' global IPv6 addresses (2001:db8::/32, the documentation
+# range; the routers route, no NAT66).  A pair of two of them goes direct over IPv6,
+# whatever NAT is in front of them for IPv4: the candidate after LAN.
+IPV6 = {"c": "2001:db8:0:2::10", "s": "2001:db8:0:3::10", "p": "2001:db8:0:100::30"}
+# What the host must hold none of (no address, no route): the simulated internet.
+TESTBED_INTERNET = ("198.51.100.0/24", "2001:db8::/32")
 # -- port-mapping gateway (issue 16) --
 # r5 runs miniupnpd, which maps nothing until its STUN test has found r5's
 # address public (about 10 s after it starts); the clients are started after.
@@ -132,6 +148,8 @@ def expectation(x: str, y: str) -> tuple[str, str]:
     if pair in EXPECTED_DIRECT:
         if "g" in pair:
             return "direct", "M"
+        if set(pair) <= set(IPV6):
+            return "direct", "6"
         if "p" in pair:
             return "direct", "P"
         if "x" in pair:

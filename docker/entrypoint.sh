@@ -18,6 +18,10 @@
 # separated, or several keys a file: one -r each, in order), WGNAT_WAIT_FILE (wait
 # until this file exists before starting the daemon, with the interface up),
 # WGNAT_METRICS_LISTEN (HOST:PORT for --metrics-listen; wgnat-metrics reads it too).
+# The testbed's IPv6 (issue 16): WGNAT_IPV6 (ADDRESS/LEN, added to the container's
+# network interface before WireGuard starts, so the daemon announces it; needs the
+# sysctl net.ipv6.conf.all.disable_ipv6=0), WGNAT_IPV6_ROUTES ("PREFIX via
+# ADDRESS", comma-separated; "default via ROUTER" behind a router).
 set -eu
 role=${1:-${WGNAT_ROLE:-client}}
 [ $# -gt 0 ] && shift
@@ -35,6 +39,15 @@ fi
 
 config=${WG_CONFIG:-/etc/wireguard/wg0.conf}
 iface=$(basename "$config" .conf)
+if [ -n "${WGNAT_IPV6:-}" ]; then
+    # The container's one network interface: not loopback, not WireGuard's.
+    dev=$(ip -o link show | awk -F': ' -v wg="$iface" '{sub(/@.*/, "", $2)} $2 != "lo" && $2 != wg {print $2; exit}')
+    ip -6 addr replace "$WGNAT_IPV6" dev "${dev:?no network interface for WGNAT_IPV6}" nodad
+fi
+echo "${WGNAT_IPV6_ROUTES:-}" | tr ',' '\n' | while read -r route; do
+    # shellcheck disable=SC2086 # PREFIX via ADDRESS: the route's words
+    [ -z "$route" ] || ip -6 route replace $route
+done
 if [ -f "$config" ]; then
     if ! ip link show "$iface" >/dev/null 2>&1; then
         # wg-quick wants the file under its interface's name, readable by root only.

@@ -21,6 +21,12 @@
 # test pass: MASQUERADE only the LAN's packets (with --random-fully on the
 # router's own, the test sees a symmetric NAT), and INPUT accepting UDP from
 # the STUN addresses.  (tests/netns.py's "upnp" router does the same.)
+# IPv6 (issue 16), when ROUTER_WAN6 is set: ROUTER_WAN6 and ROUTER_LAN6 (ADDRESS/LEN)
+# on the two interfaces, ROUTER_ROUTES6 ("PREFIX via ADDRESS", comma-separated: the
+# other routers' LAN prefixes), forwarding with no NAT66 (the LAN's addresses are
+# global) behind a home router's stateful firewall, whatever MODE: out, and what
+# answers it; nothing else in.  The container needs IPv6 on and forwarding
+# (sysctls net.ipv6.conf.all.disable_ipv6=0, net.ipv6.conf.all.forwarding=1).
 set -eu
 wan=$(ip -o -4 addr show | awk -v a="${ROUTER_WAN:?}" 'index($4, a "/") == 1 {print $2}' | cut -d@ -f1)
 [ -n "$wan" ] || { echo "wgnat-router: no interface holds $ROUTER_WAN" >&2; exit 1; }
@@ -116,6 +122,32 @@ CONF
     exec miniupnpd -d -f /run/miniupnpd.conf -P /run/miniupnpd.pid
 }
 
+# "PREFIX via ADDRESS, ..." -> one `ip -6 route replace` each.
+routes6() {
+    echo "$1" | tr ',' '\n' | while read -r route; do
+        # shellcheck disable=SC2086 # PREFIX via ADDRESS: the route's words
+        [ -z "$route" ] || ip -6 route replace $route
+    done
+}
+
+ipv6_up() {
+    # nodad: usable at once (the testbed's addresses are unique by design).
+    ip -6 addr replace "$ROUTER_WAN6" dev "$wan" nodad
+    ip -6 addr replace "${ROUTER_LAN6:?ROUTER_LAN6 with ROUTER_WAN6}" dev "$lan" nodad
+    routes6 "${ROUTER_ROUTES6:-}"
+    ip6tables -w -P FORWARD DROP
+    ip6tables -w -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+    ip6tables -w -A FORWARD -i "$lan" -o "$wan" -j ACCEPT
+    ip6tables -w -P INPUT DROP
+    ip6tables -w -A INPUT -i lo -j ACCEPT
+    # Neighbour discovery (and ping to the router itself): without it nothing
+    # on the internet could resolve the router's link-layer address.
+    ip6tables -w -A INPUT -p ipv6-icmp -j ACCEPT
+    ip6tables -w -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+    ip6tables -w -A INPUT -i "$lan" -j ACCEPT
+    echo "wgnat-router: IPv6 routed (no NAT66), $ROUTER_WAN6 on $wan, $ROUTER_LAN6 on $lan"
+}
+
 case "${1:-}" in
 up)
     set_mode "${2:-$mode}"
@@ -138,6 +170,12 @@ up)
         $iptables -w -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
         $iptables -w -A INPUT -i "$lan" -j ACCEPT
     fi
+    if [ -n "${ROUTER_WAN6:-}" ]; then ipv6_up; fi
+    # What crossed the router before its rules existed (the interfaces are up
+    # before this script runs): an unsolicited packet accepted then stays a
+    # conntrack entry as long as its sender keeps sending, and takes the port a
+    # LAN host's mapping needs (the conntrack race, after a restart).
+    conntrack -F 2>/dev/null || true
     echo "$mode" >/run/wgnat-router-mode
     echo "wgnat-router: $mode NAT, internet on $wan ($ROUTER_WAN), LAN on $lan"
     [ "$mode" = upnp ] && start_miniupnpd

@@ -440,11 +440,14 @@ class Router(Host):
         for rule in rules:
             self.run(self.iptables, "-w", *rule)
 
-    def start_miniupnpd(self, allowed: str | None = None, pcp: bool = True) -> subprocess.Popen:
+    def start_miniupnpd(
+        self, allowed: str | None = None, pcp: bool = True, lifetime: int | None = None
+    ) -> subprocess.Popen:
         """miniupnpd on this ("upnp") router: PCP/NAT-PMP and UPnP IGD on the LAN,
         its external address checked by STUN (Lab.stun_server must run), mapping
         only for `allowed` (a network: the LAN by default; others are refused),
-        with PCP/NAT-PMP (`pcp`) or with UPnP IGD only.
+        with PCP/NAT-PMP (`pcp`) or with UPnP IGD only, granting PCP leases of at
+        most `lifetime` seconds (its default: up to a day).
         It answers no request before its STUN test ends (about 10 s):
         `miniupnpd_ready()` says when."""
         assert self.mode == "upnp", "miniupnpd runs on a router made with mode='upnp'"
@@ -461,7 +464,8 @@ class Router(Host):
                 "ext_perform_stun=yes\n"
                 f"ext_stun_host={STUN_ADDRESSES[0]}\n"
                 f"ext_stun_port={STUN_PORT}\n"
-                f"allow 1024-65535 {allowed or self.lan} 1024-65535\n"
+                + (f"min_lifetime=2\nmax_lifetime={lifetime}\n" if lifetime else "")
+                + f"allow 1024-65535 {allowed or self.lan} 1024-65535\n"
                 "deny 0-65535 0.0.0.0/0 0-65535\n"
             )
         self.miniupnpd_log = os.path.join(self.lab.tmpdir, f"miniupnpd-{self.short}.log")

@@ -241,6 +241,45 @@ def test_an_ipv6_endpoint_no_longer_announced_falls_back_down_the_list_with_the_
     go_direct(w, without, b, T0 + 30.1)
 
 
+def test_a_direct_path_whose_mapping_lapsed_is_kept_while_it_works_then_falls_back():
+    """A lease that ran out (its gateway stopped answering renewals) removes no
+    flow the gateway's connection tracking holds: the direct path is kept,
+    saying why once, until the health check finds it dead."""
+    b = new_key()
+    w = world(my_ipv6=())
+    mapped = view_of(remote(b, mapped="203.0.113.22:40000"), me=MY_PUBLIC)
+    w.step(mapped, T0)
+    go_direct(w, mapped, b, T0 + 0.02)
+    assert w.mesh.paths[b].candidate.kind == "mapped"
+    w.mesh.take_events()
+    without = view_of(remote(b), me=MY_PUBLIC)
+    assert w.step(without, T0 + 30) == []
+    path = w.mesh.paths[b]
+    assert path.path is Path.DIRECT and str(w.device.peers[b].endpoint) == "203.0.113.22:40000"
+    (kept,) = w.mesh.take_events()
+    assert kept.kind == "kept"
+    assert "its mapped endpoint 203.0.113.22:40000 is no longer announced" in kept.detail
+    assert "then: observed IPv4 endpoint 203.0.113.22:51820" in kept.detail
+    assert "kept while it works" in path.candidate.reason
+    assert w.step(without, T0 + 31) == [] and w.mesh.take_events() == []  # said once
+    # The path dies (no handshake for 180 s): relayed, and the retry probes what
+    # there is now, the observed endpoint.
+    actions = w.step(without, T0 + 0.02 + 181)
+    assert w.mesh.paths[b].path is Path.RELAYED, actions
+    w.step(without, w.mesh.paths[b].retry_at)
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:51820"
+
+
+def test_a_probe_at_a_mapping_that_lapsed_moves_on_at_once():
+    b = new_key()
+    w = world(my_ipv6=())
+    w.step(view_of(remote(b, mapped="203.0.113.22:40000"), me=MY_PUBLIC), T0)
+    actions = w.step(view_of(remote(b), me=MY_PUBLIC), T0 + 1)
+    assert [a.kind for a in actions] == ["remove", "probe"]
+    assert "its mapped endpoint 203.0.113.22:40000 is no longer announced" in actions[0].reason
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:51820"
+
+
 def test_our_own_ipv6_address_gone_falls_back_with_the_reason():
     b = new_key()
     w = world()

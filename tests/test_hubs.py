@@ -5,6 +5,8 @@ on plain numbers."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import device, ep, ip, nets, new_key, peer
 from wgnat.client.hubs import HubChoice, HubSettings
 from wgnat.client.merge import HubView, merge_views, own_endpoint, symmetric_nat
@@ -550,15 +552,22 @@ def test_two_hubs_unmask_a_symmetric_nat_and_its_hopeless_pairs_are_not_probed()
     assert p.view.peers[ks].symmetric_nat
 
 
+def two_symmetric_hosts():
+    """Two hubs and hosts s and t, each seen by the hubs at two ports of one
+    address (symmetric NATs): (net, s's key, s's device, t's key, t's device)."""
+    net = TwoHubs()
+    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
+    kt, dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    return net, ks, ds, kt, dt
+
+
 def test_two_symmetric_nats_go_direct_when_one_holds_a_mapped_port() -> None:
     """s's gateway mapped a port, t has none: t probes that port, and s takes
     part (probes t's observed endpoint, which t's NAT drops) so that t's
     handshake, from wherever t's NAT sends it, completes.  Both tell why."""
     from tests.test_mapped_endpoint import OneShotGateway  # maps 203.0.113.23:51820
 
-    net = TwoHubs()
-    ks, ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, ds, kt, dt = two_symmetric_hosts()
     s, t = net.agent("s", port_mapper_from=OneShotGateway), net.agent("t")
     net.clock.advance(1)
     assert s.symmetric_nat and t.symmetric_nat
@@ -574,9 +583,7 @@ def test_two_symmetric_nats_go_direct_when_one_holds_a_mapped_port() -> None:
 
 
 def test_two_symmetric_nats_without_a_mapped_port_are_still_not_probed() -> None:
-    net = TwoHubs()
-    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, _ds, kt, _dt = two_symmetric_hosts()
     s, t = net.agent("s"), net.agent("t")
     net.clock.advance(2)
     assert s.mesh.my_mapped_endpoint is None
@@ -615,9 +622,7 @@ def test_a_rebinding_seen_by_one_hub_first_does_not_make_a_symmetric_nat() -> No
 
 
 def test_an_agent_keeps_its_symmetric_verdict_while_a_hub_briefly_agrees() -> None:
-    net = TwoHubs()
-    ks, _ds = net.add_host("s", "198.51.100.2", ("203.0.113.23:40001", "203.0.113.23:40002"))
-    kt, _dt = net.add_host("t", "198.51.100.3", ("203.0.113.24:50001", "203.0.113.24:50002"))
+    net, ks, _ds, kt, _dt = two_symmetric_hosts()
     s, _t = net.agent("s"), net.agent("t")
     net.clock.advance(1)
     assert s.symmetric_nat
@@ -729,7 +734,18 @@ def test_status_with_one_registry_is_as_before() -> None:
     net.stop()
 
 
-def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_it() -> None:
+@pytest.mark.parametrize(
+    "extension",
+    [
+        {"symmetric_nat": True},
+        {"mapped_endpoint": ep("203.0.113.23:51820")},
+        {"ipv6_endpoints": (ep("[2001:db8::5]:51820"),)},
+        {"punch_first": True},
+    ],
+)
+def test_an_older_registry_refusing_an_optional_field_is_announced_to_without_it(
+    extension,
+) -> None:
     from twisted.internet.defer import fail, succeed
     from twisted.internet.task import Clock
 
@@ -749,7 +765,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
         refusals = 0
 
         def announce(self, announcement: Announcement):
-            if announcement.symmetric_nat:
+            if announcement != Announcement("aa"):
                 self.refusals += 1
                 return fail(RegistryError("the registry refused the request: HTTP 400", status=400))
             self.received.append(announcement)
@@ -760,7 +776,7 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
         old,
         clock,
         HubView(),
-        lambda: succeed(Announcement("aa", (), symmetric_nat=True)),
+        lambda: succeed(Announcement("aa", (), **extension)),
         lambda changed, full: None,
         ClientMetrics(),
         60.0,
@@ -779,7 +795,6 @@ def test_an_older_registry_refusing_the_symmetric_flag_is_announced_to_without_i
 
 
 def test_a_peer_removed_from_one_hub_stays_and_from_both_goes() -> None:
-
     net = TwoHubs()
     _, da = net.add_host("a", "198.51.100.2", ("203.0.113.21:51820", "203.0.113.21:51820"))
     kb, _ = net.add_host("b", "198.51.100.3", ("203.0.113.22:51820", "203.0.113.22:51820"))

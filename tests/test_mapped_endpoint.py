@@ -4,6 +4,7 @@ target, and compatibility with registries and clients that predate it."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 
@@ -53,13 +54,20 @@ def test_a_mapped_endpoint_no_other_host_could_use_is_refused(value):
         parse_announcement({"session": "ab", "mapped_endpoint": value})
 
 
-def test_the_registry_passes_the_mapped_endpoint_on_and_versions_it():
+def hub_with_two_peers():
+    """A registry's device and model with peers a (seen at 198.51.100.23:1111)
+    and b: (device, model, a, b)."""
     device = MemoryDevice("wg0", public_key=new_key())
     a, b = new_key(), new_key()
     device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
     device.add_peer(peer(b, "198.51.100.21:51820", ("10.0.0.3/32",), NOW))
     model = RegistryModel()
     model.observe(device.snapshot(), NOW)
+    return device, model, a, b
+
+
+def test_the_registry_passes_the_mapped_endpoint_on_and_versions_it():
+    device, model, a, b = hub_with_two_peers()
     version = model.version
     assert model.announce(a, Announcement("ab", (), mapped_endpoint=ep("198.51.100.23:51820")))
     assert model.version == version + 1
@@ -207,27 +215,22 @@ class OldAnnounce(resource.Resource):
         return b"{}"
 
 
-def test_a_registry_that_refuses_the_field_is_announced_to_without_it(logged):
+def test_a_registry_that_refuses_the_field_says_so_with_its_status():
+    """The follower announces again without the optional fields on a 400
+    (tests/test_hubs.py::test_an_older_registry_refusing_an_optional_field_...):
+    the client passes the refusal on with its HTTP status, sending once."""
     http = MemoryHTTP()
     old = OldAnnounce()
     http.serve(server.Site(old))  # the memory reactor resolves every host to 127.0.0.1
     client = RegistryClient(http.reactor, ipaddress.ip_address("198.51.100.1"), 51820)
     announcement = Announcement("ab", (), mapped_endpoint=ep("203.0.113.23:51820"))
-    assert http.result(client.announce(announcement)) == {}
+    with pytest.raises(RegistryError, match="HTTP 400") as refused:
+        http.result(client.announce(announcement))
+    assert refused.value.status == 400
     assert [sorted(body) for body in old.bodies] == [
-        ["lan_endpoints", "mapped_endpoint", "session"],
-        ["lan_endpoints", "session"],
+        ["lan_endpoints", "mapped_endpoint", "session"]
     ]
-    http.result(client.announce(announcement))
-    refused = [line for line in logged if "refused this host's mapped endpoint" in line]
-    assert len(refused) == 1  # said once
-    # Any other refusal is still a failure.
-    with pytest.raises(RegistryError, match="HTTP 400"):
-        http.result(client.announce(Announcement("dead")))
-    with pytest.raises(RegistryError, match="HTTP 400"):
-        http.result(
-            client.announce(Announcement("dead", (), mapped_endpoint=ep("203.0.113.23:51820")))
-        )
+    assert http.result(client.announce(Announcement("ab"))) == {}
 
 
 class LateGateway(OneShotGateway):
@@ -362,3 +365,44 @@ def test_no_port_mapping_turns_the_mapper_off(monkeypatch):
         options.parseOptions(["-r", new_key().base64, "--status-socket", "", *flags])
         daemon = tap.makeService(options, reactor=Clock())
         assert (daemon.agent.port_mapper is not None) is expected
+
+
+def test_a_mapped_endpoint_at_another_address_than_the_peer_is_seen_is_not_passed_on():
+    """A gateway maps a port of its own external address: a mapped endpoint
+    elsewhere would aim every peer's probes at another host.  Kept, and served
+    once the peer is seen at that address."""
+    device, model, a, b = hub_with_two_peers()
+    model.announce(a, Announcement("ab", (), mapped_endpoint=ep("192.0.2.99:51820")))
+
+    def served_to_b():
+        answer = parse_answer(json.loads(json.dumps(model.answer(b, None, NOW))))
+        (listed,) = [p for p in answer.peers if p.public_key == a]
+        others = [p for p in answer.peers if p.public_key != b]
+        assert view_digest(others, answer.my_endpoint) == model.view_digest(b)
+        return listed.mapped_endpoint
+
+    assert served_to_b() is None
+    assert model.announcements[a].mapped_endpoint == ep("192.0.2.99:51820")  # kept
+    # a's NAT now sends from that address: the mapping is served.
+    device.peers[a] = dataclasses.replace(device.peers[a], endpoint=ep("192.0.2.99:2222"))
+    model.observe(device.snapshot(), NOW + 1)
+    assert served_to_b() == ep("192.0.2.99:51820")
+
+
+def test_the_registry_says_why_it_does_not_pass_a_mapped_endpoint_on(logged):
+    from twisted.internet.task import Clock
+
+    from wgnat.registry.hub import Registry
+
+    device = MemoryDevice("wg0", public_key=new_key())
+    a = new_key()
+    device.add_peer(peer(a, "198.51.100.23:1111", ("10.0.0.2/32",), NOW))
+    clock = Clock()
+    clock.advance(NOW)
+    hub = Registry(device, clock)
+    hub.announce(a, Announcement("ab", (), mapped_endpoint=ep("192.0.2.99:51820")))
+    assert any(
+        "its mapped endpoint 192.0.2.99:51820 is not passed on: its packets come from "
+        "198.51.100.23:1111" in line
+        for line in logged
+    ), logged

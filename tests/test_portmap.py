@@ -276,20 +276,106 @@ def test_a_refusal_falls_back_to_upnp_then_goes_on_without_with_the_reason_once(
     assert all(channel.closed for channel in gateway.channels)
 
 
-def test_a_silent_gateway_is_given_up_after_the_retransmissions_then_upnp_maps():
+def test_a_gateway_silent_to_pcp_is_asked_over_upnp_a_quarter_second_later():
+    """Not after PCP's 3.75 s of retransmissions: a gateway that speaks PCP
+    answers within a round trip.  UPnP's mapping is held, PCP stops."""
     clock = Clock()
     gateway = Gateway(clock)
     gateway.answering = False
     upnp = FakeUpnp(clock, works=True)
     m, changes = mapper(clock, gateway, upnp)
     clock.advance(0)
+    clock.advance(0.24)
+    assert upnp.asked == 0 and m.state == "searching"
+    clock.advance(0.01)
+    assert upnp.asked == 1
+    assert m.mapping is not None and m.mapping.protocol == "upnp"
+    assert changes == [m.mapping]
+    sent = len(gateway.requests)
+    clock.pump([0.5, 1.0, 2.0, 5.0])
+    assert len(gateway.requests) == sent  # PCP's retransmissions stopped
+    assert all(channel.closed for channel in gateway.channels)
+    assert m.state == "held" and m.mapping.protocol == "upnp"
+
+
+def test_a_gateway_answering_pcp_at_once_is_never_asked_over_upnp():
+    clock = Clock()
+    upnp = FakeUpnp(clock, works=True)
+    m, _ = mapper(clock, Gateway(clock), upnp)
+    clock.advance(0)
+    clock.advance(0.01)
+    assert m.mapping is not None and m.mapping.protocol == "pcp"
+    clock.advance(1)
+    assert upnp.asked == 0 and m.mapping.protocol == "pcp"
+
+
+class SlowUpnp(FakeUpnp):
+    """Maps when the test says so (miniupnpc's discovery, in its thread)."""
+
+    def __init__(self, clock):
+        super().__init__(clock, works=True)
+        self.pending = []
+
+    def map(self, internal_port, lifetime):
+        from twisted.internet.defer import Deferred
+
+        self.asked += 1
+        answer = Deferred()
+        self.pending.append(answer)
+        return answer
+
+    def answer(self):
+        self.pending.pop().callback(
+            PortMapping("upnp", ep("198.51.100.23:51820"), 51820, 3600, self.clock.seconds())
+        )
+
+
+def test_a_mapping_obtained_after_another_won_is_deleted_on_the_gateway():
+    clock = Clock()
+    gateway = Gateway(clock)
+    gateway.answering = False
+    upnp = SlowUpnp(clock)
+    m, changes = mapper(clock, gateway, upnp)
+    clock.advance(0)
+    clock.advance(0.25)  # UPnP asked; its discovery takes a while
+    assert upnp.asked == 1 and m.state == "searching"
+    gateway.answering = True
+    clock.advance(0.5)  # PCP's third request (at 0.75 s) is answered
+    clock.advance(0.01)
+    assert m.mapping is not None and m.mapping.protocol == "pcp"
+    upnp.answer()  # UPnP maps too, later: that one is deleted
+    assert upnp.deleted == 1
+    assert m.mapping.protocol == "pcp" and changes == [m.mapping]
+
+
+def test_a_silent_gateway_without_upnp_is_given_up_after_the_retransmissions(logged):
+    clock = Clock()
+    gateway = Gateway(clock)
+    gateway.answering = False
+    m, changes = mapper(clock, gateway)
+    clock.advance(0)
     clock.pump([0.25, 0.5, 1.0])
     assert len(gateway.requests) == 4  # sent at 0, 0.25, 0.75, 1.75 s
     clock.advance(1.99)
     assert m.state == "searching"
     clock.advance(0.01)  # 2 s after the last: given up
-    assert m.mapping is not None and m.mapping.protocol == "upnp"
-    assert changes == [m.mapping]
+    assert m.state == "failed" and "in 3.75 s" in m.error and changes == []
+
+
+def test_a_stop_while_upnp_is_still_asking_deletes_what_it_maps_later():
+    clock = Clock()
+    gateway = Gateway(clock)
+    gateway.answering = False
+    upnp = SlowUpnp(clock)
+    m, changes = mapper(clock, gateway, upnp)
+    clock.advance(0)
+    clock.advance(0.25)
+    assert upnp.asked == 1
+    stopped = m.stop()
+    assert stopped.called and m.state == "off"
+    upnp.answer()
+    assert upnp.deleted == 1 and m.mapping is None and changes == []
+    assert clock.getDelayedCalls() == []
 
 
 def test_no_default_gateway_is_a_reason_not_a_crash():

@@ -18,7 +18,12 @@ def test_every_pair_has_an_expectation_with_a_reason_in_the_legend():
     assert {why for _, why in expected.values()} == set(testbed.REASONS)
     assert expected[("a", "b")] == ("direct", "L")
     assert expected[("a", "s")] == ("relayed", "S")
-    assert expected[("s", "p")] == ("direct", "P")
+    assert expected[("a", "p")] == ("direct", "P")
+    # s's symmetric NAT is passed over IPv6 with the other dual-stack clients.
+    assert expected[("s", "p")] == ("direct", "6")
+    assert expected[("c", "s")] == ("direct", "6")
+    assert expected[("c", "p")] == ("direct", "6")
+    assert expected[("s", "x")] == ("relayed", "S")
     assert expected[("c", "x")] == ("direct", "X")
     # g behind r5's mapping gateway: direct with all, s (two symmetric NATs) too.
     assert expected[("a", "g")] == ("direct", "M")

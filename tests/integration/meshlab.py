@@ -13,6 +13,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ class Daemon:
     name: str
     process: subprocess.Popen
     log_path: str
+    # When the process was spawned (time.monotonic()): what times to an outcome
+    # count from when they include the daemon's own start-up.
+    started: float = field(default_factory=time.monotonic)
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
@@ -279,6 +283,23 @@ class MeshLab:
         if entry and f"{theirs.tunnel_ip}/32" in entry["allowed_ips"] and entry["latest_handshake"]:
             return entry["endpoint"]
         return None
+
+    def times_to_direct(
+        self, pairs: list[tuple[str, str]], since: float, timeout: float
+    ) -> dict[tuple[str, str], float]:
+        """Seconds from `since` (time.monotonic()) until each pair was direct at
+        both ends, watched together (so that no pair's figure includes another's
+        wait); a pair not direct within `timeout` fails the test with the report."""
+        found: dict[tuple[str, str], float] = {}
+        while len(found) < len(pairs):
+            for x, y in pairs:
+                if (x, y) not in found and self.direct(x, y) and self.direct(y, x):
+                    found[(x, y)] = time.monotonic() - since
+            if time.monotonic() - since > timeout:
+                missing = ", ".join(f"{x}-{y}" for x, y in pairs if (x, y) not in found)
+                check(False, self, f"not direct within {timeout:g} s: {missing}")
+            time.sleep(0.02)
+        return found
 
     def has_entry(self, a: str, b: str) -> bool:
         return self.clients[b].wg.public_key in self.clients[a].wg.peers()

@@ -704,7 +704,7 @@ class MeshAgent(service.Service):
                     peer=self.describe(event.public_key),
                     detail=event.detail,
                 )
-            elif event.kind == "answer_later" and event.public_key is not None:
+            elif event.kind in ("answer_later", "kept") and event.public_key is not None:
                 log.info(
                     "{peer} {detail}", peer=self.describe(event.public_key), detail=event.detail
                 )

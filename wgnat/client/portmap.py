@@ -3,7 +3,8 @@ WireGuard listen port, so that peers can reach us even through a NAT that maps
 every destination differently (a symmetric NAT, where hole punching fails).
 
 PCP (RFC 6887) first, NAT-PMP (RFC 6886) when the gateway answers PCP with
-"unsupported version", UPnP IGD (miniupnpc, in a thread) when neither answers.
+"unsupported version", UPnP IGD (miniupnpc, in a thread) when PCP has not
+answered within 0.25 s (the first mapping obtained is held, a later one deleted).
 The mapping is renewed at half its lifetime and deleted on a clean stop; what
 it gives (`PortMapper.mapping`) is announced to the registry, which passes it
 on to the other peers.  A failure (no gateway, no answer, a refusal, a lease
@@ -21,7 +22,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import (
@@ -34,6 +35,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wgnat._types import Endpoint, InvalidValue
 from wgnat.client import portmap_wire as wire
@@ -50,6 +52,9 @@ MIN_RENEW_DELAY = 1.0
 DELETE_TIMEOUT = 1.0
 # Asked of UPnP IGD gateways (IGD v1 treats 0 as "forever": never ask that).
 UPNP_LIFETIME = 3600
+# UPnP IGD is asked this long after PCP (its first retransmission) unless PCP
+# answered or failed by then: see PortMapper._obtain.
+UPNP_AFTER = 0.25
 # miniupnpc waits this long for each of the device types it asks for in turn.
 UPNP_DISCOVER_MS = 1000
 UPNP_DESCRIPTION = "wgnat WireGuard"
@@ -431,6 +436,16 @@ def _miniupnpc_client() -> Any:
 # -- the mapping kept ----------------------------------------------------------
 
 
+@dataclass
+class _Round:
+    """One round of asking for a mapping (PortMapper._obtain)."""
+
+    asking: dict[MappingMethod, Deferred[Any]] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # by method, in asking order
+    upnp_waiting: bool = False  # UPnP IGD is still to be asked
+    upnp_timer: IDelayedCall | None = None
+
+
 class PortMapper:
     """Holds one mapping of the listen port: obtains it in the background after
     start, renews it at half its lifetime, drops it when a lease runs out, asks
@@ -462,6 +477,7 @@ class PortMapper:
         self._timer: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
         self._working: Deferred[Any] | None = None
+        self._round: _Round | None = None
         self._running = False
 
     # -- life cycle -----------------------------------------------------
@@ -478,6 +494,12 @@ class PortMapper:
         self._timer = self._expiry = None
         if self._working is not None:
             self._working.cancel()
+        round_, self._round = self._round, None
+        if round_ is not None:
+            cancel(round_.upnp_timer)
+            for method_asked, asking in list(round_.asking.items()):
+                if method_asked is not self.upnp:
+                    asking.cancel()  # UPnP's thread runs on: what it maps is deleted
         method, mapping = self._method, self.mapping
         self._method = None
         self.state = "off"
@@ -510,58 +532,89 @@ class PortMapper:
         return deleting
 
     # -- obtaining ------------------------------------------------------
-    @inlineCallbacks
-    def _obtain(self) -> Generator[Deferred[Any], Any, None]:
+    def _obtain(self) -> None:
+        """Ask PCP (NAT-PMP) first, and UPnP IGD UPNP_AFTER seconds later or as
+        soon as PCP fails: a gateway that speaks PCP answers within a round
+        trip, and one that does not would otherwise cost PCP's 3.75 s of
+        retransmissions before UPnP is asked.  The first mapping obtained is
+        held; one obtained after it is deleted (PCP's retransmissions are
+        cancelled; UPnP's blocking call cannot be)."""
         self._timer = None
         self.state = "searching"
-        reasons: list[str] = []
+        round_ = _Round()
+        self._round = round_
         gateway = None
         try:
             gateway = self.find_gateway()
         except Exception as exc:  # a lookup that fails is a reason, not a crash
-            reasons.append(f"cannot find the default gateway: {exc}")
-        if gateway is None and not reasons:
-            reasons.append("no IPv4 default gateway")
-        methods: list[Callable[[], MappingMethod]] = []
+            round_.reasons["gateway"] = f"cannot find the default gateway: {exc}"
+        if gateway is None and not round_.reasons:
+            round_.reasons["gateway"] = "no IPv4 default gateway"
+        round_.upnp_waiting = self.upnp is not None
         if gateway is not None:
-            methods.append(lambda: PcpOrNatPmp(self.clock, gateway, self.open_channel))
-        if self.upnp is not None:
-            upnp = self.upnp
-            methods.append(lambda: upnp)
-        for make in methods:
-            if not self._running:
-                return
             try:
-                method = make()
+                method: MappingMethod = PcpOrNatPmp(self.clock, gateway, self.open_channel)
             except Exception as exc:
-                reasons.append(f"cannot open a socket to the gateway: {exc}")
-                continue
-            try:
-                self._working = method.map(self.internal_port, self.lifetime)
-                mapping = yield self._working
-            except CancelledError:
-                method.close()
-                return
-            except MappingFailed as exc:
-                method.close()
-                reasons.append(f"{method.name}: {exc}")
-                continue
-            except Exception as exc:
-                method.close()
-                log.failure("unexpected error asking for a port mapping")
-                reasons.append(f"{method.name}: {exc}")
-                continue
-            finally:
-                self._working = None
-            if not self._running:
-                method.delete(mapping).addErrback(lambda _: None).addBoth(
-                    lambda _, closing=method: closing.close()
-                )
-                return
-            self._method = method
-            self._hold(mapping)
+                round_.reasons["pcp"] = f"cannot open a socket to the gateway: {exc}"
+            else:
+                self._ask(round_, method)
+        if round_.asking and round_.upnp_waiting:
+            round_.upnp_timer = self.clock.callLater(UPNP_AFTER, self._ask_upnp, round_)
+        else:
+            self._ask_upnp(round_)
+
+    def _ask(self, round_: _Round, method: MappingMethod) -> None:
+        round_.reasons.setdefault(method.name, "")
+        asking: Deferred[PortMapping] = maybeDeferred(method.map, self.internal_port, self.lifetime)
+        round_.asking[method] = asking
+        asking.addCallbacks(
+            self._obtained,
+            self._not_obtained,
+            callbackArgs=(round_, method),
+            errbackArgs=(round_, method),
+        )
+
+    def _ask_upnp(self, round_: _Round) -> None:
+        cancel(round_.upnp_timer)
+        round_.upnp_timer = None
+        if round_.upnp_waiting and self._round is round_ and self._running:
+            round_.upnp_waiting = False
+            assert self.upnp is not None
+            self._ask(round_, self.upnp)
+        self._settle(round_)
+
+    def _obtained(self, mapping: PortMapping, round_: _Round, method: MappingMethod) -> None:
+        round_.asking.pop(method, None)
+        if self._round is not round_ or not self._running:
+            # Stopped meanwhile, or another method won: the gateway forgets it.
+            method.delete(mapping).addErrback(lambda _: None).addBoth(lambda _: method.close())
             return
-        self._failed("; ".join(reasons) or "no way to ask the gateway")
+        self._round = None
+        cancel(round_.upnp_timer)
+        for other, asking in list(round_.asking.items()):
+            if other is not self.upnp:
+                asking.cancel()
+        self._method = method
+        self._hold(mapping)
+
+    def _not_obtained(self, failure: Failure, round_: _Round, method: MappingMethod) -> None:
+        round_.asking.pop(method, None)
+        method.close()
+        if failure.check(CancelledError):
+            return
+        if not failure.check(MappingFailed):
+            log.failure("unexpected error asking for a port mapping", failure)
+        round_.reasons[method.name] = f"{method.name}: {failure.getErrorMessage()}"
+        if self._round is round_:
+            self._ask_upnp(round_)  # PCP failed before UPNP_AFTER: no reason to wait
+
+    def _settle(self, round_: _Round) -> None:
+        """Every method asked has failed: say why, ask again later."""
+        if self._round is round_ and self._running and not round_.asking:
+            if not round_.upnp_waiting:
+                self._round = None
+                reasons = [reason for reason in round_.reasons.values() if reason]
+                self._failed("; ".join(reasons) or "no way to ask the gateway")
 
     def _hold(self, mapping: PortMapping) -> None:
         self.state = "held"

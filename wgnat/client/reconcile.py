@@ -226,7 +226,8 @@ class Event:
     "rebinding", "removed", "rejected" (allowed IPs refused), "answer_later"
     (a probe held back for the peer to punch first), "own_endpoint"
     (our public endpoint moved), "recovered" / "left_alone" (a peer taken back,
-    or not, after the state file was lost)."""
+    or not, after the state file was lost), "kept" (a direct path kept though
+    its candidate is gone)."""
 
     kind: str
     public_key: PublicKey | None  # None: about this host itself
@@ -942,6 +943,24 @@ class Mesh:
             )
         if same is None:
             gone = _why_gone(current, remote, self.mine(self.my_endpoint))
+            if current.kind == "mapped" and peer_path.path is Path.DIRECT:
+                # A lease that lapsed (a gateway that stopped answering renewals)
+                # removes no flow its connection tracking holds: the path goes on
+                # working, so it is kept while the health check finds it alive,
+                # and falls back to the candidates there are now when it dies.
+                if current.endpoint in before:
+                    self.events.append(
+                        Event(
+                            "kept",
+                            key,
+                            f"{gone}; the direct path to it stays while its handshakes do "
+                            f"(then: {found[0]})",
+                        )
+                    )
+                peer_path.candidate = Candidate(
+                    current.endpoint, current.kind, f"{gone}; kept while it works"
+                )
+                return []
             return self._reprobe(key, peer_path, found[0], now, gone, found)
         peer_path.candidate = same
         if same.endpoint != peer_path.endpoint:

@@ -7,7 +7,6 @@ anything uses them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Generator
 from io import BytesIO
 from typing import Any
@@ -246,7 +245,6 @@ class RegistryClient:
         # Request bodies are written on this reactor (the default cooperator
         # would use the global one).
         self._cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
-        self._mapped_refused = False  # said once: the registry predates mapped_endpoint
 
     def _send(
         self,
@@ -363,28 +361,12 @@ class RegistryClient:
 
     @inlineCallbacks
     def announce(self, announcement: Announcement) -> Generator[Deferred[Any], Any, Any]:
-        try:
-            response = yield self._send(
-                b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
-            )
-            document = yield self._document(response)
-        except RegistryError as exc:
-            if announcement.mapped_endpoint is None or exc.status != 400:
-                raise
-            # A registry older than port mapping refuses the field it does not
-            # know: announce the rest, which it does know.
-            if not self._mapped_refused:
-                log.warn(
-                    "the registry refused this host's mapped endpoint ({error}): an older "
-                    "wgnat-server? Announcing without it",
-                    error=str(exc),
-                )
-                self._mapped_refused = True
-            without = dataclasses.replace(announcement, mapped_endpoint=None)
-            response = yield self._send(
-                b"POST", "/v1/announce", encode_body(encode_announcement(without))
-            )
-            document = yield self._document(response)
+        """POST the announcement.  A registry older than the optional fields
+        refuses them (HTTP 400): the follower announces again without them."""
+        response = yield self._send(
+            b"POST", "/v1/announce", encode_body(encode_announcement(announcement))
+        )
+        document = yield self._document(response)
         return document
 
     def close(self) -> Deferred[None]:

@@ -387,6 +387,18 @@ class Registry:
                     endpoints=", ".join(map(str, announcement.lan_endpoints)) or "(none)",
                     more=_more_endpoints(announcement),
                 )
+                record = self.model.records.get(caller)
+                mapped = announcement.mapped_endpoint
+                if mapped is not None and record is not None and record.announcement is not None:
+                    if record.announcement.mapped_endpoint is None:
+                        log.warn(
+                            "{peer}: its mapped endpoint {mapped} is not passed on: its "
+                            "packets come from {seen}, and a gateway maps a port of its own "
+                            "address (served once it is seen there)",
+                            peer=caller.short,
+                            mapped=mapped,
+                            seen=record.endpoint,
+                        )
                 self.notify()
             return changed
 

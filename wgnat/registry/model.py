@@ -13,7 +13,7 @@ whatever the number of clients.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from wgnat._types import (
@@ -101,6 +101,21 @@ def is_live(peer: PeerState, now: float, live_window: float = LIVE_WINDOW) -> bo
     )
 
 
+def served(announcement: Announcement | None, seen: Endpoint | None) -> Announcement | None:
+    """What the other clients are told of an announcement, given where this
+    registry sees its peer: a mapped endpoint only at the address the peer's
+    packets come from.  A gateway maps a port of its own external address, so
+    any other host would aim every peer's probes at someone else (the client
+    withholds such a mapping itself; this holds a client to it).  The model
+    keeps the announcement whole: the mapping is served again once the peer
+    is seen there."""
+    if announcement is None or announcement.mapped_endpoint is None:
+        return announcement
+    if seen is not None and seen.host == announcement.mapped_endpoint.host:
+        return announcement
+    return replace(announcement, mapped_endpoint=None)
+
+
 @dataclass
 class RegistryModel:
     """What the registry knows; `announce` returns whether it changed, `observe`
@@ -175,7 +190,7 @@ class RegistryModel:
                 key,
                 record.endpoint,
                 record.allowed_ips,
-                announcement,
+                served(announcement, record.endpoint),
                 record.latest_handshake,
                 self.version,
             )
@@ -217,7 +232,7 @@ class RegistryModel:
             key,
             peer.endpoint,
             tuple(sorted(peer.allowed_ips, key=str)),
-            self.announcements.get(key),
+            served(self.announcements.get(key), peer.endpoint),
             peer.latest_handshake,
             old.version if old else 0,
         )

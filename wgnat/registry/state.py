@@ -29,7 +29,7 @@ from wgnat._types import Announcement, Endpoint, InvalidValue, PublicKey, parse_
 from wgnat.files import write_atomically
 from wgnat.logs import HeldLog
 from wgnat.registry.model import PeerRecord, RegistryModel
-from wgnat.wire import ipv6_endpoints_of
+from wgnat.wire import encode_announcement, ipv6_endpoints_of
 
 log = Logger(namespace="wgnat.registry")
 
@@ -57,22 +57,20 @@ def _announcement(value: Any) -> Announcement | None:
     )
 
 
+# The state file's names for three of the announcement's fields (it named them
+# before the wire did; files already written keep them).
+STATE_NAMES = {"lan_endpoints": "lan", "ipv6_endpoints": "ipv6", "mapped_endpoint": "mapped"}
+
+
 def _encode_announcement(announcement: Announcement | None) -> dict[str, Any] | None:
+    """The wire's encoding (optional fields only when set), under the state
+    file's names."""
     if announcement is None:
         return None
-    document: dict[str, Any] = {
-        "session": announcement.session,
-        "lan": [str(endpoint) for endpoint in announcement.lan_endpoints],
+    return {
+        STATE_NAMES.get(name, name): value
+        for name, value in encode_announcement(announcement).items()
     }
-    if announcement.symmetric_nat:
-        document["symmetric_nat"] = True
-    if announcement.ipv6_endpoints:
-        document["ipv6"] = [str(endpoint) for endpoint in announcement.ipv6_endpoints]
-    if announcement.mapped_endpoint is not None:
-        document["mapped"] = str(announcement.mapped_endpoint)
-    if announcement.punch_first:
-        document["punch_first"] = True
-    return document
 
 
 def encode_state(model: RegistryModel, ifname: str, hub_key: PublicKey | None) -> dict[str, Any]:
