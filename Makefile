@@ -104,7 +104,7 @@ demo: venv
 demo-down: venv
 	@$(PY) compose/testbed.py down
 
-# demo-down, then the images (wgnat, wgnat-prometheus, wgnat-base:bookworm) and
+# demo-down, then the images (wgnat-gateway, wgnat-prometheus, wgnat, wgnat-base:bookworm) and
 # build/docker-wheels.  Not the virtualenv (make clean), not Docker itself.
 demo-clean: venv
 	@$(PY) compose/testbed.py clean

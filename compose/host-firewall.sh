@@ -2,13 +2,13 @@
 # compose/host-firewall.sh add|remove
 #
 # Let traffic that stays on one of the testbed's bridges (wgnat-inet,
-# wgnat-lan1..4) through the host's FORWARD chain.  Docker loads br_netfilter, so
+# wgnat-lan1..5) through the host's FORWARD chain.  Docker loads br_netfilter, so
 # bridged frames meet Docker's isolation rules for internal networks, which drop
 # packets whose source or destination is outside the bridge's subnet: every
 # packet a NAT router forwards for its LAN.  Only same-bridge traffic is
 # accepted; nothing is routed between the bridges or out of the testbed.
 set -eu
-bridges="wgnat-inet wgnat-lan1 wgnat-lan2 wgnat-lan3 wgnat-lan4"
+bridges="wgnat-inet wgnat-lan1 wgnat-lan2 wgnat-lan3 wgnat-lan4 wgnat-lan5"
 action=${1:-add}
 iptables -w -nL DOCKER-USER >/dev/null 2>&1 || {
     echo "host-firewall: no DOCKER-USER chain (is the Docker engine running?)" >&2

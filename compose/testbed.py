@@ -45,6 +45,8 @@ HUBS = {
 # as there), and the local base it makes where no registry answers; each is built
 # on the next, so they are listed, and removed, top first.
 IMAGES = (
+    # port-mapping gateway (issue 16): built on wgnat, so removed before it
+    os.environ.get("WGNAT_GATEWAY_IMAGE") or "wgnat-gateway:latest",
     os.environ.get("PROMETHEUS_IMAGE") or "wgnat-prometheus:latest",
     os.environ.get("WGNAT_IMAGE") or "wgnat:latest",
     "wgnat-base:bookworm",
@@ -60,8 +62,9 @@ CLIENTS = {
     "s": ("192.0.2.5", "behind r3 (symmetric NAT 198.51.100.23), IPv6 2001:db8:0:3::10"),
     "x": ("192.0.2.6", "behind r4 (INPUT accepts all, 198.51.100.24)"),
     "p": ("192.0.2.7", "public 198.51.100.30, no NAT, IPv6 2001:db8:0:100::30"),
+    "g": ("192.0.2.9", "behind r5 (symmetric NAT 198.51.100.25 with a port-mapping gateway)"),
 }
-ROUTERS = ("r1", "r2", "r3", "r4")
+ROUTERS = ("r1", "r2", "r3", "r4", "r5")
 # The hosts on the tunnel: each has a private key, in a volume of its own
 # (key-NAME, mounted only by its service and by keygen, which writes them).
 KEY_HOSTS = (*HUBS, *CLIENTS, "prometheus")
@@ -84,6 +87,13 @@ EXPECTED_DIRECT = [
     ("b", "x"),
     ("c", "x"),
     ("c", "s"),
+    # g behind r5's mapping: every peer reaches g at its mapped endpoint.
+    ("a", "g"),
+    ("b", "g"),
+    ("c", "g"),
+    ("s", "g"),
+    ("x", "g"),
+    ("p", "g"),
 ]
 EXPECTED_RELAYED = [("a", "s"), ("b", "s"), ("s", "x")]
 # Why each pair gets what it gets, for the demo's "expected" column: the legend
@@ -104,6 +114,7 @@ REASONS = {
         "both ends have global IPv6 (no NAT between; the stateful firewalls open "
         "to the simultaneous probe)"
     ),
+    "M": "g's gateway maps a port for it (PCP/NAT-PMP/UPnP IGD): its peers reach that port",
 }
 # -- IPv6 internet (issue 16) --
 # The dual-stack clients' global IPv6 addresses (2001:db8::/32, the documentation
@@ -112,6 +123,20 @@ REASONS = {
 IPV6 = {"c": "2001:db8:0:2::10", "s": "2001:db8:0:3::10", "p": "2001:db8:0:100::30"}
 # What the host must hold none of (no address, no route): the simulated internet.
 TESTBED_INTERNET = ("198.51.100.0/24", "2001:db8::/32")
+# -- port-mapping gateway (issue 16) --
+# r5 runs miniupnpd, which maps nothing until its STUN test has found r5's
+# address public (about 10 s after it starts); the clients are started after.
+GATEWAY = "r5"
+GATEWAY_READY = ("Listening for NAT-PMP/PCP traffic", "Port forwarding is now enabled")
+# Where g's gateway forwards to g's listen port: r5's address, the same port.
+G_MAPPED = "198.51.100.25:51820"
+# The clients the two hubs see at one address with a port each (r3 and r5 are
+# symmetric NATs; r5's mapping is for inbound packets only).
+SYMMETRIC = ("s", "g")
+# r5 alone holds NET_RAW besides NET_ADMIN (libiptc's raw socket: docker-compose.yml).
+GATEWAY_CAPABILITIES = ["NET_ADMIN", "NET_RAW"]
+# The testbed's STUN server (coturn), which r5's miniupnpd checks its address with.
+STUN = "stun"
 # -- end --
 
 
@@ -121,6 +146,8 @@ def expectation(x: str, y: str) -> tuple[str, str]:
     if pair in EXPECTED_RELAYED:
         return "relayed", "S"
     if pair in EXPECTED_DIRECT:
+        if "g" in pair:
+            return "direct", "M"
         if set(pair) <= set(IPV6):
             return "direct", "6"
         if "p" in pair:
@@ -216,6 +243,7 @@ class Testbed:
         self.run_compose("up", "-d", env={"WGNAT_HOLD_CLIENTS": HOLD_FILE if hold else ""})
         for name in CLIENTS:
             wait_until(partial(self.has_interface, name), 30, what=f"{name}'s interface")
+        wait_until(self.gateway_ready, 45, interval=0.5, what=f"{GATEWAY}'s miniupnpd (STUN test)")
         self.keys = {name: self.public_key(name) for name in [*HUBS, *CLIENTS]}
         self.released_at = None if hold else time.time()
 
@@ -249,6 +277,15 @@ class Testbed:
                         "a stale endpoint); the next `up` reuses it, a dockerd restart removes it",
                         file=sys.stderr,
                     )
+
+    def gateway_ready(self) -> bool:
+        """Whether r5's miniupnpd maps (its STUN test has passed): it says so in its log."""
+        log = self.logs(GATEWAY, tail=200)
+        return any(line in log for line in GATEWAY_READY)
+
+    def gateway_mappings(self) -> str:
+        """The port forwards r5's miniupnpd holds: its nat chain (iptables-legacy)."""
+        return self.exec(GATEWAY, ["iptables-legacy", "-w", "-t", "nat", "-S", "MINIUPNPD"])[1]
 
     # -- containers -----------------------------------------------------------
     def container(self, name: str) -> Any:
@@ -474,6 +511,12 @@ class Testbed:
                 parts.append(self.exec(name, ["conntrack", "-L"], check=False)[1][-3000:])
             except Exception as exc:
                 parts.append(f"({name}: {exc})")
+        try:  # port-mapping gateway (issue 16)
+            parts.append(f"--- {GATEWAY}: miniupnpd's log (tail) and port forwards")
+            parts.append(self.logs(GATEWAY, tail=30))
+            parts.append(self.gateway_mappings())
+        except Exception as exc:
+            parts.append(f"({GATEWAY}: {exc})")
         return "\n".join(parts)
 
 
@@ -565,7 +608,7 @@ def where_metrics() -> str:
         f"  docker exec {PROJECT}-registry-1 wgnat-metrics     "
         f"(wgnat-server, {REGISTRY_TUNNEL}:9587; registry2 likewise, {HUBS['registry2'][0]})\n"
         f"  docker exec {PROJECT}-a-1 wgnat-metrics            "
-        f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p likewise)\n"
+        f"(wgnat-client, {CLIENTS['a'][0]}:9588; b c s x p g likewise)\n"
         f"  docker exec {PROJECT}-a-1 wgnat status             (a client's view, with reasons)\n"
         f"  docker exec {PROJECT}-registry-1 wgnat status --server\n"
         f"Prometheus ({PROJECT}-prometheus-1, itself a peer on the tunnel) scrapes them all\n"
@@ -691,7 +734,10 @@ def main(argv: list[str]) -> int:
         built = time.monotonic()
         print(f"image ready in {built - started:.1f} s; bringing the testbed up")
         bed.up(hold=True)
-        print(f"testbed up in {time.monotonic() - built:.1f} s; starting the 6 clients together")
+        print(
+            f"testbed up in {time.monotonic() - built:.1f} s; "
+            f"starting the {len(CLIENTS)} clients together"
+        )
         bed.release()
         wait_until(
             lambda: all(bed.direct(x, y) and bed.direct(y, x) for x, y in EXPECTED_DIRECT),

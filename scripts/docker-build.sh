@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the wgnat image (both daemons, the testbed's routers and key generator)
-# and the testbed's Prometheus image on it (docker/prometheus.Dockerfile).
+# and the testbed's Prometheus image on it (docker/prometheus.Dockerfile), and its
+# port-mapping gateway and STUN server image (docker/gateway.Dockerfile).
 #
 #   scripts/docker-build.sh [IMAGE]        (default wgnat:latest)
 #   PROMETHEUS_IMAGE=...                   (default wgnat-prometheus:latest; "" skips it)
+#   GATEWAY_IMAGE=...                      (default wgnat-gateway:latest; "" skips it)
 #
 # Base image: $BASE_IMAGE when set.  Otherwise the official python:3.11-slim when
 # it is present or can be pulled; where no container registry is reachable, a
@@ -15,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${1:-${WGNAT_IMAGE:-wgnat:latest}}
 PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE-wgnat-prometheus:latest}
+GATEWAY_IMAGE=${GATEWAY_IMAGE-wgnat-gateway:latest}
 PYTHON=${PYTHON:-python3}
 PY_VERSION=${PY_VERSION:-3.11}
 LOCAL_BASE=wgnat-base:bookworm
@@ -128,9 +131,27 @@ build_prometheus() {
         -t "$PROMETHEUS_IMAGE" docker >/dev/null
 }
 
+# The testbed's gateway (miniupnpd) and STUN server (coturn), from Debian's
+# packages: on the wgnat image, which the product keeps without them.
+build_gateway() {
+    [ -n "$GATEWAY_IMAGE" ] || return 0
+    local inputs
+    inputs=$( (docker image inspect -f '{{.Id}}' "$IMAGE"; sha1sum docker/gateway.Dockerfile docker/stun.sh) \
+        | sha1sum | cut -c1-16)
+    if up_to_date "$GATEWAY_IMAGE" "$inputs"; then
+        say "$GATEWAY_IMAGE is up to date (inputs $inputs)"
+        return
+    fi
+    say "building $GATEWAY_IMAGE on $IMAGE (miniupnpd and coturn from Debian's packages)"
+    docker_build -q -f docker/gateway.Dockerfile \
+        --build-arg WGNAT_IMAGE="$IMAGE" --label wgnat.inputs="$inputs" \
+        -t "$GATEWAY_IMAGE" docker >/dev/null
+}
+
 if up_to_date "$IMAGE" "$inputs"; then
     say "$IMAGE is up to date (inputs $inputs)"
     build_prometheus
+    build_gateway
     exit 0
 fi
 
@@ -156,3 +177,4 @@ docker_build -q \
     --label wgnat.inputs="$inputs" -t "$IMAGE" . >/dev/null
 say "built $IMAGE in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
 build_prometheus
+build_gateway

@@ -187,7 +187,7 @@ def test_scrape_config_scrapes_every_daemon_of_the_testbed():
     compose = (METRICS.parent / "compose" / "docker-compose.yml").read_text()
     listening = set(re.findall(r'WGNAT_METRICS_LISTEN: "?([\d.]+:\d+)', compose))
     targets = set(re.findall(r"\b(\d+\.\d+\.\d+\.\d+:\d+)\b", text))
-    assert len(listening) == 8, listening  # the two registries and six clients
+    assert len(listening) == 9, listening  # the two registries and seven clients (g: issue 16)
     assert targets == listening
     assert "192.0.2.1:9587" in targets  # the registry's default port, on its tunnel address
     assert "rule_files:" in text and "alerts.yml" in text

@@ -25,6 +25,9 @@ def test_every_pair_has_an_expectation_with_a_reason_in_the_legend():
     assert expected[("c", "p")] == ("direct", "6")
     assert expected[("s", "x")] == ("relayed", "S")
     assert expected[("c", "x")] == ("direct", "X")
+    # g behind r5's mapping gateway: direct with all, s (two symmetric NATs) too.
+    assert expected[("a", "g")] == ("direct", "M")
+    assert expected[("s", "g")] == ("direct", "M")
     # The same as what the Compose test requires.
     for pair in testbed.EXPECTED_DIRECT:
         assert testbed.expectation(*pair)[0] == "direct"

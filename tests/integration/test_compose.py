@@ -7,6 +7,7 @@ runs them.  The same scenarios as test_mesh.py, with NAT routers in containers:
     r4 (accept_all)  x          (the conntrack race: direct, as x runs with --punch-first)
     public           p          (dual-stack)
     registry, registry2         (two hubs: every client follows both, registry relays)
+    r5 (upnp)        g          (symmetric NAT + miniupnpd: direct with all at its mapped port)
 
 The tests share one testbed and run in this file's order.  They skip, saying why,
 where Docker cannot run; under CI=true they fail instead.  WGNAT_KEEP_TESTBED=1
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,12 +39,17 @@ from testbed import (
     CLIENTS,
     EXPECTED_DIRECT,
     EXPECTED_RELAYED,
+    G_MAPPED,
+    GATEWAY,
+    GATEWAY_CAPABILITIES,
     HUBS,
     IPV6,
     KEY_HOSTS,
     METRICS_DIR,
     PROJECT,
     ROUTERS,
+    STUN,
+    SYMMETRIC,
     TESTBED_INTERNET,
     Testbed,
     compose_binary,
@@ -242,7 +249,7 @@ def test_mesh_forms_with_the_right_paths_and_no_loss(bed):
         Ping(bed, "b", CLIENTS["c"][0], 300, 0.05),
     ]
     time.sleep(1)
-    bed.release(("a", "c", "s"))
+    bed.release(("a", "c", "s", "g"))
     wait(
         bed,
         lambda: all(bed.direct(x, y) and bed.direct(y, x) for x, y in EXPECTED_DIRECT),
@@ -295,6 +302,98 @@ def test_loss_while_the_mesh_forms_is_at_most_the_switch_window(bed):
         if sent != 300 or sent - received > 2
     }
     assert not lost, lost
+
+
+def test_g_behind_a_mapping_gateway_goes_direct_with_every_peer(bed, monkeypatch):
+    """Issue 16: g sits behind r5, a symmetric NAT like s's, whose gateway runs
+    miniupnpd.  g maps its listen port (PCP) and announces it; every peer goes
+    direct with g at that mapped endpoint, s too (two symmetric NATs, only g
+    mapped: s's initiation comes in through g's mapping).  Prints the time to
+    direct of g's pairs from the later client's start (issue 16 aims at a
+    median within 2 s)."""
+    bed.release()  # started by the test above; alone (-k), start them here
+    peers = [name for name in CLIENTS if name != "g"]
+    wait(
+        bed,
+        lambda: all(bed.direct("g", y) and bed.direct(y, "g") for y in peers),
+        30,
+        "g direct with " + " ".join(peers),
+    )
+    mapping = bed.status("g").get("port_mapping") or {}
+    check(
+        mapping.get("state") == "held"
+        and mapping.get("protocol") == "pcp"
+        and mapping.get("external_endpoint") == G_MAPPED
+        and mapping.get("announced") is True,
+        bed,
+        f"g's status shows the mapping r5 granted: {mapping}",
+    )
+    # The mapping on the gateway: miniupnpd's DNAT rule, and its log line.
+    rules = bed.gateway_mappings()
+    check("--dport 51820" in rules and "DNAT" in rules, bed, f"{GATEWAY}'s MINIUPNPD:\n{rules}")
+    check(
+        "added mapping UDP 51820->192.168.5.10:51820" in bed.logs(GATEWAY),
+        bed,
+        f"{GATEWAY}'s miniupnpd logs g's mapping",
+    )
+    g_key = bed.keys["g"]
+    misnamed = {}
+    for name in peers:
+        # The path itself: WireGuard sends to g's mapped endpoint.
+        check(bed.direct(name, "g") == G_MAPPED, bed, f"{name} reaches g at its mapped endpoint")
+        row = next((r for r in bed.status(name).get("peers", []) if r["public_key"] == g_key), {})
+        candidates = [(c["kind"], c["endpoint"]) for c in row.get("candidates") or []]
+        check(
+            row.get("path") == "direct" and ("mapped", G_MAPPED) in candidates,
+            bed,
+            f"{name}'s status: direct, g's mapped endpoint among the candidates: {row}",
+        )
+        chosen = row.get("candidate") or {}
+        if chosen.get("kind") == "mapped" and chosen.get("endpoint") == G_MAPPED:
+            continue
+        # An open defect: the status credits the candidate the prober was
+        # probing when the handshake completed, not the one it came through.
+        # Seen twice: (1) the first initiation to the mapped port reached g
+        # before g had added that peer and was dropped; WireGuard's next comes
+        # 5 s later, the prober had moved on to g's observed endpoint after
+        # 2 s, and the handshake then came in through g's mapping; (2) the two
+        # hubs see g at two ports, and the other one, arriving as "a new
+        # candidate", pre-empted the mapped probe just before its handshake.
+        # Either way WireGuard sends to the mapped port (checked above).  That
+        # shape, and only it, is tolerated here and printed.
+        check(
+            row.get("endpoint") == G_MAPPED
+            and chosen.get("kind") == "observed"
+            and chosen.get("endpoint") == row.get("registry_endpoint"),
+            bed,
+            f"{name}'s status names a path other than g's mapped endpoint: {row}",
+        )
+        misnamed[name] = f"{chosen.get('kind')} {chosen.get('endpoint')}"
+    check(bed.ping("g", CLIENTS["s"][0], count=2), bed, "g pings s (both symmetric NATs)")
+    # Each log read once (time_to_direct reads four per pair).
+    monkeypatch.setattr(bed, "logs", functools.cache(bed.logs))
+    took = {name: bed.time_to_direct("g", name) for name in peers}
+    monkeypatch.undo()
+    check(all(t is not None for t in took.values()), bed, f"times to direct: {took}")
+    median = statistics.median(t for t in took.values() if t is not None)
+    print(
+        f"\ng (symmetric NAT, mapped {G_MAPPED}) direct with every peer, from the later "
+        f"client's start: "
+        + ", ".join(f"g-{name} {t:.2f} s" for name, t in took.items())
+        + f"; median {median:.2f} s (issue 16 aims at 2 s)"
+        + (
+            "; status credits the observed candidate (the open defect above) for "
+            + ", ".join(f"{name} ({what})" for name, what in misnamed.items())
+            if misnamed
+            else ""
+        )
+    )
+    RECOVERY["g behind a port-mapping gateway, time to direct"] = (
+        f"median {median:.2f} s over g's {len(took)} pairs"
+    )
+    # Issue 16 aims at 2 s; a lost first initiation costs WireGuard 5 s more,
+    # which is what this bound would catch on a loaded 2-core host.
+    check(median <= 5.0, bed, f"g's median time to direct {median:.2f} s")
 
 
 def host_entries_in(networks: tuple[str, ...]) -> list[str]:
@@ -380,6 +479,8 @@ def test_s_behind_the_symmetric_nat_goes_direct_over_ipv6_and_the_host_stays_out
 
 # NET_ADMIN alone, as /proc shows a process's capability sets (bit 12).
 NET_ADMIN_ONLY = f"{1 << 12:016x}"
+# The gateway's: NET_ADMIN and NET_RAW (bit 13).
+GATEWAY_CAPS = f"{1 << 12 | 1 << 13:016x}"
 
 
 def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
@@ -392,7 +493,7 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
             all=True, filters={"label": f"com.docker.compose.project={PROJECT}"}
         )
     }
-    assert set(containers) == {"keygen", *ROUTERS, *KEY_HOSTS}, sorted(containers)
+    assert set(containers) == {"keygen", *ROUTERS, *KEY_HOSTS, STUN}, sorted(containers)
     key_volumes = set(bed.key_volumes())
     problems = []
     for service, container in sorted(containers.items()):
@@ -403,7 +504,7 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
             expected_keys, expected_caps = key_volumes, None
         else:
             expected_keys = {f"{PROJECT}_key-{service}"} if service in KEY_HOSTS else set()
-            expected_caps = CAPABILITIES
+            expected_caps = GATEWAY_CAPABILITIES if service == GATEWAY else CAPABILITIES
             if any(mounts[name]["RW"] for name in keys | {f"{PROJECT}_public"} & set(mounts)):
                 problems.append(f"{service}: a key volume mounted read-write")
         if keys != expected_keys:
@@ -426,23 +527,28 @@ def test_each_container_has_only_its_own_key_and_only_net_admin(bed):
             [
                 "sh",
                 "-c",
-                "for p in 1 $(pidof -x twistd wireguard-go prometheus sleep) $$; do "
+                "for p in 1 $(pidof -x twistd wireguard-go prometheus sleep miniupnpd turnserver)"
+                " $$; do "
                 "sed -n 's/^\\(Name\\|CapPrm\\|CapEff\\|CapBnd\\):\\t*//p' "
                 "/proc/$p/status | tr '\\n' ' '; echo; done",
             ],
         )
         held = {line.split()[0]: set(line.split()[1:]) for line in listed.splitlines() if line}
         expected_names = {"docker-init", "sh"}
-        expected_names |= {"wireguard-go"} if service in KEY_HOSTS else {"sleep"}
+        if service in KEY_HOSTS:
+            expected_names |= {"wireguard-go"}
+        else:  # a router sleeps, the gateway runs miniupnpd, the STUN server coturn
+            expected_names |= {{GATEWAY: "miniupnpd", STUN: "turnserver"}.get(service, "sleep")}
         expected_names |= {"twistd"} if service in (*HUBS, *CLIENTS) else set()
         expected_names |= {"prometheus"} if service == "prometheus" else set()
         if set(held) != expected_names:
             problems.append(
                 f"{service}: processes {sorted(held)}, expected {sorted(expected_names)}"
             )
-        wider = {name: sorted(caps) for name, caps in held.items() if caps != {NET_ADMIN_ONLY}}
+        allowed = GATEWAY_CAPS if service == GATEWAY else NET_ADMIN_ONLY
+        wider = {name: sorted(caps) for name, caps in held.items() if caps != {allowed}}
         if wider:
-            problems.append(f"{service}: capability sets beyond NET_ADMIN {wider}")
+            problems.append(f"{service}: capability sets beyond {expected_caps} {wider}")
         if service in KEY_HOSTS:
             _, found = bed.exec(service, ["sh", "-c", "ls /config; cat /config/*/wg0.conf"])
             private = found.count("PrivateKey")
@@ -902,9 +1008,13 @@ def test_hub_1_killed_the_relays_move_to_hub_2_and_stay_when_it_returns(bed):
     def told_symmetric() -> set[str]:
         return {name for name in clients if bed.status(name).get("symmetric_nat")}
 
-    wait(bed, lambda: "s" in told_symmetric(), 20, "s told symmetric", interval=1)
+    wait(bed, lambda: set(SYMMETRIC) <= told_symmetric(), 20, "s and g told symmetric", interval=1)
     symmetric = told_symmetric()
-    check(symmetric == {"s"}, bed, f"told symmetric by the two hubs' views: {sorted(symmetric)}")
+    check(
+        symmetric == set(SYMMETRIC),
+        bed,
+        f"told symmetric by the two hubs' views: {sorted(symmetric)}",
+    )
     wait(
         bed,
         lambda: all(bed.direct(x, y) and bed.direct(y, x) for x, y in (("a", "c"), ("c", "p"))),
