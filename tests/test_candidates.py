@@ -525,3 +525,33 @@ def test_through_two_symmetric_nats_only_our_mapped_port_keeps_the_observed_endp
     assert kinds(through_symmetric_nats(candidates(with_v6, dual), with_v6, dual)) == [
         ("ipv6", THEIR_V6)
     ]
+
+
+def test_a_handshake_through_another_candidate_than_the_one_probed_credits_that_one():
+    """We moved on from its mapped port (no handshake within 2 s: our first
+    initiation reached it before it knew us) to its observed endpoint; then its
+    own initiation came from the mapped port and WireGuard took that address.
+    The path is credited to the mapped port, which is where it runs."""
+    b = new_key()
+    w = world(my_ipv6=())
+    view = view_of(remote(b, mapped="203.0.113.22:40000"), me=MY_PUBLIC)
+    w.step(view, T0)
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:40000"
+    w.step(view, T0 + 2.0)  # the candidate timeout: the observed endpoint next
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:51820"
+    w.device.handshake(b, T0 + 2.5, endpoint=ep("203.0.113.22:40000"))
+    w.step(view, T0 + 2.55)
+    w.step(view, T0 + 2.8)
+    path = w.mesh.paths[b]
+    assert path.path is Path.DIRECT
+    assert path.candidate.kind == "mapped" and str(path.endpoint) == "203.0.113.22:40000"
+    assert w.step(view, T0 + 30) == []  # nothing to follow: it is where it runs
+    # A port nobody announced (a symmetric NAT's) leaves the probed one credited.
+    c = new_key()
+    w2 = world(my_ipv6=())
+    view2 = view_of(remote(c), me=MY_PUBLIC)
+    w2.step(view2, T0)
+    w2.device.handshake(c, T0 + 0.5, endpoint=ep("203.0.113.22:33333"))
+    w2.step(view2, T0 + 0.55)
+    w2.step(view2, T0 + 0.8)
+    assert w2.mesh.paths[c].candidate.kind == "observed"

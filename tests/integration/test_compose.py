@@ -337,7 +337,6 @@ def test_g_behind_a_mapping_gateway_goes_direct_with_every_peer(bed, monkeypatch
         f"{GATEWAY}'s miniupnpd logs g's mapping",
     )
     g_key = bed.keys["g"]
-    misnamed = {}
     for name in peers:
         # The path itself: WireGuard sends to g's mapped endpoint.
         check(bed.direct(name, "g") == G_MAPPED, bed, f"{name} reaches g at its mapped endpoint")
@@ -348,27 +347,15 @@ def test_g_behind_a_mapping_gateway_goes_direct_with_every_peer(bed, monkeypatch
             bed,
             f"{name}'s status: direct, g's mapped endpoint among the candidates: {row}",
         )
+        # The credit too: the candidate the handshake came through, even when
+        # the prober had moved on to another (its first initiation to the
+        # mapped port reached g before g knew it; g's own came in through it).
         chosen = row.get("candidate") or {}
-        if chosen.get("kind") == "mapped" and chosen.get("endpoint") == G_MAPPED:
-            continue
-        # An open defect: the status credits the candidate the prober was
-        # probing when the handshake completed, not the one it came through.
-        # Seen twice: (1) the first initiation to the mapped port reached g
-        # before g had added that peer and was dropped; WireGuard's next comes
-        # 5 s later, the prober had moved on to g's observed endpoint after
-        # 2 s, and the handshake then came in through g's mapping; (2) the two
-        # hubs see g at two ports, and the other one, arriving as "a new
-        # candidate", pre-empted the mapped probe just before its handshake.
-        # Either way WireGuard sends to the mapped port (checked above).  That
-        # shape, and only it, is tolerated here and printed.
         check(
-            row.get("endpoint") == G_MAPPED
-            and chosen.get("kind") == "observed"
-            and chosen.get("endpoint") == row.get("registry_endpoint"),
+            chosen.get("kind") == "mapped" and chosen.get("endpoint") == G_MAPPED,
             bed,
-            f"{name}'s status names a path other than g's mapped endpoint: {row}",
+            f"{name}'s status credits g's mapped endpoint: {row}",
         )
-        misnamed[name] = f"{chosen.get('kind')} {chosen.get('endpoint')}"
     check(bed.ping("g", CLIENTS["s"][0], count=2), bed, "g pings s (both symmetric NATs)")
     # Each log read once (time_to_direct reads four per pair).
     monkeypatch.setattr(bed, "logs", functools.cache(bed.logs))
@@ -381,12 +368,6 @@ def test_g_behind_a_mapping_gateway_goes_direct_with_every_peer(bed, monkeypatch
         f"client's start: "
         + ", ".join(f"g-{name} {t:.2f} s" for name, t in took.items())
         + f"; median {median:.2f} s (issue 16 aims at 2 s)"
-        + (
-            "; status credits the observed candidate (the open defect above) for "
-            + ", ".join(f"{name} ({what})" for name, what in misnamed.items())
-            if misnamed
-            else ""
-        )
     )
     RECOVERY["g behind a port-mapping gateway, time to direct"] = (
         f"median {median:.2f} s over g's {len(took)} pairs"

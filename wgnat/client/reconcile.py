@@ -1044,6 +1044,16 @@ class Mesh:
             ]
         handshake = device_peer.latest_handshake
         if handshake is not None and now - handshake < self.settings.handshake_dead_after:
+            reached = device_peer.endpoint
+            if reached is not None and reached != peer_path.endpoint:
+                # WireGuard took the address the handshake came from: credit
+                # the candidate that reached us (the other end's initiation
+                # from its mapped port, while we probed the next candidate),
+                # not the one we were probing.  A port no one announced (a
+                # symmetric NAT's) leaves the probed one credited.
+                credited = next((c for c in peer_path.candidates if c.endpoint == reached), None)
+                if credited is not None:
+                    peer_path.candidate, peer_path.endpoint = credited, reached
             peer_path.path = Path.SWITCHING
             # Both ends see (almost) the same handshake time and switch together.
             peer_path.seen_after = max(0.0, now - handshake)
