@@ -555,3 +555,28 @@ def test_a_handshake_through_another_candidate_than_the_one_probed_credits_that_
     w2.step(view2, T0 + 0.55)
     w2.step(view2, T0 + 0.8)
     assert w2.mesh.paths[c].candidate.kind == "observed"
+
+
+def test_a_direct_peer_behind_a_symmetric_nat_is_not_aimed_at_a_hubs_port():
+    """Its observed endpoint is the port its NAT gave a hub; the path runs at
+    the port WireGuard took from its packets.  A move of the hub's record
+    (the two hubs' records take turns) leaves the device alone."""
+    b = new_key()
+    w = world(my_ipv6=())
+    symmetric = dataclasses.replace(remote(b, "203.0.113.25:58432"), symmetric_nat=True)
+    view = view_of(symmetric, me=MY_PUBLIC)
+    w.step(view, T0)
+    w.device.handshake(b, T0 + 0.2, endpoint=ep("203.0.113.25:51820"))  # roamed
+    w.step(view, T0 + 0.25)
+    w.step(view, T0 + 0.5)
+    assert w.mesh.paths[b].path is Path.DIRECT
+    moved = view_of(dataclasses.replace(symmetric, endpoint=ep("203.0.113.25:47521")), me=MY_PUBLIC)
+    assert w.step(moved, T0 + 5) == []
+    assert str(w.device.peers[b].endpoint) == "203.0.113.25:51820"
+    # A peer not behind one is followed as before (a NAT rebinding).
+    c = new_key()
+    w2 = world(my_ipv6=())
+    w2.step(view_of(remote(c), me=MY_PUBLIC), T0)
+    go_direct(w2, view_of(remote(c), me=MY_PUBLIC), c, T0 + 0.1)
+    actions = w2.step(view_of(remote(c, "203.0.113.22:40001"), me=MY_PUBLIC), T0 + 5)
+    assert [a.kind for a in actions] == ["endpoint", "kick"]

@@ -964,6 +964,18 @@ class Mesh:
             return self._reprobe(key, peer_path, found[0], now, gone, found)
         peer_path.candidate = same
         if same.endpoint != peer_path.endpoint:
+            if (
+                remote.symmetric_nat
+                and same.kind == "observed"
+                and peer_path.path is not Path.PROBING
+            ):
+                # Behind a symmetric NAT its observed endpoint is the port its
+                # NAT gave a hub, never the one it uses with us: WireGuard took
+                # that from its packets.  Aiming ours at the hub's port (the
+                # hubs' records take turns) would have them dropped until its
+                # next keepalive (the Compose testbed's p-g, cut for 27 s).
+                peer_path.endpoint = same.endpoint
+                return []
             return self._follow(key, peer_path, same.endpoint, now, remake=not remote.symmetric_nat)
         return []
 
