@@ -573,6 +573,17 @@ def test_a_direct_peer_behind_a_symmetric_nat_is_not_aimed_at_a_hubs_port():
     moved = view_of(dataclasses.replace(symmetric, endpoint=ep("203.0.113.25:47521")), me=MY_PUBLIC)
     assert w.step(moved, T0 + 5) == []
     assert str(w.device.peers[b].endpoint) == "203.0.113.25:51820"
+    # Flagged so but still at the endpoint we set (two hubs see two ports while
+    # a rebinding reaches one first): followed, as a rebinding must be.
+    d = new_key()
+    w3 = world(my_ipv6=())
+    flagged = dataclasses.replace(remote(d, "203.0.113.22:51820"), symmetric_nat=True)
+    w3.step(view_of(flagged, me=MY_PUBLIC), T0)
+    go_direct(w3, view_of(flagged, me=MY_PUBLIC), d, T0 + 0.1)
+    rebound = dataclasses.replace(flagged, endpoint=ep("203.0.113.22:45619"))
+    actions = w3.step(view_of(rebound, me=MY_PUBLIC), T0 + 5)
+    assert [a.kind for a in actions] == ["endpoint", "kick"]
+    assert str(w3.device.peers[d].endpoint) == "203.0.113.22:45619"
     # A peer not behind one is followed as before (a NAT rebinding).
     c = new_key()
     w2 = world(my_ipv6=())

@@ -728,7 +728,7 @@ class Mesh:
                     why = f"retry #{peer_path.attempts}" if peer_path.attempts else "new peer"
                     actions.extend(self._start(key, peer_path, now, why, found, remote))
             else:
-                actions.extend(self._track(key, peer_path, found, remote, now))
+                actions.extend(self._track(key, peer_path, found, remote, now, on_device.get(key)))
             peer_path.session = remote.session
 
         for key in [key for key in self.unplanned if key not in view.peers or key in unmanaged]:
@@ -914,6 +914,7 @@ class Mesh:
         found: list[Candidate],
         remote: RemotePeer,
         now: float,
+        device_peer: PeerState | None = None,
     ) -> list[Action]:
         """A probing, switching or direct path whose candidates may have changed:
         an endpoint of its kind that moved is followed (a NAT rebinding); a kind
@@ -964,16 +965,21 @@ class Mesh:
             return self._reprobe(key, peer_path, found[0], now, gone, found)
         peer_path.candidate = same
         if same.endpoint != peer_path.endpoint:
+            roamed = device_peer.endpoint if device_peer is not None else None
             if (
                 remote.symmetric_nat
                 and same.kind == "observed"
                 and peer_path.path is not Path.PROBING
+                and roamed is not None
+                and roamed != peer_path.endpoint
             ):
                 # Behind a symmetric NAT its observed endpoint is the port its
-                # NAT gave a hub, never the one it uses with us: WireGuard took
-                # that from its packets.  Aiming ours at the hub's port (the
-                # hubs' records take turns) would have them dropped until its
-                # next keepalive (the Compose testbed's p-g, cut for 27 s).
+                # NAT gave a hub; the path runs at the one WireGuard took from
+                # its packets to us.  Aiming ours at the hub's port (the hubs'
+                # records differ) would have them dropped until its next
+                # keepalive (the Compose testbed's p-g, cut for 27 s).  A path
+                # still at the endpoint we set is followed: two hubs also see
+                # two ports while a rebinding reaches one first.
                 peer_path.endpoint = same.endpoint
                 return []
             return self._follow(key, peer_path, same.endpoint, now, remake=not remote.symmetric_nat)
