@@ -330,13 +330,20 @@ class SlowUpnp(FakeUpnp):
         )
 
 
-def test_a_mapping_obtained_after_another_won_is_deleted_on_the_gateway():
+def silent_to_pcp_with_slow_upnp():
+    """A mapper started on a gateway that answers no PCP and a UPnP IGD that
+    maps when told: (clock, gateway, upnp, mapper, changes)."""
     clock = Clock()
     gateway = Gateway(clock)
     gateway.answering = False
     upnp = SlowUpnp(clock)
     m, changes = mapper(clock, gateway, upnp)
     clock.advance(0)
+    return clock, gateway, upnp, m, changes
+
+
+def test_a_mapping_obtained_after_another_won_is_deleted_on_the_gateway():
+    clock, gateway, upnp, m, changes = silent_to_pcp_with_slow_upnp()
     clock.advance(0.25)  # UPnP asked; its discovery takes a while
     assert upnp.asked == 1 and m.state == "searching"
     gateway.answering = True
@@ -363,12 +370,7 @@ def test_a_silent_gateway_without_upnp_is_given_up_after_the_retransmissions(log
 
 
 def test_a_stop_while_upnp_is_still_asking_deletes_what_it_maps_later():
-    clock = Clock()
-    gateway = Gateway(clock)
-    gateway.answering = False
-    upnp = SlowUpnp(clock)
-    m, changes = mapper(clock, gateway, upnp)
-    clock.advance(0)
+    clock, _gateway, upnp, m, changes = silent_to_pcp_with_slow_upnp()
     clock.advance(0.25)
     assert upnp.asked == 1
     stopped = m.stop()
