@@ -591,3 +591,24 @@ def test_a_direct_peer_behind_a_symmetric_nat_is_not_aimed_at_a_hubs_port():
     go_direct(w2, view_of(remote(c), me=MY_PUBLIC), c, T0 + 0.1)
     actions = w2.step(view_of(remote(c, "203.0.113.22:40001"), me=MY_PUBLIC), T0 + 5)
     assert [a.kind for a in actions] == ["endpoint", "kick"]
+
+
+def test_a_path_running_at_a_candidate_announced_after_its_handshake_is_credited_to_it():
+    """We probed its observed endpoint; its handshake came from its mapped port
+    (WireGuard took that) before its mapping was announced; once it is, the
+    path is credited to the mapped port, where it runs."""
+    b = new_key()
+    w = world(my_ipv6=())
+    plain = view_of(remote(b), me=MY_PUBLIC)
+    w.step(plain, T0)
+    w.device.handshake(b, T0 + 0.2, endpoint=ep("203.0.113.22:40000"))
+    w.step(plain, T0 + 0.25)
+    w.step(plain, T0 + 0.5)
+    assert w.mesh.paths[b].path is Path.DIRECT
+    assert w.mesh.paths[b].candidate.kind == "observed"  # nothing else known yet
+    mapped = view_of(remote(b, mapped="203.0.113.22:40000"), me=MY_PUBLIC)
+    assert w.step(mapped, T0 + 1) == []
+    path = w.mesh.paths[b]
+    assert path.candidate.kind == "mapped" and str(path.endpoint) == "203.0.113.22:40000"
+    assert str(w.device.peers[b].endpoint) == "203.0.113.22:40000"
+    assert w.step(mapped, T0 + 2) == []

@@ -932,6 +932,15 @@ class Mesh:
         same = next((c for c in found if c.kind == current.kind), None)
         before = {c.endpoint for c in peer_path.candidates}
         peer_path.candidates = tuple(found)
+        roamed = device_peer.endpoint if device_peer is not None else None
+        if peer_path.path is not Path.PROBING and roamed is not None:
+            running = next((c for c in found if c.endpoint == roamed), None)
+            if running is not None and running.kind != current.kind:
+                # The path runs at a candidate we learnt of after its handshake
+                # (its mapped port, announced a moment later; WireGuard took it
+                # from its packets): that one is credited, and followed.
+                peer_path.candidate, peer_path.endpoint = running, roamed
+                return []
         if (
             peer_path.path is Path.PROBING
             and found[0].kind != current.kind
@@ -965,7 +974,6 @@ class Mesh:
             return self._reprobe(key, peer_path, found[0], now, gone, found)
         peer_path.candidate = same
         if same.endpoint != peer_path.endpoint:
-            roamed = device_peer.endpoint if device_peer is not None else None
             if (
                 remote.symmetric_nat
                 and same.kind == "observed"
