@@ -933,14 +933,8 @@ class Mesh:
         before = {c.endpoint for c in peer_path.candidates}
         peer_path.candidates = tuple(found)
         roamed = device_peer.endpoint if device_peer is not None else None
-        if peer_path.path is not Path.PROBING and roamed is not None:
-            running = next((c for c in found if c.endpoint == roamed), None)
-            if running is not None and running.kind != current.kind:
-                # The path runs at a candidate we learnt of after its handshake
-                # (its mapped port, announced a moment later; WireGuard took it
-                # from its packets): that one is credited, and followed.
-                peer_path.candidate, peer_path.endpoint = running, roamed
-                return []
+        if peer_path.path is not Path.PROBING and _credit_where_it_runs(peer_path, roamed):
+            return []  # at a candidate learnt of after its handshake: followed from there
         if (
             peer_path.path is Path.PROBING
             and found[0].kind != current.kind
@@ -1070,16 +1064,7 @@ class Mesh:
             ]
         handshake = device_peer.latest_handshake
         if handshake is not None and now - handshake < self.settings.handshake_dead_after:
-            reached = device_peer.endpoint
-            if reached is not None and reached != peer_path.endpoint:
-                # WireGuard took the address the handshake came from: credit
-                # the candidate that reached us (the other end's initiation
-                # from its mapped port, while we probed the next candidate),
-                # not the one we were probing.  A port no one announced (a
-                # symmetric NAT's) leaves the probed one credited.
-                credited = next((c for c in peer_path.candidates if c.endpoint == reached), None)
-                if credited is not None:
-                    peer_path.candidate, peer_path.endpoint = credited, reached
+            _credit_where_it_runs(peer_path, device_peer.endpoint)
             peer_path.path = Path.SWITCHING
             # Both ends see (almost) the same handshake time and switch together.
             peer_path.seen_after = max(0.0, now - handshake)
@@ -1235,6 +1220,24 @@ def _why_not_probed(
     if not allowed:
         return "it has no allowed IPs at the registry; relayed"
     return None
+
+
+def _credit_where_it_runs(peer_path: PeerPath, device_endpoint: Endpoint | None) -> bool:
+    """Credit a path to the candidate at the device's endpoint, which WireGuard
+    took from the peer's packets: the one that reached us (its initiation from
+    its mapped port while we probed the next candidate, or a mapped port
+    announced after the handshake), not the one we probed.  A port no one
+    announced (a symmetric NAT's) leaves the credit as it is.  Whether it
+    changed."""
+    if device_endpoint is None or (
+        peer_path.candidate is not None and peer_path.candidate.endpoint == device_endpoint
+    ):
+        return False
+    running = next((c for c in peer_path.candidates if c.endpoint == device_endpoint), None)
+    if running is None:
+        return False
+    peer_path.candidate, peer_path.endpoint = running, device_endpoint
+    return True
 
 
 def _why_gone(candidate: Candidate, remote: RemotePeer, mine: Mine) -> str:
