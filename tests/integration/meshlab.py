@@ -9,12 +9,13 @@ user runs them (installed console scripts, or twistd plugins).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,6 +328,20 @@ class MeshLab:
         for node in [*self.clients.values(), self.registry, self.hub2]:
             if node is not None and node.daemon is not None:
                 node.daemon.stop()
+
+
+@contextlib.contextmanager
+def running(mesh: MeshLab, hub_reachable: bool = True) -> Iterator[MeshLab]:
+    """A fixture's body: with `hub_reachable`, first that the hub-and-spoke
+    network works before wgnat runs (every spoke pings the first hub); then the
+    mesh, and every daemon stopped after the test."""
+    if hub_reachable:
+        for node in mesh.clients.values():
+            assert node.host.ping(REGISTRY_TUNNEL, count=3, timeout=2), node.name
+    try:
+        yield mesh
+    finally:
+        mesh.stop_all()
 
 
 def check(condition: object, mesh: MeshLab, message: str) -> None:

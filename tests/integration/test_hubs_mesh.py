@@ -24,7 +24,7 @@ import subprocess
 import time
 
 import pytest
-from meshlab import HUB2_TUNNEL, REGISTRY_TUNNEL, MeshLab, check, wait_until
+from meshlab import HUB2_TUNNEL, REGISTRY_TUNNEL, MeshLab, check, running, wait_until
 from netns import leakcheck
 from netns_fixtures import lab  # noqa: F401 - the fixture
 
@@ -49,10 +49,8 @@ def mesh(lab):  # noqa: F811
     for node in m.clients.values():
         assert node.host.ping(REGISTRY_TUNNEL, count=3, timeout=2), node.name
         assert node.host.ping(HUB2_TUNNEL, count=3, timeout=2), node.name
-    try:
+    with running(m, hub_reachable=False):
         yield m
-    finally:
-        m.stop_all()
 
 
 def status(mesh: MeshLab, name: str) -> dict:

@@ -13,7 +13,7 @@ import json
 import os
 
 import pytest
-from meshlab import BIN, REGISTRY_TUNNEL, MeshLab, wait_until
+from meshlab import BIN, REGISTRY_TUNNEL, MeshLab, running, wait_until
 from netns_fixtures import lab  # noqa: F401 - the fixture
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,10 +32,8 @@ def mesh(lab):  # noqa: F811
     m.add_client("a", lab.lan_host(r1, "a", "192.168.1.10/24"))
     m.add_client("c", lab.lan_host(r2, "c", "192.168.2.10/24"))
     m.add_client("s", lab.lan_host(r3, "s", "192.168.3.10/24"))
-    try:
+    with running(m, hub_reachable=False):
         yield m
-    finally:
-        m.stop_all()
 
 
 def wgnat(mesh: MeshLab, name: str, *args: str):
